@@ -1,0 +1,75 @@
+"""Topic names, consumer groups and ClickHouse table names: defined here and nowhere else.
+
+Every name derives from a prefix (``SWITCHBOARD_TOPIC_PREFIX``, default ``switchboard``) so tests
+and side-by-side deployments get their own namespace on one broker.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "switchboard"
+EVENTS_TABLE = "llm_events"
+DEFAULT_DATABASE = "switchboard"
+
+_TIER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+
+
+def valid_tier_name(name: str) -> bool:
+    return bool(_TIER_NAME.match(name))
+
+
+@dataclass(frozen=True)
+class Topics:
+    """All topic and group names for one prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def ingress(self) -> str:
+        """Requests from producers that do not speak HTTP (ChatRequest)."""
+        return f"{self.prefix}.ingress.v1"
+
+    @property
+    def results(self) -> str:
+        """Answers to ingress requests (ChatResult | ChatError)."""
+        return f"{self.prefix}.results.v1"
+
+    @property
+    def events(self) -> str:
+        """One AttemptEvent per model call."""
+        return f"{self.prefix}.events.v1"
+
+    @property
+    def dead_letter(self) -> str:
+        """Messages a consumer could not process (DeadLetter)."""
+        return f"{self.prefix}.dlq.v1"
+
+    def tier(self, name: str) -> str:
+        """Routed requests for one tier (RoutedRequest)."""
+        return f"{self.prefix}.tier.{name}.v1"
+
+    @property
+    def reply_prefix(self) -> str:
+        return f"{self.prefix}.replies."
+
+    def replies(self, instance: str) -> str:
+        """Answers for the HTTP callers of one router instance."""
+        return f"{self.reply_prefix}{instance}"
+
+    def is_reply_topic(self, topic: str) -> bool:
+        return topic == self.results or (
+            topic.startswith(self.reply_prefix) and len(topic) > len(self.reply_prefix)
+        )
+
+    @property
+    def router_group(self) -> str:
+        return f"{self.prefix}-router"
+
+    def worker_group(self, tier: str) -> str:
+        return f"{self.prefix}-worker-{tier}"
+
+    @property
+    def metrics_group(self) -> str:
+        return f"{self.prefix}-metrics"

@@ -1,0 +1,256 @@
+"""Kafka consumption with at-least-once delivery, built on aiokafka.
+
+Two loops, both committing only what has been fully handled:
+
+* ``ConcurrentConsumer`` runs up to ``concurrency`` handlers at once (model calls take seconds;
+  one-at-a-time would cap a reasoning worker at a few requests per second) and commits each
+  partition's contiguous finished prefix (``OffsetTracker``).
+* ``BatchConsumer`` hands a batch to one handler (a ClickHouse insert) and commits after it.
+
+A handler that raises is retried with backoff: handlers turn bad input into dead letters
+themselves, so a raise means infrastructure trouble (broker or store down), and skipping the record
+would lose it. On shutdown, in-flight work gets ``drain_timeout_s`` to finish; what does not finish
+is not committed and is redelivered to the next owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+
+from services.common.offsets import OffsetTracker
+
+log = logging.getLogger(__name__)
+
+RecordHandler = Callable[[ConsumerRecord], Awaitable[None]]
+BatchHandler = Callable[[Sequence[ConsumerRecord]], Awaitable[None]]
+
+_BACKOFF_MAX_S = 5.0
+
+
+def _consumer(
+    bootstrap: str, topics: Sequence[str], group_id: str, fetch_max_wait_ms: int, client_id: str
+) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=fetch_max_wait_ms,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+
+
+async def _retry_until_done(
+    what: str, call: Callable[[], Awaitable[None]], stopping: asyncio.Event
+) -> bool:
+    """Run ``call`` until it succeeds (True) or shutdown begins while it keeps failing (False)."""
+    delay = 0.1
+    while True:
+        try:
+            await call()
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed; retrying in %.1fs", what, delay)
+        if stopping.is_set():
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), delay)
+        delay = min(delay * 2, _BACKOFF_MAX_S)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: ConcurrentConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.owner.release(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.owner.assigned.set()
+
+
+class ConcurrentConsumer:
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        topics: Sequence[str],
+        group_id: str,
+        handler: RecordHandler,
+        concurrency: int,
+        fetch_max_wait_ms: int,
+        client_id: str,
+        drain_timeout_s: float = 30.0,
+    ) -> None:
+        self._consumer = _consumer(bootstrap, topics, group_id, fetch_max_wait_ms, client_id)
+        self._topics = list(topics)
+        self._handler = handler
+        self._concurrency = concurrency
+        self._drain_timeout_s = drain_timeout_s
+        self._tracker = OffsetTracker()
+        self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
+        self._slot_free = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._commit_task: asyncio.Task[None] | None = None
+        self.assigned = asyncio.Event()
+
+    async def start(self) -> None:
+        self._consumer.subscribe(self._topics, listener=_Rebalance(self))
+        await self._consumer.start()
+        self._loop_task = asyncio.create_task(self._fetch_loop(), name="consume")
+        self._commit_task = asyncio.create_task(self._commit_loop(), name="commit")
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def _fetch_loop(self) -> None:
+        while not self._stopping.is_set():
+            free = self._concurrency - len(self._tasks)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            batches = await self._consumer.getmany(timeout_ms=200, max_records=free)
+            for tp, records in batches.items():
+                for record in records:
+                    self._tracker.started(tp, record.offset)
+                    task = asyncio.create_task(self._process(tp, record))
+                    self._tasks[task] = tp
+
+    async def _process(self, tp: TopicPartition, record: ConsumerRecord) -> None:
+        what = f"handling {tp.topic}[{tp.partition}]@{record.offset}"
+        try:
+            done = await _retry_until_done(what, lambda: self._handler(record), self._stopping)
+        finally:
+            self._tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            self._slot_free.set()
+        if done:
+            self._tracker.finished(tp, record.offset)
+            self._finished.set()
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._finished.wait()
+            self._finished.clear()
+            await self._commit()
+            await asyncio.sleep(0.02)  # coalesce completions into one commit request
+
+    async def _commit(self) -> None:
+        points = self._tracker.to_commit()
+        if not points:
+            return
+        try:
+            await self._consumer.commit(dict(points))  # type: ignore[arg-type]
+            self._tracker.committed(points)
+        except Exception as exc:  # a rebalance in progress; the next commit carries it
+            log.warning("commit failed (%s); will retry with the next completion", exc)
+            self._finished.set()
+
+    async def _drain(self, partitions: set[TopicPartition] | None) -> None:
+        waiting = [t for t, tp in self._tasks.items() if partitions is None or tp in partitions]
+        if waiting:
+            await asyncio.wait(waiting, timeout=self._drain_timeout_s)
+
+    async def release(self, revoked: list[TopicPartition]) -> None:
+        """Partitions are being taken away: finish their work, commit it, forget them."""
+        await self._drain(set(revoked))
+        await self._commit()
+        for tp in revoked:
+            self._tracker.forget(tp)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._slot_free.set()
+        if self._loop_task:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        await self._drain(None)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        if self._commit_task:
+            self._commit_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._commit_task
+        await self._commit()
+        await self._consumer.stop()
+
+
+class BatchConsumer:
+    """Hands up to ``max_records`` records at a time to one handler; commits after it succeeds."""
+
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        topics: Sequence[str],
+        group_id: str,
+        handler: BatchHandler,
+        max_records: int,
+        fetch_max_wait_ms: int,
+        client_id: str,
+    ) -> None:
+        self._consumer = _consumer(bootstrap, topics, group_id, fetch_max_wait_ms, client_id)
+        self._topics = list(topics)
+        self._handler = handler
+        self._max_records = max_records
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.assigned = asyncio.Event()
+
+    async def start(self) -> None:
+        assigned = self.assigned
+
+        class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+            async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+                return None
+
+            async def on_partitions_assigned(self, parts: list[TopicPartition]) -> None:
+                assigned.set()
+
+        self._consumer.subscribe(self._topics, listener=_Listener())
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._loop(), name="consume-batch")
+
+    async def _loop(self) -> None:
+        while not self._stopping.is_set():
+            batches = await self._consumer.getmany(timeout_ms=200, max_records=self._max_records)
+            records = [r for recs in batches.values() for r in recs]
+            if not records:
+                continue
+            ok = await _retry_until_done(
+                f"handling a batch of {len(records)}",
+                lambda: self._handler(records),
+                self._stopping,
+            )
+            if not ok:
+                return  # shutting down: leave the batch uncommitted for redelivery
+            commit = {tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs}
+            await _retry_until_done(
+                "committing", lambda: self._consumer.commit(commit), self._stopping
+            )
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._task:
+            # let a batch in progress finish its insert and commit before leaving
+            done, _ = await asyncio.wait([self._task], timeout=30)
+            if not done:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        await self._consumer.stop()

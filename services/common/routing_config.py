@@ -1,0 +1,203 @@
+"""The routing config file: tiers, their models, ordered rules, default and fallback tiers.
+
+Loaded once at start-up into frozen models. Any problem (unknown key, unknown tier, bad regex, bad
+condition) raises ``ConfigError`` naming the file, the key path and the reason. The config hash
+(sha256 of the file's canonical content, before environment interpolation) is stamped on every
+routed message, result and metrics row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas.topics import valid_tier_name
+from services.common.conditions import Condition, ConditionError, compile_condition
+
+_ENV_REF = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    def __init__(self, path: str | Path, key: str, reason: str) -> None:
+        self.path, self.key, self.reason = str(path), key, reason
+        super().__init__(f"{path}: {key}: {reason}" if key else f"{path}: {reason}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """One model a tier can call, in the order the tier tries them."""
+
+    model: str = Field(description="litellm model string, e.g. 'openai/gpt-4o-mini'.")
+    name: str | None = Field(default=None, description="Label in headers and rows; default: model.")
+    api_base: str | None = Field(default=None, description="Endpoint override; ${ENV} allowed.")
+    api_key_env: str | None = Field(
+        default=None, description="Name of the environment variable holding the key (never the key)."
+    )
+    price_as: str | None = Field(
+        default=None, description="litellm price-map entry used for cost_usd; default: model."
+    )
+    input_cost_per_mtok: float | None = Field(default=None, ge=0)
+    output_cost_per_mtok: float | None = Field(default=None, ge=0)
+    timeout_s: float | None = Field(default=None, gt=0, description="Overrides the tier's.")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.model
+
+    @property
+    def provider(self) -> str:
+        return self.model.split("/", 1)[0] if "/" in self.model else "openai"
+
+
+class TierSpec(_Strict):
+    description: str = ""
+    interactive: bool = Field(
+        default=False,
+        description="Callers wait on it: consumers poll with a short fetch wait (lower latency, more idle CPU).",
+    )
+    models: list[ModelSpec] = Field(min_length=1)
+    timeout_s: float = Field(default=60.0, gt=0, description="Per-attempt timeout.")
+    retries_per_model: int = Field(default=1, ge=0, le=10, description="Extra tries on transient errors.")
+    retry_backoff_s: float = Field(default=0.2, ge=0)
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, description="Time budget when the request names no deadline."
+    )
+    concurrency: int = Field(default=64, ge=1, le=10_000, description="In-flight calls per worker.")
+
+
+class RuleSpec(_Strict):
+    name: str = Field(min_length=1)
+    when: str = Field(min_length=1, description="A condition in the rule language.")
+    tier: str
+
+
+class RoutingConfig(_Strict):
+    version: int = 1
+    tiers: dict[str, TierSpec] = Field(min_length=1)
+    rules: list[RuleSpec] = Field(default_factory=list)
+    default: str
+    fallback: str | None = Field(
+        default=None,
+        description="Tier that takes a request whose own tier failed on every model with transient errors.",
+    )
+
+    @field_validator("tiers")
+    @classmethod
+    def _tier_names(cls, tiers: dict[str, TierSpec]) -> dict[str, TierSpec]:
+        for name in tiers:
+            if not valid_tier_name(name):
+                raise ValueError(f"tier name {name!r} must match [a-z][a-z0-9_-]* (max 40)")
+        return tiers
+
+    @model_validator(mode="after")
+    def _references(self) -> RoutingConfig:
+        if self.default not in self.tiers:
+            raise ValueError(f"default: unknown tier {self.default!r}")
+        if self.fallback is not None and self.fallback not in self.tiers:
+            raise ValueError(f"fallback: unknown tier {self.fallback!r}")
+        seen: set[str] = set()
+        for i, rule in enumerate(self.rules):
+            if rule.tier not in self.tiers:
+                raise ValueError(f"rules[{i}].tier: unknown tier {rule.tier!r}")
+            if rule.name in seen:
+                raise ValueError(f"rules[{i}].name: duplicate rule name {rule.name!r}")
+            seen.add(rule.name)
+        return self
+
+
+class LoadedConfig:
+    """A validated config with its compiled rules and hash. Immutable by convention."""
+
+    def __init__(
+        self,
+        path: Path,
+        spec: RoutingConfig,
+        config_hash: str,
+        rules: tuple[tuple[RuleSpec, Condition], ...],
+    ) -> None:
+        self.path = path
+        self.spec = spec
+        self.hash = config_hash
+        self.rules = rules
+
+    def tier(self, name: str) -> TierSpec:
+        return self.spec.tiers[name]
+
+    @property
+    def tier_names(self) -> list[str]:
+        return list(self.spec.tiers)
+
+
+def _interpolate(value: Any, path: Path, key: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, path, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, path, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(path, key, f"environment variable {name} is not set")
+
+        return _ENV_REF.sub(sub, value)
+    return value
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def config_hash(raw: Any) -> str:
+    canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path) -> LoadedConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, "", f"not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "", "the top level must be a mapping")
+    try:
+        spec = RoutingConfig.model_validate(_interpolate(raw, path, ""))
+    except ValidationError as exc:
+        errors = exc.errors()
+        # A typo shows as "unknown key" plus "missing field": the unknown key is the cause.
+        err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        msg = err["msg"].removeprefix("Value error, ")
+        key = _key_path(tuple(err["loc"]))
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif ": " in msg and not key:
+            key, msg = msg.split(": ", 1)
+        raise ConfigError(path, key, msg) from exc
+    compiled: list[tuple[RuleSpec, Condition]] = []
+    for i, rule in enumerate(spec.rules):
+        try:
+            compiled.append((rule, compile_condition(rule.when)))
+        except ConditionError as exc:
+            raise ConfigError(path, f"rules[{i}].when", f"{exc} in {rule.when!r}") from exc
+    return LoadedConfig(path, spec, config_hash(raw), tuple(compiled))

@@ -1,0 +1,89 @@
+"""Process plumbing shared by the services: logging set-up and waiting for SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+
+def setup_logging(level: str, name: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("aiokafka", "LiteLLM", "litellm", "httpx", "faststream"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+async def serve_until_signal() -> None:
+    """Return when the process gets SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+class HttpServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to the process (``serve_until_signal``)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind now, so a busy port fails at once with ``PortInUse`` (port 0 picks a free one)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PortInUse(host, port) from exc
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def start_http(
+    app: Any, host: str, port: int, *, lifespan: bool = False
+) -> tuple[HttpServer, asyncio.Task[None]]:
+    """Serve ``app`` on ``host:port``; returns once it accepts connections."""
+    sock = bind(host, port)
+    config = uvicorn.Config(
+        app, log_level="warning", lifespan="on" if lifespan else "off", access_log=False
+    )
+    server = HttpServer(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("the HTTP server stopped during start-up")
+        await asyncio.sleep(0.01)
+    server.bound_port = sock.getsockname()[1]  # type: ignore[attr-defined]
+    return server, task
+
+
+async def stop_http(server: HttpServer, task: asyncio.Task[None]) -> None:
+    server.should_exit = True
+    await task
+
+
+class PortInUse(OSError):
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(f"cannot listen on {host}:{port}: the port is in use or not allowed")
+        self.port = port

@@ -1,0 +1,64 @@
+"""Settings every service reads, from ``SWITCHBOARD_*`` environment variables.
+
+Each service extends ``CommonSettings`` with its own fields (services/*/config.py). All of them
+share one prefix so one ``.env`` or compose ``environment:`` block configures the fleet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.topics import DEFAULT_PREFIX, Topics
+
+ENV_PREFIX = "SWITCHBOARD_"
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    kafka_bootstrap: str = Field(
+        default="127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated."
+    )
+    topic_prefix: str = Field(
+        default=DEFAULT_PREFIX, description="Prefix of every topic and consumer group name."
+    )
+    partitions: int = Field(
+        default=4, ge=1, le=256, description="Partitions of the topics a service creates on start."
+    )
+    config: Path = Field(
+        default=Path("config/simulated.yaml"), description="Path of the routing config file."
+    )
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="Redis for result de-duplication."
+    )
+    fetch_wait_interactive_ms: int = Field(
+        default=5,
+        ge=0,
+        le=1000,
+        description="Consumer fetch wait for latency-sensitive topics (interactive tiers, replies).",
+    )
+    fetch_wait_batch_ms: int = Field(
+        default=100, ge=0, le=5000, description="Consumer fetch wait for throughput topics."
+    )
+    run_dir: Path | None = Field(
+        default=None,
+        description="Directory where a service writes its ready marker (set by `switchboard up`).",
+    )
+    log_level: str = Field(default="INFO", description="Python log level.")
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    def mark_ready(self, name: str, detail: str = "") -> None:
+        """Tell the supervisor this process can do its work (no-op outside `switchboard up`)."""
+        if self.run_dir is None:
+            return
+        ready = self.run_dir / "ready"
+        ready.mkdir(parents=True, exist_ok=True)
+        tmp = ready / f".{name}.tmp"
+        tmp.write_text(detail)
+        tmp.replace(ready / name)

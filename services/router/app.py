@@ -1,0 +1,96 @@
+"""``create_app(settings)``: the router's HTTP API and Kafka handlers, wired; no logic here."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from faststream.kafka.annotations import KafkaMessage
+from faststream.middlewares import AckPolicy
+
+from services.common.kafka import BrokerPublisher, delete_topics, ensure_topics, make_broker
+from services.common.routing_config import load_config
+from services.router.config import RouterSettings
+from services.router.errors import ApiError
+from services.router.handlers import IngressHandler, ReplyHandler
+from services.router.http import HttpContext, api, install_error_handlers
+from services.router.service import PendingReplies, Router
+
+log = logging.getLogger("switchboard.router")
+
+
+def create_app(settings: RouterSettings) -> FastAPI:
+    config = load_config(settings.config)
+    topics = settings.topics
+    name = f"router-{settings.instance_id}"
+    reply_topic = topics.replies(settings.instance_id)
+    broker = make_broker(settings.kafka_bootstrap, name)
+    publisher = BrokerPublisher(broker)
+    router = Router(config, topics, publisher)
+    replies = PendingReplies()
+    ingress = IngressHandler(router, publisher, name)
+    on_reply = ReplyHandler(replies)
+
+    @broker.subscriber(
+        topics.ingress,
+        group_id=topics.router_group,
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=settings.fetch_wait_interactive_ms,
+    )
+    async def on_ingress(msg: KafkaMessage) -> None:
+        record = msg.raw_message
+        await ingress(msg.body, record.topic, record.partition, record.offset)  # type: ignore[union-attr]
+
+    @broker.subscriber(
+        reply_topic, auto_offset_reset="earliest", fetch_max_wait_ms=settings.fetch_wait_interactive_ms
+    )
+    async def on_reply_msg(msg: KafkaMessage) -> None:
+        await on_reply(msg.body)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tier_topics = [topics.tier(t) for t in config.tier_names]
+        await ensure_topics(
+            settings.kafka_bootstrap,
+            [*tier_topics, topics.ingress, topics.results, topics.dead_letter, topics.events],
+            settings.partitions,
+        )
+        await ensure_topics(settings.kafka_bootstrap, [reply_topic], 1)
+        await broker.start()
+        log.info("router %s: config %s (hash %s)", settings.instance_id, config.path, config.hash)
+        try:
+            yield
+        finally:
+            replies.fail_all(ApiError(503, "the router is shutting down", type="service_unavailable",
+                                      code="shutting_down"))  # fmt: skip
+            await broker.stop()
+            try:
+                await delete_topics(settings.kafka_bootstrap, [reply_topic])
+            except Exception as exc:  # the broker may be gone already
+                log.warning("could not delete reply topic %s: %s", reply_topic, exc)
+
+    app = FastAPI(title="Switchboard router", version="1", lifespan=lifespan)
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    ctx = HttpContext(router, replies, reply_topic, key, settings.reply_grace_s)
+    app.include_router(api(ctx))
+    install_error_handlers(app, settings.max_body_bytes)
+    app.state.ctx = ctx
+    app.state.ingress = ingress
+    app.state.broker = broker
+    app.state.pid = os.getpid()
+    return app
+
+
+async def run(settings: RouterSettings) -> None:
+    from services.common.runtime import serve_until_signal, start_http, stop_http
+
+    server, task = await start_http(create_app(settings), settings.host, settings.port, lifespan=True)
+    url = f"http://{settings.host}:{server.bound_port}"  # type: ignore[attr-defined]
+    log.info("router listening on %s", url)
+    settings.mark_ready("router", url)
+    await serve_until_signal()
+    await stop_http(server, task)

@@ -1,0 +1,29 @@
+"""Router settings: ``SWITCHBOARD_*`` environment variables (see services/common/settings.py)."""
+
+from __future__ import annotations
+
+import uuid
+
+from pydantic import Field, SecretStr
+
+from services.common.settings import CommonSettings
+
+
+class RouterSettings(CommonSettings):
+    host: str = Field(default="127.0.0.1", description="Bind address of the HTTP API.")
+    port: int = Field(default=8080, ge=0, le=65535, description="Port of the HTTP API.")
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer key the HTTP API requires. `switchboard up` generates one when unset.",
+    )
+    instance_id: str = Field(
+        default_factory=lambda: uuid.uuid4().hex[:12],
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Names this router's reply topic; unique per running router.",
+    )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted."
+    )
+    reply_grace_s: float = Field(
+        default=5.0, ge=0, description="How long past a request's deadline the router still waits."
+    )

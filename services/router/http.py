@@ -1,0 +1,173 @@
+"""The OpenAI-compatible HTTP API: ``POST /v1/chat/completions``, ``GET /v1/models``."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from schemas.v1 import AUTO_MODEL, ChatMessage, ChatRequest, ChatResult, RequestMetadata
+from services.router.domain.classify import UnknownModel
+from services.router.errors import ApiError, from_outcome, invalid, param_path
+from services.router.service import PendingReplies, Router, idempotent_request_id
+
+# OpenAI request fields Switchboard does not implement yet: refused by name rather than dropped.
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "audio")
+
+
+class ChatCompletionBody(BaseModel):
+    """The subset of OpenAI's chat completion request Switchboard acts on; other fields are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(description=f"`{AUTO_MODEL}` to classify, or a tier name to force it.")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, gt=0)
+    max_completion_tokens: int | None = Field(default=None, gt=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+    metadata: RequestMetadata = Field(default_factory=RequestMetadata)
+
+
+class HttpContext:
+    def __init__(self, router: Router, replies: PendingReplies, reply_topic: str, api_key: str | None,
+                 reply_grace_s: float) -> None:  # fmt: skip
+        self.router, self.replies, self.reply_topic = router, replies, reply_topic
+        self.api_key, self.reply_grace_s = api_key, reply_grace_s
+
+
+def _check_key(ctx: HttpContext, request: Request) -> None:
+    if ctx.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(401, "missing bearer key: send 'Authorization: Bearer <key>'",
+                       type="authentication_error", code="missing_api_key")  # fmt: skip
+    if not secrets.compare_digest(token.encode(), ctx.api_key.encode()):
+        raise ApiError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
+
+
+def to_chat_request(body: ChatCompletionBody, idempotency_header: str | None) -> ChatRequest:
+    if body.stream:
+        raise invalid("streaming responses are not supported yet; send stream=false", "stream",
+                      "unsupported_value")  # fmt: skip
+    for name in UNSUPPORTED:
+        if (body.model_extra or {}).get(name) is not None:
+            raise invalid(f"'{name}' is not supported by Switchboard yet", name, "unsupported_parameter")
+    meta = body.metadata
+    key = idempotency_header or meta.idempotency_key
+    extra: dict[str, Any] = {}
+    if key:
+        extra["request_id"] = idempotent_request_id(meta.tenant, key)
+        meta = meta.model_copy(update={"idempotency_key": key})
+    return ChatRequest(
+        model=body.model,
+        messages=body.messages,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stop,
+        metadata=meta,
+        **extra,
+    )
+
+
+def _headers(result: ChatResult) -> dict[str, str]:
+    return {
+        "x-switchboard-request-id": result.request_id,
+        "x-switchboard-tier": result.tier,
+        "x-switchboard-model": result.model,
+        "x-switchboard-rule": result.rule,
+        "x-switchboard-config-hash": result.config_hash,
+        "x-switchboard-attempts": str(result.attempts),
+    }
+
+
+def api(ctx: HttpContext) -> APIRouter:
+    routes = APIRouter()
+
+    @routes.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionBody, request: Request) -> JSONResponse:
+        _check_key(ctx, request)
+        chat = to_chat_request(body, request.headers.get("idempotency-key"))
+        try:
+            routed = ctx.router.route(chat, ctx.reply_topic)
+        except UnknownModel as exc:
+            raise invalid(str(exc), "model", "model_not_found") from exc
+        future, first = ctx.replies.expect(chat.request_id)
+        try:
+            if first:
+                await ctx.router.publish(routed)
+            wait_s = (routed.deadline_at - routed.routed_at).total_seconds() if routed.deadline_at else 600
+            outcome = await asyncio.wait_for(asyncio.shield(future), wait_s + ctx.reply_grace_s)
+        except TimeoutError as exc:
+            raise ApiError(504, f"no answer from tier {routed.tier!r} within the deadline",
+                           type="timeout_error", code="deadline_exceeded") from exc  # fmt: skip
+        finally:
+            if first and not future.done():
+                ctx.replies.forget(chat.request_id, future)
+        if not isinstance(outcome, ChatResult):
+            raise from_outcome(outcome)
+        completion = {**outcome.completion, "id": outcome.request_id}
+        return JSONResponse(completion, headers=_headers(outcome))
+
+    @routes.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        _check_key(ctx, request)
+        spec = ctx.router.config.spec
+        data = [{"id": AUTO_MODEL, "object": "model", "owned_by": "switchboard",
+                 "description": "classified by the routing rules"}]  # fmt: skip
+        for name, tier in spec.tiers.items():
+            data.append({"id": name, "object": "model", "owned_by": "switchboard",
+                         "description": tier.description,
+                         "models": [m.label for m in tier.models]})  # fmt: skip
+        return JSONResponse({"object": "list", "data": data})
+
+    @routes.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok", "config_hash": ctx.router.config.hash})
+
+    return routes
+
+
+def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        param = param_path(tuple(first["loc"])) or None
+        if first.get("type") == "json_invalid":
+            err = invalid(f"the body is not valid JSON: {first['msg']}", None, "invalid_json")
+        elif first.get("type") == "missing":
+            err = invalid(f"'{param}' is required", param, "missing_required_parameter")
+        else:
+            err = invalid(f"'{param}': {first['msg']}", param)
+        return JSONResponse(err.body(), status_code=400)
+
+    @app.exception_handler(ValidationError)
+    async def model_error(request: Request, exc: ValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        param = param_path(tuple(first["loc"])) or None
+        return JSONResponse(invalid(f"'{param}': {first['msg']}", param).body(), status_code=400)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            err = ApiError(413, f"request body over {max_body_bytes} bytes",
+                           type="invalid_request_error", code="request_too_large")  # fmt: skip
+            return JSONResponse(err.body(), status_code=413)
+        return await call_next(request)

@@ -1,0 +1,84 @@
+"""Routing: classify a request, stamp it, publish it to its tier; match answers to callers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from datetime import UTC, datetime, timedelta
+
+from schemas.topics import Topics
+from schemas.v1 import ChatRequest, Outcome, RoutedRequest
+from services.common.kafka import Publisher
+from services.common.routing_config import LoadedConfig
+from services.router.domain.classify import classify
+
+
+def idempotent_request_id(tenant: str | None, key: str) -> str:
+    """Retries that carry the same key get the same id, so workers answer them from the cache."""
+    digest = hashlib.sha256(f"{tenant or ''}\x00{key}".encode()).hexdigest()[:32]
+    return f"sbr-idem-{digest}"
+
+
+class Router:
+    def __init__(self, config: LoadedConfig, topics: Topics, publisher: Publisher) -> None:
+        self.config = config
+        self.topics = topics
+        self.publisher = publisher
+
+    def route(self, request: ChatRequest, reply_to: str) -> RoutedRequest:
+        decision = classify(request, self.config)
+        tier = self.config.tier(decision.tier)
+        budget_s = (
+            request.metadata.deadline_ms / 1000
+            if request.metadata.deadline_ms
+            else tier.request_timeout_s
+        )
+        now = datetime.now(UTC)
+        return RoutedRequest(
+            request=request,
+            tier=decision.tier,
+            rule=decision.rule,
+            config_hash=self.config.hash,
+            routed_at=now,
+            deadline_at=now + timedelta(seconds=budget_s),
+            reply_to=reply_to,
+        )
+
+    async def publish(self, routed: RoutedRequest) -> None:
+        await self.publisher.publish(self.topics.tier(routed.tier), routed, key=routed.request_id)
+
+
+class PendingReplies:
+    """Futures of HTTP callers waiting for their answer, by request id."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, asyncio.Future[Outcome]] = {}
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def expect(self, request_id: str) -> tuple[asyncio.Future[Outcome], bool]:
+        """The future for ``request_id``, and whether this caller created it (must publish)."""
+        existing = self._waiting.get(request_id)
+        if existing is not None and not existing.done():
+            return existing, False
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        return future, True
+
+    def resolve(self, outcome: Outcome) -> bool:
+        future = self._waiting.pop(outcome.request_id, None)
+        if future is None or future.done():
+            return False  # a late or repeated answer nobody waits for any more
+        future.set_result(outcome)
+        return True
+
+    def forget(self, request_id: str, future: asyncio.Future[Outcome]) -> None:
+        if self._waiting.get(request_id) is future:
+            del self._waiting[request_id]
+
+    def fail_all(self, exc: BaseException) -> None:
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._waiting.clear()

@@ -1,0 +1,299 @@
+"""The simulator's model of a provider, with no web code so it can be unit-tested directly.
+
+A *profile* says how a simulated model behaves: time to first token, generation speed, typical
+answer length, jitter and random fault rates. From a profile and a request this module derives
+the *plan* of one completion (how long, how many tokens, which finish reason) and its
+deterministic text, so tests and benchmarks can reason about the simulator's output exactly.
+
+The *fault plan* decides which requests fail: a per-request header wins, then faults queued
+through the control API (FIFO), then the profile's seeded random rates. Statistics count what
+was served so tests can check that a retry or a fallback really reached the simulator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# One content chunk every ~30 ms at the profile's nominal speed, like real provider streams.
+CHUNK_INTERVAL_S = 0.03
+# Tokens per chunk when a profile has no pacing at all (sim-instant).
+INSTANT_CHUNK_TOKENS = 16
+# What an image part costs in prompt tokens (OpenAI's "low detail" price).
+IMAGE_TOKENS = 85
+# Characters per prompt token: the usual rule of thumb for English text.
+CHARS_PER_TOKEN = 4
+SNIPPET_CHARS = 40
+
+FinishReason = Literal["stop", "length"]
+
+
+class FaultKind(StrEnum):
+    """What a faulty request gets instead of a completion."""
+
+    RATE_LIMIT = "429"
+    SERVER_ERROR = "500"
+    TIMEOUT = "timeout"  # no answer until the client gives up
+    DISCONNECT = "disconnect"  # connection closed (streams: after the first chunk)
+
+
+class LatencyProfile(BaseModel):
+    """How one simulated model behaves; total time ≈ ttft_s + output_tokens / tokens_per_s."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ttft_s: float = Field(ge=0, description="Seconds before the first token.")
+    tokens_per_s: float = Field(gt=0, description="Generation speed; `.inf` for no pacing.")
+    output_tokens: int = Field(ge=1, description="Typical completion length, in tokens.")
+    jitter: float = Field(default=0.1, ge=0, lt=1, description="± fraction applied to delays.")
+    error_rate_429: float = Field(default=0.0, ge=0, le=1, description="Share of 429 answers.")
+    error_rate_500: float = Field(default=0.0, ge=0, le=1, description="Share of 500 answers.")
+    timeout_rate: float = Field(default=0.0, ge=0, le=1, description="Share of requests that hang.")
+
+    @model_validator(mode="after")
+    def _rates_fit(self) -> LatencyProfile:
+        if self.error_rate_429 + self.error_rate_500 + self.timeout_rate > 1:
+            raise ValueError("error_rate_429 + error_rate_500 + timeout_rate must be <= 1")
+        return self
+
+    @property
+    def nominal_total_s(self) -> float:
+        """Duration of a typical answer at latency_scale 1, without jitter."""
+        return self.ttft_s + self.output_tokens / self.tokens_per_s
+
+    @property
+    def tokens_per_chunk(self) -> int:
+        """Tokens per stream chunk, so chunks leave every ~30 ms rather than one per token."""
+        if math.isinf(self.tokens_per_s):
+            return INSTANT_CHUNK_TOKENS
+        return max(1, round(self.tokens_per_s * CHUNK_INTERVAL_S))
+
+    def plan(
+        self, max_tokens: int | None, latency_scale: float, jitter_draw: float = 0.0
+    ) -> CompletionPlan:
+        """Plan one completion; ``jitter_draw`` in [-1, 1] picks the point in the jitter band."""
+        tokens = self.output_tokens
+        finish: FinishReason = "stop"
+        if max_tokens is not None and max_tokens < tokens:
+            tokens, finish = max_tokens, "length"
+        factor = latency_scale * (1.0 + self.jitter * max(-1.0, min(1.0, jitter_draw)))
+        return CompletionPlan(
+            completion_tokens=tokens,
+            finish_reason=finish,
+            ttft_s=self.ttft_s * factor,
+            token_interval_s=factor / self.tokens_per_s,
+            tokens_per_chunk=self.tokens_per_chunk,
+        )
+
+
+@dataclass(frozen=True)
+class CompletionPlan:
+    """Timing and size of one simulated completion, latency_scale and jitter applied."""
+
+    completion_tokens: int
+    finish_reason: FinishReason
+    ttft_s: float
+    token_interval_s: float
+    tokens_per_chunk: int
+
+    @property
+    def total_s(self) -> float:
+        return self.ttft_s + self.completion_tokens * self.token_interval_s
+
+    def chunk_bounds(self) -> list[tuple[int, int]]:
+        """``[start, end)`` token ranges of the content chunks of a stream."""
+        step = self.tokens_per_chunk
+        return [
+            (start, min(start + step, self.completion_tokens))
+            for start in range(0, self.completion_tokens, step)
+        ]
+
+
+# Shaped like the model classes users know: a small fast model, a mid-size one, a reasoning
+# model that thinks before it answers, a vision model; and one with no latency for benchmarks.
+BUILTIN_PROFILES: Mapping[str, LatencyProfile] = MappingProxyType(
+    {
+        "sim-light": LatencyProfile(ttft_s=0.25, tokens_per_s=120, output_tokens=66),
+        "sim-balanced": LatencyProfile(ttft_s=0.5, tokens_per_s=80, output_tokens=88),
+        "sim-reasoning": LatencyProfile(ttft_s=2.5, tokens_per_s=60, output_tokens=90),
+        "sim-vision": LatencyProfile(ttft_s=0.6, tokens_per_s=100, output_tokens=90),
+        "sim-instant": LatencyProfile(
+            ttft_s=0.0, tokens_per_s=math.inf, output_tokens=16, jitter=0.0
+        ),
+    }
+)
+
+
+def load_profiles(path: Path | None) -> dict[str, LatencyProfile]:
+    """Built-in profiles, updated from a YAML file of ``profiles: {name: {field: value}}``.
+
+    A name that exists is overridden field by field (``sim-light: {error_rate_429: 0.1}``);
+    a new name needs at least ttft_s, tokens_per_s and output_tokens.
+    """
+    profiles = dict(BUILTIN_PROFILES)
+    if path is None:
+        return profiles
+    data = yaml.safe_load(path.read_text()) or {}
+    entries = data.get("profiles", {}) if isinstance(data, dict) else None
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path}: expected a mapping `profiles: {{name: {{...}}}}`")
+    for name, fields in entries.items():
+        if not isinstance(fields, dict):
+            raise ValueError(f"{path}: profile {name!r} must be a mapping of fields")
+        base = profiles[name].model_dump() if name in profiles else {}
+        profiles[str(name)] = LatencyProfile.model_validate({**base, **fields})
+    return profiles
+
+
+def resolve_model(name: str, profiles: Mapping[str, LatencyProfile]) -> str | None:
+    """The profile name a request's model maps to (``openai/`` prefix stripped), or None."""
+    name = name.removeprefix("openai/")
+    return name if name in profiles else None
+
+
+@dataclass
+class QueuedFault:
+    model: str  # a profile name or "*"
+    kind: FaultKind
+    remaining: int
+
+    def matches(self, model: str) -> bool:
+        return self.model in ("*", model)
+
+
+class FaultPlan:
+    """Which requests fail: forced (header) > queued (control API, FIFO) > seeded random rates."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._queue: list[QueuedFault] = []
+        self._rng = random.Random(seed)
+
+    def enqueue(self, model: str, kind: FaultKind, count: int) -> None:
+        self._queue.append(QueuedFault(model, kind, count))
+
+    def clear(self) -> int:
+        """Drop every queued fault; returns how many faults were still pending."""
+        pending = sum(q.remaining for q in self._queue)
+        self._queue.clear()
+        return pending
+
+    def pending(self) -> list[dict[str, Any]]:
+        return [{"model": q.model, "kind": q.kind.value, "count": q.remaining} for q in self._queue]
+
+    def next_fault(
+        self, model: str, profile: LatencyProfile, forced: FaultKind | None = None
+    ) -> FaultKind | None:
+        """The fault the next request for ``model`` gets, consuming it; None: answer normally."""
+        if forced is not None:
+            return forced
+        for index, queued in enumerate(self._queue):
+            if queued.matches(model):
+                queued.remaining -= 1
+                if queued.remaining <= 0:
+                    del self._queue[index]
+                return queued.kind
+        return self._random_fault(profile)
+
+    def _random_fault(self, profile: LatencyProfile) -> FaultKind | None:
+        rates = (
+            (FaultKind.RATE_LIMIT, profile.error_rate_429),
+            (FaultKind.SERVER_ERROR, profile.error_rate_500),
+            (FaultKind.TIMEOUT, profile.timeout_rate),
+        )
+        if not any(rate for _, rate in rates):
+            return None  # no draw: fault-free models do not shift the seeded sequence
+        draw = self._rng.random()
+        for kind, rate in rates:
+            if draw < rate:
+                return kind
+            draw -= rate
+        return None
+
+
+@dataclass
+class ModelStats:
+    requests: int = 0
+    completed: int = 0
+    faults: dict[str, int] = field(default_factory=lambda: {k.value: 0 for k in FaultKind})
+
+
+class SimulatorStats:
+    """Per-model counts of what the simulator served, for tests and the stats endpoint."""
+
+    def __init__(self, models: Sequence[str]) -> None:
+        self._models = {name: ModelStats() for name in models}
+
+    def _get(self, model: str) -> ModelStats:
+        return self._models.setdefault(model, ModelStats())
+
+    def request(self, model: str) -> None:
+        self._get(model).requests += 1
+
+    def completed(self, model: str) -> None:
+        self._get(model).completed += 1
+
+    def fault(self, model: str, kind: FaultKind) -> None:
+        self._get(model).faults[kind.value] += 1
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {"requests": s.requests, "completed": s.completed, "faults": dict(s.faults)}
+            for name, s in self._models.items()
+        }
+
+
+def _parts(message: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, list):
+        return [part for part in content if isinstance(part, Mapping)]
+    return []
+
+
+def _text(message: Mapping[str, Any]) -> str:
+    return "".join(str(p.get("text") or "") for p in _parts(message) if p.get("type") == "text")
+
+
+def prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    """ceil(characters of all message text / 4), plus a fixed 85 tokens per image part."""
+    chars = sum(len(_text(m)) for m in messages)
+    images = sum(
+        1
+        for m in messages
+        for p in _parts(m)
+        if p.get("type") in ("image_url", "input_image", "image")
+    )
+    return math.ceil(chars / CHARS_PER_TOKEN) + IMAGE_TOKENS * images
+
+
+_FILLER = (
+    "simulated tokens stand in for a real answer so routing latency cost and retries can be "
+    "measured without a provider key this text is synthetic and carries no meaning"
+).split()
+
+
+def completion_words(model: str, messages: Sequence[Mapping[str, Any]], tokens: int) -> list[str]:
+    """Deterministic answer text, one word per token, that quotes the last user message.
+
+    The same prompt always gives the same words, so tests can compare streamed and
+    non-streamed answers and spot which request an answer belongs to.
+    """
+    user = [_text(m) for m in messages if m.get("role") == "user"]
+    snippet = " ".join((user[-1] if user else "").split())[:SNIPPET_CHARS] or "(no user text)"
+    words = f"Simulated answer from {model} to: {snippet} ...".split()
+    digest = hashlib.sha256("\n".join(_text(m) for m in messages).encode()).digest()
+    start = int.from_bytes(digest[:4], "big")
+    while len(words) < tokens:
+        words.append(_FILLER[(start + len(words)) % len(_FILLER)])
+    return words[:tokens]

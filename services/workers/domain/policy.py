@@ -1,0 +1,47 @@
+"""The tier's attempt plan: which model to try, how long to give it, when to stop."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from services.common.routing_config import ModelSpec, TierSpec
+
+
+@dataclass(frozen=True)
+class Attempt:
+    index: int  # 0-based across the whole request
+    spec: ModelSpec
+    retry: int  # 0 = first try of this model
+
+
+def attempts(tier: TierSpec) -> Iterator[Attempt]:
+    """Models in order, each tried 1 + ``retries_per_model`` times (the caller stops early)."""
+    index = 0
+    for spec in tier.models:
+        for retry in range(tier.retries_per_model + 1):
+            yield Attempt(index, spec, retry)
+            index += 1
+
+
+def attempt_timeout(tier: TierSpec, spec: ModelSpec, remaining_s: float | None) -> float:
+    budget = spec.timeout_s or tier.timeout_s
+    return budget if remaining_s is None else min(budget, remaining_s)
+
+
+def remaining_s(deadline_at: datetime | None, now: datetime) -> float | None:
+    return None if deadline_at is None else (deadline_at - now).total_seconds()
+
+
+def backoff_s(tier: TierSpec, retry: int) -> float:
+    return tier.retry_backoff_s * (2 ** max(retry - 1, 0))
+
+
+def tenant_hash(tenant: str | None) -> str:
+    return hashlib.sha256(tenant.encode()).hexdigest()[:16] if tenant else ""
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,123 @@
+"""``switchboard``: run the embedded stack, one service, or ask the metrics store a question.
+
+    switchboard up                       broker, Redis, simulator, router, workers, metrics
+    switchboard router | metrics         one service (settings from SWITCHBOARD_* variables)
+    switchboard worker --tier NAME       one tier's worker
+    switchboard simulator                the provider simulator (not a model)
+    switchboard sql "<query>"            read-only SQL on the metrics store, printed as a table
+    switchboard report [--hours H]       the decision matrix per tier and model
+    switchboard check-config [PATH]      validate a routing config and print its hash
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+
+def _run_service(name: str, tier: str | None = None) -> int:
+    from services.common.routing_config import ConfigError
+    from services.common.runtime import PortInUse, setup_logging
+
+    try:
+        if name == "router":
+            from services.router.app import run as run_router
+            from services.router.config import RouterSettings
+
+            rs = RouterSettings()
+            setup_logging(rs.log_level, "router")
+            asyncio.run(run_router(rs))
+        elif name == "worker":
+            from services.workers.app import run as run_worker
+            from services.workers.config import WorkerSettings
+
+            ws = WorkerSettings(tier=tier) if tier else WorkerSettings()
+            if not ws.tier:
+                print("worker: name a tier with --tier or SWITCHBOARD_TIER", file=sys.stderr)
+                return 2
+            setup_logging(ws.log_level, f"worker[{ws.tier}]")
+            asyncio.run(run_worker(ws))
+        elif name == "metrics":
+            from services.metrics.app import run as run_metrics
+            from services.metrics.config import MetricsSettings
+
+            ms = MetricsSettings()
+            setup_logging(ms.log_level, "metrics")
+            asyncio.run(run_metrics(ms))
+    except (ConfigError, PortInUse) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _simulator() -> int:
+    from services.simulator.__main__ import serve
+    from services.simulator.config import SimulatorSettings
+
+    serve(SimulatorSettings())
+    return 0
+
+
+def _check_config(path: str | None) -> int:
+    from services.common.routing_config import ConfigError, load_config
+    from services.common.settings import CommonSettings
+
+    try:
+        config = load_config(path or CommonSettings().config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"{config.path}: ok, hash {config.hash}")
+    for name, tier in config.spec.tiers.items():
+        print(f"  tier {name}: {', '.join(m.label for m in tier.models)}")
+    for rule, _ in config.rules:
+        print(f"  rule {rule.name}: {rule.when} -> {rule.tier}")
+    print(f"  default -> {config.spec.default}; fallback -> {config.spec.fallback}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="switchboard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start the embedded stack and wait for Ctrl-C")
+    sub.add_parser("router", help="run the router")
+    worker = sub.add_parser("worker", help="run one tier's worker")
+    worker.add_argument("--tier", help="tier to serve (or SWITCHBOARD_TIER)")
+    sub.add_parser("metrics", help="run the metrics writer")
+    sub.add_parser("simulator", help="run the provider simulator")
+    sql = sub.add_parser("sql", help="run a read-only query on the metrics store")
+    sql.add_argument("query")
+    sql.add_argument("--format", choices=["table", "json"], default="table")
+    report = sub.add_parser("report", help="decision matrix per tier and model")
+    report.add_argument("--hours", type=float, default=24.0, help="look back this many hours")
+    report.add_argument("--format", choices=["table", "json"], default="table")
+    check = sub.add_parser("check-config", help="validate a routing config")
+    check.add_argument("path", nargs="?")
+    args = parser.parse_args(argv)
+
+    if args.command == "up":
+        from switchboard.up import up
+
+        return up()
+    if args.command in ("router", "metrics"):
+        return _run_service(args.command)
+    if args.command == "worker":
+        return _run_service("worker", args.tier)
+    if args.command == "simulator":
+        return _simulator()
+    if args.command == "check-config":
+        return _check_config(args.path)
+    from switchboard.analyst import report_command, sql_command
+
+    if args.command == "sql":
+        return sql_command(args.query, args.format)
+    return report_command(args.hours, args.format)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""``switchboard up``: the whole stack on one machine, no Docker, until Ctrl-C.
+
+Start order: broker, Redis, provider simulator (when no provider key is set), metrics, one worker
+per tier, router. ``switchboard ready <URL>`` is printed once every worker holds its partitions
+and the router listens, so the first request can succeed. Stop order is the reverse, so workers
+drain into a live broker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import httpx
+
+from services.common.routing_config import ConfigError, load_config
+from switchboard.analyst import stack_file
+from switchboard.embedded import (
+    Child,
+    StartFailed,
+    free_port,
+    port_free,
+    python_service,
+    start_broker,
+    start_redis,
+    wait_for,
+)
+
+PROVIDER_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY")
+REAL_CONFIG = Path("config/switchboard.yaml")
+SIMULATED_CONFIG = Path("config/simulated.yaml")
+READY_TIMEOUT_S = 120.0
+
+
+@dataclass
+class Plan:
+    host: str
+    port: int
+    api_key: str
+    key_generated: bool
+    config: Path
+    simulated: bool
+    data_dir: Path
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def plan_from_env(env: dict[str, str]) -> Plan:
+    port_text = env.get("SWITCHBOARD_PORT", "8080")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise StartFailed(f"SWITCHBOARD_PORT={port_text!r} is not a TCP port number")
+    key = env.get("SWITCHBOARD_API_KEY") or ""
+    if env.get("SWITCHBOARD_CONFIG"):
+        config = Path(env["SWITCHBOARD_CONFIG"])
+    elif any(env.get(k) for k in PROVIDER_KEYS):
+        config = REAL_CONFIG
+    else:
+        config = SIMULATED_CONFIG
+    return Plan(
+        host=env.get("SWITCHBOARD_HOST", "127.0.0.1"),
+        port=int(port_text),
+        api_key=key or f"sk-sb-{secrets.token_urlsafe(24)}",
+        key_generated=not key,
+        config=config,
+        simulated=config == SIMULATED_CONFIG,
+        data_dir=Path(env.get("SWITCHBOARD_DATA_DIR", ".switchboard")).resolve(),
+    )
+
+
+class Stack:
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.children: list[Child] = []
+        self.run_dir = plan.data_dir / "run"
+        self.log_dir = plan.data_dir / "logs"
+        self.metrics_token = secrets.token_urlsafe(24)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        p = self.plan
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+        env.update(
+            PYTHONUNBUFFERED="1",
+            SWITCHBOARD_KAFKA_BOOTSTRAP=f"127.0.0.1:{p.ports['broker']}",
+            SWITCHBOARD_REDIS_URL=f"redis://127.0.0.1:{p.ports['redis']}/0",
+            SWITCHBOARD_CONFIG=str(p.config.resolve()),
+            SWITCHBOARD_RUN_DIR=str(self.run_dir),
+            SWITCHBOARD_DATA_DIR=str(p.data_dir),
+            SWITCHBOARD_SIMULATOR_URL=f"http://127.0.0.1:{p.ports['simulator']}",
+            SWITCHBOARD_SIMULATOR_PORT=str(p.ports["simulator"]),
+            SWITCHBOARD_METRICS_PORT=str(p.ports["metrics"]),
+            SWITCHBOARD_METRICS_TOKEN=self.metrics_token,
+        )
+        for name in ("SWITCHBOARD_LOG_LEVEL", "SWITCHBOARD_TOPIC_PREFIX", "SWITCHBOARD_PARTITIONS",
+                     "SWITCHBOARD_SIMULATOR_LATENCY_SCALE", "SWITCHBOARD_CLICKHOUSE_URL"):  # fmt: skip
+            if name in os.environ:
+                env[name] = os.environ[name]
+        env.update(extra)
+        return env
+
+    def _ready(self, name_prefix: str) -> bool:
+        ready = self.run_dir / "ready"
+        return ready.exists() and any(p.name.startswith(name_prefix) for p in ready.iterdir())
+
+    def _service(self, name: str, args: list[str], ready_as: str, **env: str) -> Child:
+        child = python_service(name, args, self.env(**env), self.log_dir)
+        self.children.append(child)
+        wait_for(name, lambda: self._ready(ready_as), READY_TIMEOUT_S, child.alive)
+        return child
+
+    def start(self) -> None:
+        p = self.plan
+        for name in ("broker", "redis", "simulator", "metrics"):
+            p.ports[name] = free_port()
+        for stale in (self.run_dir / "ready").glob("*"):
+            stale.unlink()
+        say(f"starting the broker (Tansu, in-memory) on 127.0.0.1:{p.ports['broker']}")
+        self.children.append(start_broker(p.ports["broker"], self.log_dir))
+        say(f"starting redis on 127.0.0.1:{p.ports['redis']}")
+        self.children.append(start_redis(p.ports["redis"], self.log_dir))
+        if p.simulated:
+            say("no provider key set: starting the provider SIMULATOR (simulated models, not real ones)")
+            sim = python_service("simulator", ["simulator"], self.env(), self.log_dir)
+            self.children.append(sim)
+            url = f"http://127.0.0.1:{p.ports['simulator']}/health"
+            wait_for("simulator", lambda: _http_ok(url), READY_TIMEOUT_S, sim.alive)
+        say("starting metrics (ClickHouse: " + (os.environ.get("SWITCHBOARD_CLICKHOUSE_URL")
+                                                or "embedded chDB") + ")")  # fmt: skip
+        self._service("metrics", ["metrics"], "metrics")
+        for tier in load_config(p.config).tier_names:
+            say(f"starting the worker of tier {tier}")
+            self._service(f"worker-{tier}", ["worker", "--tier", tier], f"worker-{tier}-")
+        say("starting the router")
+        self._service("router", ["router"], "router", SWITCHBOARD_PORT=str(p.port),
+                      SWITCHBOARD_HOST=p.host, SWITCHBOARD_API_KEY=p.api_key)  # fmt: skip
+        self._write_state()
+
+    def _write_state(self) -> None:
+        state = {
+            "base_url": self.plan.base_url,
+            "metrics_url": f"http://127.0.0.1:{self.plan.ports['metrics']}",
+            "metrics_token": self.metrics_token,
+            "pids": {c.name: c.pid for c in self.children},
+            "supervisor_pid": os.getpid(),
+        }
+        path = stack_file(self.plan.data_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(state, fh, indent=2)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            code = child.stop()
+            say(f"stopped {child.name} (exit {code})")
+        self.children.clear()
+        stack_file(self.plan.data_dir).unlink(missing_ok=True)
+
+    def dead_child(self) -> Child | None:
+        return next((c for c in self.children if not c.alive()), None)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def say(message: str) -> None:
+    print(f"switchboard: {message}", flush=True)
+
+
+def up() -> int:
+    try:
+        plan = plan_from_env(dict(os.environ))
+        if not port_free(plan.host, plan.port):
+            print(f"switchboard: port {plan.port} on {plan.host} is already in use; "
+                  "set SWITCHBOARD_PORT to a free port", file=sys.stderr)  # fmt: skip
+            return 2
+        load_config(plan.config)
+    except (StartFailed, ConfigError) as exc:
+        print(f"switchboard: {exc}", file=sys.stderr)
+        return 2
+    stack = Stack(plan)
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        stack.start()
+    except (StartFailed, ConfigError) as exc:
+        print(f"switchboard: {exc}", file=sys.stderr)
+        failed = stack.dead_child()
+        if failed:
+            print(f"--- last lines of {failed.log_path} ---\n{failed.tail()}", file=sys.stderr)
+        stack.stop()
+        return 1
+    if not stopping:
+        _banner(plan, stack)
+    exit_code = 0
+    while not stopping:
+        dead = stack.dead_child()
+        if dead:
+            print(f"switchboard: {dead.name} exited ({dead.proc.returncode}); stopping everything. "
+                  f"Its log: {dead.log_path}\n{dead.tail()}", file=sys.stderr)  # fmt: skip
+            exit_code = 1
+            break
+        time.sleep(0.2)
+    say("stopping")
+    stack.stop()
+    return exit_code
+
+
+def _banner(plan: Plan, stack: Stack) -> None:
+    if plan.key_generated:
+        say(f"API key (generated; set SWITCHBOARD_API_KEY to choose one): {plan.api_key}")
+    if plan.simulated:
+        say("models are served by the provider SIMULATOR; set a provider key for real models")
+    say(f"config {plan.config} ({len(load_config(plan.config).tier_names)} tiers); logs in {stack.log_dir}")
+    say("query the metrics with: switchboard sql \"SELECT * FROM switchboard.llm_events LIMIT 10\"")
+    print(f"switchboard ready {plan.base_url}", flush=True)

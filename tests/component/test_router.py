@@ -1,0 +1,156 @@
+"""The router's handlers on FastStream's in-memory broker: HTTP in, routed message out, reply back."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from faststream.kafka import TestKafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+
+from schemas.v1 import ChatRequest, ChatResult, RoutedRequest, Usage
+from services.router.app import create_app
+from services.router.config import RouterSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "sk-component"
+AUTH = {"authorization": f"Bearer {KEY}"}
+
+
+def settings(**extra: Any) -> RouterSettings:
+    return RouterSettings(config=ROOT / "config" / "simulated.yaml", api_key=KEY,
+                          topic_prefix="comp", **extra)  # fmt: skip
+
+
+@pytest.fixture
+async def wired() -> AsyncIterator[tuple[httpx.AsyncClient, list[RoutedRequest], list[dict[str, Any]]]]:
+    """An app whose tiers are answered by an in-memory stand-in worker."""
+    app = create_app(settings())
+    broker = app.state.broker
+    topics = app.state.ctx.router.topics
+    routed: list[RoutedRequest] = []
+    dead: list[dict[str, Any]] = []
+
+    async def answer(msg: KafkaMessage) -> None:
+        request = RoutedRequest.model_validate_json(msg.body)
+        routed.append(request)
+        result = ChatResult(
+            request_id=request.request_id, tier=request.tier, model="stand-in", provider="test",
+            rule=request.rule, config_hash=request.config_hash, attempts=1, latency_ms=1.0,
+            completion={"object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]},
+            usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2))  # fmt: skip
+        await broker.publish(result.model_dump_json().encode(), topic=request.reply_to)
+
+    for tier in app.state.ctx.router.config.tier_names:
+        broker.subscriber(topics.tier(tier))(answer)
+
+    @broker.subscriber(topics.dead_letter)
+    async def on_dead(msg: KafkaMessage) -> None:
+        dead.append(json.loads(msg.body))
+
+    async with TestKafkaBroker(broker):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://router", headers=AUTH) as c:
+            c.app = app  # type: ignore[attr-defined]
+            yield c, routed, dead
+
+
+def chat(content: Any = "Hello", **body: Any) -> dict[str, Any]:
+    return {"model": "switchboard/auto", "messages": [{"role": "user", "content": content}], **body}
+
+
+async def test_http_request_is_classified_published_and_answered(wired: Any) -> None:
+    client, routed, _ = wired
+    resp = await client.post("/v1/chat/completions", json=chat("Hello", metadata={"tenant": "t1"}))
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-switchboard-tier"] == "fast"
+    assert resp.headers["x-switchboard-model"] == "stand-in"
+    assert resp.json()["id"] == resp.headers["x-switchboard-request-id"] == routed[0].request_id
+    assert routed[0].rule == "short" and routed[0].reply_to.startswith("comp.replies.")
+    assert routed[0].config_hash == resp.headers["x-switchboard-config-hash"]
+    assert routed[0].deadline_at is not None
+
+
+async def test_forced_tier_and_idempotency_key(wired: Any) -> None:
+    client, routed, _ = wired
+    headers = {"idempotency-key": "order-42"}
+    a = await client.post("/v1/chat/completions", json=chat(model="reasoning"), headers=headers)
+    b = await client.post("/v1/chat/completions", json=chat(model="reasoning"), headers=headers)
+    assert a.headers["x-switchboard-tier"] == "reasoning"
+    assert a.headers["x-switchboard-rule"] == "forced"
+    assert a.headers["x-switchboard-request-id"] == b.headers["x-switchboard-request-id"]
+
+
+async def test_models_lists_the_tiers(wired: Any) -> None:
+    client, _, _ = wired
+    ids = [m["id"] for m in (await client.get("/v1/models")).json()["data"]]
+    assert ids == ["switchboard/auto", "fast", "balanced", "reasoning", "vision"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"model": "switchboard/auto"}, "messages", "missing_required_parameter"),
+        (chat(model="gpt-9"), "model", "model_not_found"),
+        ({"model": "switchboard/auto", "messages": []}, "messages", "invalid_value"),
+        ({"model": "switchboard/auto", "messages": [{"role": "wizard", "content": "x"}]},
+         "messages[0].role", "invalid_value"),  # fmt: skip
+        (chat(temperature=7), "temperature", "invalid_value"),
+        (chat(stream=True), "stream", "unsupported_value"),
+        (chat(tools=[{"type": "function"}]), "tools", "unsupported_parameter"),
+        (chat(metadata={"priority": 99}), "metadata.priority", "invalid_value"),
+        (chat(metadata={"deadline_ms": "soon"}), "metadata.deadline_ms", "invalid_value"),
+        (chat([{"type": "image_url", "image_url": {}}]), "messages[0].content", "invalid_value"),
+    ],
+)
+async def test_bad_input_is_a_400_naming_the_field(wired: Any, body: Any, param: str, code: str) -> None:
+    client, routed, _ = wired
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"].startswith(param) and error["code"] == code
+    assert error["message"]
+    assert routed == []
+
+
+async def test_invalid_json_and_auth(wired: Any) -> None:
+    client, _, _ = wired
+    resp = await client.post("/v1/chat/completions", content=b"{nope",
+                             headers={"content-type": "application/json"})  # fmt: skip
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_json"
+    for headers, code in (({"authorization": ""}, "missing_api_key"),
+                          ({"authorization": "Bearer wrong"}, "invalid_api_key"),
+                          ({"authorization": "Basic abc"}, "missing_api_key")):  # fmt: skip
+        resp = await client.post("/v1/chat/completions", json=chat(), headers=headers)
+        assert resp.status_code == 401 and resp.json()["error"]["code"] == code
+
+
+async def test_oversized_body_is_413(wired: Any) -> None:
+    client, _, _ = wired
+    resp = await client.post("/v1/chat/completions", json=chat("x" * (9 * 1024 * 1024)))
+    assert resp.status_code == 413
+    assert resp.json()["error"]["code"] == "request_too_large"
+
+
+async def test_ingress_routes_valid_and_dead_letters_invalid(wired: Any) -> None:
+    client, routed, dead = wired
+    app = client.app  # type: ignore[attr-defined]
+    broker, topics = app.state.broker, app.state.ctx.router.topics
+    good = ChatRequest(request_id="in-1", messages=[{"role": "user", "content": "hi"}],
+                       metadata={"requires_reasoning": True})  # fmt: skip
+    await broker.publish(good.model_dump_json().encode(), topic=topics.ingress)
+    await broker.publish(b"\xff\xfe not json", topic=topics.ingress)
+    await broker.publish(json.dumps({"request_id": "in-2", "model": "nope",
+                                     "messages": [{"role": "user", "content": "x"}]}).encode(),
+                         topic=topics.ingress)  # fmt: skip
+    assert [r.request_id for r in routed] == ["in-1"]
+    assert routed[0].tier == "reasoning" and routed[0].reply_to == topics.results
+    assert [d["source_topic"] for d in dead] == [topics.ingress, topics.ingress]
+    assert "unknown model 'nope'" in dead[1]["reason"]
+    assert app.state.ingress.dead_letters == 2

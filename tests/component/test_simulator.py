@@ -1,0 +1,431 @@
+"""The provider simulator over real HTTP: httpx, litellm and the openai SDK against uvicorn.
+
+Each test starts its own server on a free port in a background thread, waits for ``/health``
+and stops it at the end, so fault queues and statistics never leak between tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import litellm
+import openai
+
+from services.simulator.__main__ import SimulatorServer, build_server
+from services.simulator.config import SimulatorSettings
+
+litellm.telemetry = False
+litellm.suppress_debug_info = True
+
+# Warnings litellm 1.106 itself triggers in pydantic (schema of a TypedDict with ``ReadOnly``
+# items; ``model_fields`` / ``model_computed_fields`` read on an instance while streaming). They
+# are litellm's to fix, and warnings are errors here, so the litellm tests ignore exactly these.
+LITELLM_WARNINGS = [
+    pytest.mark.filterwarnings("ignore:Item .* is using the `ReadOnly` qualifier:UserWarning"),
+    pytest.mark.filterwarnings(
+        r"ignore:Accessing the 'model_\w+' attribute on the instance:DeprecationWarning"
+    ),
+]
+
+MESSAGES = [{"role": "user", "content": "Summarise the routing table for the on-call engineer."}]
+STARTUP_TIMEOUT_S = 10.0
+
+
+@contextmanager
+def running_simulator(**settings: Any) -> Iterator[tuple[str, SimulatorServer]]:
+    """A simulator on a free port (``latency_scale`` 0.01 unless given), stopped on exit."""
+    settings.setdefault("latency_scale", 0.01)
+    server = build_server(SimulatorSettings(host="127.0.0.1", port=0, **settings))
+    # Bound here, so the port is known and never raced for. IPPROTO_TCP explicitly: asyncio sets
+    # TCP_NODELAY only on sockets that say they are TCP, and Nagle would add 40 ms per request.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        _wait_healthy(base, thread)
+        yield base, server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+    assert not thread.is_alive(), "simulator did not shut down"
+
+
+def _wait_healthy(base: str, thread: threading.Thread) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    with httpx.Client(base_url=base, timeout=1.0) as client:
+        while True:
+            try:
+                if client.get("/health").json() == {"status": "ok", "simulator": True}:
+                    return
+            except httpx.TransportError:
+                pass
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("simulator did not become healthy")
+            time.sleep(0.01)  # poll interval, not a wait for readiness
+
+
+@pytest.fixture
+def simulator() -> Iterator[str]:
+    with running_simulator() as (base, _):
+        yield base
+
+
+@pytest.fixture
+async def http(simulator: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=simulator, timeout=10.0) as client:
+        yield client
+
+
+@pytest.fixture
+async def litellm_clients() -> AsyncIterator[None]:
+    """litellm caches its HTTP clients per process; close them before this test's loop ends."""
+    yield
+    from litellm.llms.custom_httpx.async_client_cleanup import close_litellm_async_clients
+
+    await close_litellm_async_clients()
+    litellm.in_memory_llm_clients_cache.flush_cache()
+
+
+def _chat(model: str = "sim-light", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": MESSAGES, **extra}
+
+
+def _sse_events(text: str) -> list[Any]:
+    lines = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+    return [line if line == "[DONE]" else json.loads(line) for line in lines]
+
+
+async def _queue(http: httpx.AsyncClient, kind: str, model: str = "*", count: int = 1) -> None:
+    response = await http.post(
+        "/simulator/faults", json={"model": model, "kind": kind, "count": count}
+    )
+    response.raise_for_status()
+
+
+# --- plain HTTP -------------------------------------------------------------------------------
+
+
+async def test_health_models_and_simulator_labels(http: httpx.AsyncClient) -> None:
+    health = await http.get("/health")
+    assert health.json() == {"status": "ok", "simulator": True}
+    assert health.headers["server"] == "switchboard-simulator"
+    models = (await http.get("/v1/models")).json()
+    assert models["object"] == "list"
+    ids = {m["id"] for m in models["data"]}
+    assert {"sim-light", "sim-balanced", "sim-reasoning", "sim-vision", "sim-instant"} <= ids
+
+
+async def test_completion_is_an_openai_chat_completion(http: httpx.AsyncClient) -> None:
+    response = await http.post("/v1/chat/completions", json=_chat("openai/sim-light"))
+    assert response.status_code == 200
+    assert response.headers["server"] == "switchboard-simulator"
+    body = response.json()
+    assert body["id"].startswith("chatcmpl-sim-")
+    assert (body["object"], body["model"]) == ("chat.completion", "sim-light")
+    assert body["system_fingerprint"] == "switchboard-simulator"
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"].startswith("Simulated answer from sim-light to: Summarise")
+    assert choice["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == -(-len(MESSAGES[0]["content"]) // 4)
+    assert usage["completion_tokens"] == len(choice["message"]["content"].split())
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+async def test_max_tokens_caps_the_answer(http: httpx.AsyncClient) -> None:
+    body = (await http.post("/v1/chat/completions", json=_chat(max_tokens=7))).json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 7
+    assert len(body["choices"][0]["message"]["content"].split()) == 7
+
+
+async def test_stream_matches_the_non_streamed_answer(http: httpx.AsyncClient) -> None:
+    request = _chat(max_tokens=30, stream=True, stream_options={"include_usage": True})
+    response = await http.post("/v1/chat/completions", json=request)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = _sse_events(response.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 30
+    content_chunks = [c for c in chunks[1:-2] if c["choices"][0]["delta"].get("content")]
+    assert len(content_chunks) > 3  # several tokens per chunk, but not one chunk for all
+    streamed = "".join(c["choices"][0]["delta"]["content"] for c in content_chunks)
+    plain = (await http.post("/v1/chat/completions", json=_chat(max_tokens=30))).json()
+    assert streamed == plain["choices"][0]["message"]["content"]
+
+
+async def test_stream_without_usage_option_has_no_usage_chunk(http: httpx.AsyncClient) -> None:
+    response = await http.post("/v1/chat/completions", json=_chat(stream=True))
+    chunks = _sse_events(response.text)[:-1]
+    assert all(c["choices"] and "usage" not in c for c in chunks)
+
+
+async def test_unknown_model_is_an_openai_404(http: httpx.AsyncClient) -> None:
+    response = await http.post("/v1/chat/completions", json=_chat("openai/gpt-9"))
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+    )
+    assert "gpt-9" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"model": "sim-light"}', "messages"),
+        (b'{"model": "sim-light", "messages": []}', "messages"),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', "model"),
+        (b'{"model": "sim-light", "messages": [{"content": "x"}]}', "messages.0.role"),
+        (b'{"model": "sim-light", "messages": [{"role": "user"}], "max_tokens": 0}', "max_tokens"),
+        (b"{not json", None),
+    ],
+)
+async def test_bad_requests_are_openai_400s(
+    http: httpx.AsyncClient, body: bytes, param: str | None
+) -> None:
+    response = await http.post(
+        "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+
+
+# --- faults -----------------------------------------------------------------------------------
+
+
+async def test_queued_faults_are_served_fifo_then_stats_count_them(
+    http: httpx.AsyncClient,
+) -> None:
+    await _queue(http, "429", model="sim-light", count=2)
+    await _queue(http, "500", model="*")
+    balanced = await http.post("/v1/chat/completions", json=_chat("sim-balanced"))
+    assert balanced.status_code == 500  # "*" matches, sim-light's 429s do not
+    assert balanced.json()["error"]["type"] == "server_error"
+    statuses = []
+    for _ in range(3):
+        response = await http.post("/v1/chat/completions", json=_chat())
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            assert response.headers["retry-after"] == "1"
+            error = response.json()["error"]
+            assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert statuses == [429, 429, 200]
+    stats = (await http.get("/simulator/stats")).json()
+    light = stats["models"]["sim-light"]
+    assert (light["requests"], light["completed"], light["faults"]["429"]) == (3, 1, 2)
+    assert stats["models"]["sim-balanced"]["faults"]["500"] == 1
+    assert stats["queued_faults"] == []
+
+
+async def test_clearing_faults_and_rejecting_unknown_models(http: httpx.AsyncClient) -> None:
+    await _queue(http, "500", count=5)
+    assert (await http.delete("/simulator/faults")).json() == {"cleared": 5}
+    assert (await http.post("/v1/chat/completions", json=_chat())).status_code == 200
+    bad_model = await http.post("/simulator/faults", json={"model": "nope", "kind": "429"})
+    assert bad_model.status_code == 404
+    bad_kind = await http.post("/simulator/faults", json={"kind": "418"})
+    assert (bad_kind.status_code, bad_kind.json()["error"]["param"]) == (400, "kind")
+
+
+async def test_fault_header_affects_one_request(http: httpx.AsyncClient) -> None:
+    failing = await http.post(
+        "/v1/chat/completions", json=_chat(), headers={"x-simulator-fault": "500"}
+    )
+    assert failing.status_code == 500
+    assert (await http.post("/v1/chat/completions", json=_chat())).status_code == 200
+    bogus = await http.post(
+        "/v1/chat/completions", json=_chat(), headers={"x-simulator-fault": "teapot"}
+    )
+    assert (bogus.status_code, bogus.json()["error"]["param"]) == (400, "x-simulator-fault")
+
+
+async def test_disconnect_drops_the_connection(http: httpx.AsyncClient) -> None:
+    await _queue(http, "disconnect")
+    with pytest.raises(httpx.RemoteProtocolError):
+        await http.post("/v1/chat/completions", json=_chat())
+    await _queue(http, "disconnect")
+    received: list[bytes] = []
+    with pytest.raises(httpx.RemoteProtocolError):
+        async with http.stream("POST", "/v1/chat/completions", json=_chat(stream=True)) as resp:
+            assert resp.status_code == 200
+            async for chunk in resp.aiter_bytes():
+                received.append(chunk)
+    events = _sse_events(b"".join(received).decode())
+    assert len(events) == 1 and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert (await http.post("/v1/chat/completions", json=_chat())).status_code == 200
+
+
+async def test_timeout_fault_outlasts_the_client(http: httpx.AsyncClient) -> None:
+    await _queue(http, "timeout", model="sim-light")
+    with pytest.raises(httpx.ReadTimeout):
+        await http.post("/v1/chat/completions", json=_chat(), timeout=0.3)
+    assert (await http.post("/v1/chat/completions", json=_chat())).status_code == 200
+    stats = (await http.get("/simulator/stats")).json()["models"]["sim-light"]
+    assert (stats["faults"]["timeout"], stats["completed"]) == (1, 1)
+
+
+async def test_a_hanging_request_does_not_hold_the_shutdown() -> None:
+    with running_simulator() as (base, server):
+        async with httpx.AsyncClient(base_url=base, timeout=60.0) as client:
+            await _queue(client, "timeout")
+            hanging = asyncio.create_task(client.post("/v1/chat/completions", json=_chat()))
+            for _ in range(500):  # poll until the server holds the request
+                stats = (await client.get("/simulator/stats")).json()
+                if stats["models"]["sim-light"]["faults"]["timeout"]:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail("the hanging request never reached the simulator")
+            started = time.monotonic()
+            server.should_exit = True
+            with pytest.raises(httpx.RemoteProtocolError):
+                await hanging
+            assert time.monotonic() - started < 3.0
+
+
+async def test_seeded_profile_rates_from_a_profiles_file(tmp_path: Path) -> None:
+    path = tmp_path / "profiles.yaml"
+    path.write_text(
+        "profiles:\n  sim-flaky: {ttft_s: 0.1, tokens_per_s: 100, output_tokens: 10, "
+        "error_rate_429: 0.5}\n"
+    )
+
+    async def statuses() -> list[int]:
+        with running_simulator(profiles_file=path, seed=3) as (base, _):
+            async with httpx.AsyncClient(base_url=base, timeout=10.0) as client:
+                return [
+                    (await client.post("/v1/chat/completions", json=_chat("sim-flaky"))).status_code
+                    for _ in range(12)
+                ]
+
+    first = await statuses()
+    assert set(first) == {200, 429}
+    assert await statuses() == first  # same seed, same faults
+
+
+# --- latency ----------------------------------------------------------------------------------
+
+
+async def _timed_completion(base: str, model: str) -> float:
+    async with httpx.AsyncClient(base_url=base, timeout=10.0) as client:
+        started = time.perf_counter()
+        response = await client.post("/v1/chat/completions", json=_chat(model))
+        response.raise_for_status()
+        return time.perf_counter() - started
+
+
+async def test_latency_scale_shrinks_and_keeps_profile_shapes(simulator: str) -> None:
+    assert await _timed_completion(simulator, "sim-light") < 0.5
+    with running_simulator(latency_scale=0.25) as (base, _):
+        light = await _timed_completion(base, "sim-light")
+        reasoning = await _timed_completion(base, "sim-reasoning")
+    assert 0.8 * 0.25 * 0.85 <= light < 0.8 * 0.25 * 5
+    assert reasoning >= 4.0 * 0.25 * 0.85 and reasoning > 2 * light
+
+
+# --- litellm and the openai SDK ---------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("litellm_clients")
+class TestLiteLLM:
+    """litellm's ``openai/`` provider, exactly as the workers call it."""
+
+    pytestmark = LITELLM_WARNINGS
+
+    @staticmethod
+    def args(simulator: str, model: str = "openai/sim-light", **extra: Any) -> dict[str, Any]:
+        return {
+            "model": model,
+            "api_base": f"{simulator}/v1",
+            "api_key": "x",
+            "messages": MESSAGES,
+            "num_retries": 0,
+            **extra,
+        }
+
+    async def test_non_streaming(self, simulator: str) -> None:
+        response = await litellm.acompletion(**self.args(simulator, max_tokens=12))
+        assert response.choices[0].message.content.startswith("Simulated answer from sim-light")
+        assert response.choices[0].finish_reason == "length"
+        assert response.usage.completion_tokens == 12
+        assert response.system_fingerprint == "switchboard-simulator"
+
+    async def test_streaming_with_usage(self, simulator: str) -> None:
+        stream = await litellm.acompletion(
+            **self.args(
+                simulator,
+                "openai/sim-balanced",
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        chunks = [chunk async for chunk in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text.startswith("Simulated answer from sim-balanced")
+        usage = [c.usage for c in chunks if getattr(c, "usage", None)]
+        assert usage and usage[-1].completion_tokens == len(text.split())
+        assert usage[-1].prompt_tokens > 0
+
+    async def test_simulated_faults_map_to_litellm_errors(self, simulator: str) -> None:
+        async with httpx.AsyncClient(base_url=simulator) as http:
+            await _queue(http, "429")
+            await _queue(http, "500")
+        with pytest.raises(litellm.RateLimitError):
+            await litellm.acompletion(**self.args(simulator, max_retries=0))
+        with pytest.raises((litellm.InternalServerError, litellm.APIError)):
+            await litellm.acompletion(**self.args(simulator, max_retries=0, stream=True))
+        with pytest.raises(litellm.NotFoundError):
+            await litellm.acompletion(**self.args(simulator, "openai/gpt-9", max_retries=0))
+
+
+async def test_openai_sdk(simulator: str) -> None:
+    async with openai.AsyncOpenAI(base_url=f"{simulator}/v1", api_key="x", max_retries=0) as sdk:
+        completion = await sdk.chat.completions.create(model="sim-vision", messages=MESSAGES)
+        assert completion.system_fingerprint == "switchboard-simulator"
+        assert completion.usage is not None and completion.usage.total_tokens > 0
+        stream = await sdk.chat.completions.create(
+            model="sim-light",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        assert chunks[-1].usage is not None and chunks[-1].choices == []
+        models = await sdk.models.list()
+        assert "sim-reasoning" in {m.id for m in models.data}
+        async with httpx.AsyncClient(base_url=simulator) as http:
+            await _queue(http, "429")
+        with pytest.raises(openai.RateLimitError):
+            await sdk.chat.completions.create(model="sim-light", messages=MESSAGES)
+
+
+def test_listening_line_is_printed_once_bound(capfd: pytest.CaptureFixture[str]) -> None:
+    with running_simulator() as (base, _):
+        pass
+    out = capfd.readouterr().out
+    assert f"switchboard provider simulator listening on {base} (simulated models: sim-light" in out

@@ -1,0 +1,150 @@
+"""`switchboard up` as a user runs it: a subprocess, the official openai SDK, `switchboard sql`, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from openai import OpenAI
+
+from switchboard.embedded import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Up:
+    def __init__(self, data_dir: Path, port: int, **env: str) -> None:
+        full = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+        full.update(SWITCHBOARD_PORT=str(port), SWITCHBOARD_DATA_DIR=str(data_dir),
+                    SWITCHBOARD_SIMULATOR_LATENCY_SCALE="0.05", PYTHONUNBUFFERED="1", **env)  # fmt: skip
+        for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"):
+            full.pop(key, None)
+        self.env = full
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen([sys.executable, "-m", "switchboard.cli", "up"], cwd=ROOT,
+                                     env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)  # fmt: skip
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for_line(self, pattern: str, timeout_s: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if m := re.search(pattern, line):
+                    return m
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no line matching {pattern!r}; output:\n" + "\n".join(self.lines))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._reader.join(10)
+        return self.proc.wait()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[tuple[Up, str, str, Path]]:
+    data_dir = tmp_path / "sb"
+    up = Up(data_dir, free_port())
+    try:
+        ready = up.wait_for_line(r"switchboard ready (http://\S+)", 240)
+        key = up.wait_for_line(r"API key \(generated.*\): (sk-sb-\S+)", 5).group(1)
+        yield up, ready.group(1), key, data_dir
+    finally:
+        up.stop()
+
+
+def sql(data_dir: Path, query: str, fmt: str = "json") -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    env["SWITCHBOARD_DATA_DIR"] = str(data_dir)
+    return subprocess.run([sys.executable, "-m", "switchboard.cli", "sql", query, "--format", fmt],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
+    stack: tuple[Up, str, str, Path],
+) -> None:
+    up, base_url, key, data_dir = stack
+    assert "SIMULATOR" in "\n".join(up.lines)
+    state = json.loads((data_dir / "run" / "stack.json").read_text())
+    pids = list(state["pids"].values())
+    assert len(pids) == 9  # broker, redis, simulator, metrics, 4 workers, router
+    client = OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0, timeout=60)
+
+    short = client.chat.completions.with_raw_response.create(
+        model="switchboard/auto", messages=[{"role": "user", "content": "Where is my parcel?"}])
+    deep = client.chat.completions.with_raw_response.create(
+        model="switchboard/auto",
+        messages=[{"role": "user", "content": "Plan a three-step migration of our billing database. " * 4}],
+        metadata={"requires_reasoning": "true", "tenant": "acme"})  # fmt: skip
+    assert short.headers["x-switchboard-tier"] == "fast"
+    assert deep.headers["x-switchboard-tier"] == "reasoning"
+    answer = short.parse()
+    assert answer.choices[0].message.content and answer.usage and answer.usage.total_tokens > 0
+    assert [m.id for m in client.models.list()][:2] == ["switchboard/auto", "fast"]
+
+    ids = [short.headers["x-switchboard-request-id"], deep.headers["x-switchboard-request-id"]]
+    query = ("SELECT request_id, tier, model, status FROM switchboard.llm_events "
+             f"WHERE request_id IN ('{ids[0]}', '{ids[1]}') ORDER BY tier")  # fmt: skip
+    deadline = time.monotonic() + 60
+    rows: list[dict[str, str]] = []
+    while time.monotonic() < deadline:
+        done = sql(data_dir, query)
+        assert done.returncode == 0, done.stderr
+        rows = json.loads(done.stdout)
+        if len(rows) == 2:
+            break
+        time.sleep(0.2)
+    assert [(r["tier"], r["model"], r["status"]) for r in rows] == [
+        ("fast", "sim-light", "ok"), ("reasoning", "sim-reasoning", "ok")]  # fmt: skip
+    table = sql(data_dir, "SELECT count() AS n FROM switchboard.llm_events", fmt="table")
+    assert "n" in table.stdout and "(1 row)" in table.stdout
+    refused = sql(data_dir, "DROP TABLE switchboard.llm_events")
+    assert refused.returncode == 1 and "readonly" in refused.stderr.lower()
+
+    report = subprocess.run([sys.executable, "-m", "switchboard.cli", "report"], cwd=ROOT,
+                            env={**up.env, "SWITCHBOARD_DATA_DIR": str(data_dir)},
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert "sim-reasoning" in report.stdout and "p95_ms" in report.stdout
+
+    assert up.stop() == 0
+    time.sleep(0)  # children were waited for by the supervisor before it exited
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert alive == []
+    assert not (data_dir / "run" / "stack.json").exists()
+
+
+def test_a_busy_port_fails_at_once_with_a_clear_message(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        up = Up(tmp_path / "sb", busy.getsockname()[1])
+        code = up.proc.wait(60)
+        up.stop()
+    assert code == 2
+    assert any("already in use" in line for line in up.lines), up.lines
