@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from pydantic import ValidationError
 
 from schemas.v1 import DeadLetter
@@ -37,3 +39,16 @@ def dead_letter(
         payload_bytes=len(raw),
         truncated=len(raw) > len(kept),
     )
+
+
+class _Record(Protocol):
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+
+
+def from_record(record: _Record, consumer: str, exc: Exception) -> DeadLetter:
+    """The dead letter for a Kafka record (aiokafka's ``ConsumerRecord``)."""
+    return dead_letter(payload=record.value, topic=record.topic, partition=record.partition,
+                       offset=record.offset, consumer=consumer, exc=exc)  # fmt: skip

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from schemas.topics import Topics
 from schemas.v1 import AttemptEvent
-from services.common.deadletter import dead_letter
+from services.common.deadletter import from_record
 from services.common.kafka import Publisher
 from services.metrics.adapters.store import EventStore
 
@@ -33,13 +33,6 @@ class BatchHandler:
         await self.store.insert(events)
         self.inserted += len(events)
         for record, exc in bad:
-            letter = dead_letter(
-                payload=record.value,
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                consumer=self.name,
-                exc=exc,
-            )
+            letter = from_record(record, self.name, exc)
             await self.publisher.publish(self.topics.dead_letter, letter)
             self.dead_letters += 1

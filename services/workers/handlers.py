@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from schemas.topics import Topics
 from schemas.v1 import RoutedRequest
-from services.common.deadletter import dead_letter
+from services.common.deadletter import from_record
 from services.common.kafka import Publisher
 from services.workers.service import TierService
 
@@ -36,14 +36,7 @@ class RecordHandler:
         try:
             routed = parse(record.value, self.service.tier, self.topics)
         except (ValidationError, Misrouted) as exc:
-            letter = dead_letter(
-                payload=record.value,
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                consumer=self.name,
-                exc=exc,
-            )
+            letter = from_record(record, self.name, exc)
             await self.publisher.publish(self.topics.dead_letter, letter)
             self.dead_letters += 1
             return

@@ -63,7 +63,10 @@ class Up:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self._reader.join(10)
-        return self.proc.wait()
+        code = self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return code
 
 
 @pytest.fixture

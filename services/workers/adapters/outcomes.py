@@ -30,7 +30,7 @@ class RedisOutcomeStore:
         pool = BlockingConnectionPool.from_url(
             url, max_connections=64, timeout=2, socket_timeout=2, socket_connect_timeout=2
         )
-        self._redis = Redis(connection_pool=pool)
+        self._redis = Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
         self._prefix = f"{prefix}:outcome:"
 
     async def get(self, request_id: str) -> bytes | None:
