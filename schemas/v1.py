@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 AUTO_MODEL = "switchboard/auto"
 
 
@@ -83,7 +83,9 @@ class RequestMetadata(_Message):
     requires_reasoning: bool = False
     priority: int = Field(default=0, ge=0, le=9)
     deadline_ms: int | None = Field(
-        default=None, gt=0, description="Time budget in milliseconds from when the router accepts it."
+        default=None,
+        gt=0,
+        description="Time budget in milliseconds from when the router accepts it.",
     )
     idempotency_key: str | None = Field(default=None, max_length=200)
     tags: dict[str, str] = Field(default_factory=dict)
@@ -117,7 +119,9 @@ class RoutedRequest(_Message):
     tier: str
     rule: str = Field(description="Name of the rule that chose the tier, or 'default' / 'forced'.")
     config_hash: str
-    attempt: int = Field(default=0, ge=0, description="0 on first routing; +1 per cross-tier fallback.")
+    attempt: int = Field(
+        default=0, ge=0, description="0 on first routing; +1 per cross-tier fallback."
+    )
     routed_at: datetime = Field(default_factory=utcnow)
     deadline_at: datetime | None = None
     reply_to: str = Field(description="Topic the worker publishes the ChatResult/ChatError to.")

@@ -40,14 +40,20 @@ def _via_endpoint(state: dict[str, Any], sql: str) -> tuple[list[str], list[list
     if not url:
         return None
     try:
-        resp = httpx.post(f"{url}/query", json={"sql": sql}, timeout=120,
-                          headers={"authorization": f"Bearer {token}"} if token else {})  # fmt: skip
+        resp = httpx.post(
+            f"{url}/query",
+            json={"sql": sql},
+            timeout=120,
+            headers={"authorization": f"Bearer {token}"} if token else {},
+        )
     except httpx.TransportError:
         return None  # stale state file: the stack is gone
     try:
         body = resp.json()
     except ValueError as exc:
-        raise QueryFailed(f"metrics service answered {resp.status_code}: {resp.text[:500]}") from exc
+        raise QueryFailed(
+            f"metrics service answered {resp.status_code}: {resp.text[:500]}"
+        ) from exc
     if resp.status_code != 200:
         raise QueryFailed(body.get("error", {}).get("message", resp.text))
     return body["columns"], body["rows"]
@@ -67,10 +73,14 @@ def _direct(settings: MetricsSettings, sql: str) -> tuple[list[str], list[list[A
     try:
         return asyncio.run(go())
     except Exception as exc:
-        raise QueryFailed(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)) from exc
+        raise QueryFailed(
+            str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        ) from exc
 
 
-def run_query(sql: str, settings: MetricsSettings | None = None) -> tuple[list[str], list[list[Any]]]:
+def run_query(
+    sql: str, settings: MetricsSettings | None = None
+) -> tuple[list[str], list[list[Any]]]:
     settings = settings or MetricsSettings()
     url = settings.clickhouse_url or ""
     if not url.startswith(("http://", "https://")):
@@ -86,7 +96,7 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float | Decimal):
-        return f"{value:.6g}" if abs(value) < 1e15 else str(value)
+        return f"{value:.6g}" if abs(float(value)) < 1e15 else str(value)
     if isinstance(value, datetime):
         return value.isoformat(sep=" ", timespec="milliseconds")
     return str(value)
@@ -95,12 +105,16 @@ def _cell(value: Any) -> str:
 def format_table(columns: list[str], rows: list[list[Any]]) -> str:
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
-    numeric = [all(isinstance(r[i], int | float | Decimal) or r[i] is None for r in rows) and rows
-               for i in range(len(columns))]  # fmt: skip
+    numeric = [
+        all(isinstance(r[i], int | float | Decimal) or r[i] is None for r in rows) and rows
+        for i in range(len(columns))
+    ]
 
     def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if numeric[i] else v.ljust(w)
-                         for i, (v, w) in enumerate(zip(values, widths, strict=True))).rstrip()  # fmt: skip
+        return "  ".join(
+            v.rjust(w) if numeric[i] else v.ljust(w)
+            for i, (v, w) in enumerate(zip(values, widths, strict=True))
+        ).rstrip()
 
     out = [line(columns), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells]

@@ -1,12 +1,12 @@
 """``switchboard``: run the embedded stack, one service, or ask the metrics store a question.
 
-    switchboard up                       broker, Redis, simulator, router, workers, metrics
-    switchboard router | metrics         one service (settings from SWITCHBOARD_* variables)
-    switchboard worker --tier NAME       one tier's worker
-    switchboard simulator                the provider simulator (not a model)
-    switchboard sql "<query>"            read-only SQL on the metrics store, printed as a table
-    switchboard report [--hours H]       the decision matrix per tier and model
-    switchboard check-config [PATH]      validate a routing config and print its hash
+switchboard up                       broker, Redis, simulator, router, workers, metrics
+switchboard router | metrics         one service (settings from SWITCHBOARD_* variables)
+switchboard worker --tier NAME       one tier's worker
+switchboard simulator                the provider simulator (not a model)
+switchboard sql "<query>"            read-only SQL on the metrics store, printed as a table
+switchboard report [--hours H]       the decision matrix per tier and model
+switchboard check-config [PATH]      validate a routing config and print its hash
 """
 
 from __future__ import annotations
@@ -80,8 +80,11 @@ def _check_config(path: str | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="switchboard", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="switchboard",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="start the embedded stack and wait for Ctrl-C")
     sub.add_parser("router", help="run the router")

@@ -47,8 +47,9 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout_s: float,
-             alive: Callable[[], bool] = lambda: True) -> None:  # fmt: skip
+def wait_for(
+    what: str, check: Callable[[], bool], timeout_s: float, alive: Callable[[], bool] = lambda: True
+) -> None:
     """Poll ``check`` until true; fail early if ``alive`` turns false."""
     deadline = time.monotonic() + timeout_s
     delay = 0.01
@@ -76,7 +77,9 @@ class StartFailed(RuntimeError):
 class Child:
     """One child process, its output in a log file."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], log_dir: Path) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str], log_dir: Path
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_dir / f"{name}.log"
@@ -89,7 +92,7 @@ class Child:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads started yet matter here
+                preexec_fn=_die_with_parent,
             )
 
     @property
@@ -145,8 +148,21 @@ def redis_binary() -> str:
 
 
 def start_redis(port: int, log_dir: Path) -> Child:
-    argv = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--protected-mode", "yes", "--dir", str(log_dir)]  # fmt: skip
+    argv = [
+        redis_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "yes",
+        "--dir",
+        str(log_dir),
+    ]
     child = Child("redis", argv, {"PATH": os.environ.get("PATH", "")}, log_dir)
     wait_for("redis", lambda: _redis_ping(port), 30, child.alive)
     return child

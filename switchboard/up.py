@@ -100,8 +100,13 @@ class Stack:
             SWITCHBOARD_METRICS_PORT=str(p.ports["metrics"]),
             SWITCHBOARD_METRICS_TOKEN=self.metrics_token,
         )
-        for name in ("SWITCHBOARD_LOG_LEVEL", "SWITCHBOARD_TOPIC_PREFIX", "SWITCHBOARD_PARTITIONS",
-                     "SWITCHBOARD_SIMULATOR_LATENCY_SCALE", "SWITCHBOARD_CLICKHOUSE_URL"):  # fmt: skip
+        for name in (
+            "SWITCHBOARD_LOG_LEVEL",
+            "SWITCHBOARD_TOPIC_PREFIX",
+            "SWITCHBOARD_PARTITIONS",
+            "SWITCHBOARD_SIMULATOR_LATENCY_SCALE",
+            "SWITCHBOARD_CLICKHOUSE_URL",
+        ):
             if name in os.environ:
                 env[name] = os.environ[name]
         env.update(extra)
@@ -128,20 +133,31 @@ class Stack:
         say(f"starting redis on 127.0.0.1:{p.ports['redis']}")
         self.children.append(start_redis(p.ports["redis"], self.log_dir))
         if p.simulated:
-            say("no provider key set: starting the provider SIMULATOR (simulated models, not real ones)")
+            say(
+                "no provider key set: starting the provider SIMULATOR (simulated models, not real ones)"
+            )
             sim = python_service("simulator", ["simulator"], self.env(), self.log_dir)
             self.children.append(sim)
             url = f"http://127.0.0.1:{p.ports['simulator']}/health"
             wait_for("simulator", lambda: _http_ok(url), READY_TIMEOUT_S, sim.alive)
-        say("starting metrics (ClickHouse: " + (os.environ.get("SWITCHBOARD_CLICKHOUSE_URL")
-                                                or "embedded chDB") + ")")  # fmt: skip
+        say(
+            "starting metrics (ClickHouse: "
+            + (os.environ.get("SWITCHBOARD_CLICKHOUSE_URL") or "embedded chDB")
+            + ")"
+        )
         self._service("metrics", ["metrics"], "metrics")
         for tier in load_config(p.config).tier_names:
             say(f"starting the worker of tier {tier}")
             self._service(f"worker-{tier}", ["worker", "--tier", tier], f"worker-{tier}-")
         say("starting the router")
-        self._service("router", ["router"], "router", SWITCHBOARD_PORT=str(p.port),
-                      SWITCHBOARD_HOST=p.host, SWITCHBOARD_API_KEY=p.api_key)  # fmt: skip
+        self._service(
+            "router",
+            ["router"],
+            "router",
+            SWITCHBOARD_PORT=str(p.port),
+            SWITCHBOARD_HOST=p.host,
+            SWITCHBOARD_API_KEY=p.api_key,
+        )
         self._write_state()
 
     def _write_state(self) -> None:
@@ -184,8 +200,11 @@ def up() -> int:
     try:
         plan = plan_from_env(dict(os.environ))
         if not port_free(plan.host, plan.port):
-            print(f"switchboard: port {plan.port} on {plan.host} is already in use; "
-                  "set SWITCHBOARD_PORT to a free port", file=sys.stderr)  # fmt: skip
+            print(
+                f"switchboard: port {plan.port} on {plan.host} is already in use; "
+                "set SWITCHBOARD_PORT to a free port",
+                file=sys.stderr,
+            )
             return 2
         load_config(plan.config)
     except (StartFailed, ConfigError) as exc:
@@ -215,8 +234,11 @@ def up() -> int:
     while not stopping:
         dead = stack.dead_child()
         if dead:
-            print(f"switchboard: {dead.name} exited ({dead.proc.returncode}); stopping everything. "
-                  f"Its log: {dead.log_path}\n{dead.tail()}", file=sys.stderr)  # fmt: skip
+            print(
+                f"switchboard: {dead.name} exited ({dead.proc.returncode}); stopping everything. "
+                f"Its log: {dead.log_path}\n{dead.tail()}",
+                file=sys.stderr,
+            )
             exit_code = 1
             break
         time.sleep(0.2)
@@ -230,6 +252,8 @@ def _banner(plan: Plan, stack: Stack) -> None:
         say(f"API key (generated; set SWITCHBOARD_API_KEY to choose one): {plan.api_key}")
     if plan.simulated:
         say("models are served by the provider SIMULATOR; set a provider key for real models")
-    say(f"config {plan.config} ({len(load_config(plan.config).tier_names)} tiers); logs in {stack.log_dir}")
-    say("query the metrics with: switchboard sql \"SELECT * FROM switchboard.llm_events LIMIT 10\"")
+    say(
+        f"config {plan.config} ({len(load_config(plan.config).tier_names)} tiers); logs in {stack.log_dir}"
+    )
+    say('query the metrics with: switchboard sql "SELECT * FROM switchboard.llm_events LIMIT 10"')
     print(f"switchboard ready {plan.base_url}", flush=True)

@@ -14,7 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from switchboard.embedded import Child, free_port, python_service, start_broker, start_redis, wait_for
+from switchboard.embedded import (
+    Child,
+    free_port,
+    python_service,
+    start_broker,
+    start_redis,
+    wait_for,
+)
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +50,12 @@ def redis_url(logs_dir: Path) -> Iterator[str]:
 
 def start_simulator(logs_dir: Path, scale: str = "0.02") -> tuple[Child, str]:
     port = free_port()
-    env = {**os.environ, "SWITCHBOARD_SIMULATOR_PORT": str(port),
-           "SWITCHBOARD_SIMULATOR_LATENCY_SCALE": scale, "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "SWITCHBOARD_SIMULATOR_PORT": str(port),
+        "SWITCHBOARD_SIMULATOR_LATENCY_SCALE": scale,
+        "PYTHONUNBUFFERED": "1",
+    }
     child = python_service(f"simulator-{port}", ["simulator"], env, logs_dir)
     url = f"http://127.0.0.1:{port}"
 

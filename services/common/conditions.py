@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 FIELDS: dict[str, type] = {
@@ -148,7 +149,7 @@ class _Parser:
         while self.peek() == _Tok("kw", "or", self.peek().pos):
             self.take()
             left, right = node, self.parse_and()
-            node = _Node(lambda f, a=left.fn, b=right.fn: bool(a(f)) or bool(b(f)), bool, left.pos)
+            node = _Node(_either(left.fn, right.fn), bool, left.pos)
         return node
 
     def parse_and(self) -> _Node:
@@ -156,7 +157,7 @@ class _Parser:
         while self.peek() == _Tok("kw", "and", self.peek().pos):
             self.take()
             left, right = node, self.parse_unary()
-            node = _Node(lambda f, a=left.fn, b=right.fn: bool(a(f)) and bool(b(f)), bool, left.pos)
+            node = _Node(_both(left.fn, right.fn), bool, left.pos)
         return node
 
     def parse_unary(self) -> _Node:
@@ -164,7 +165,7 @@ class _Parser:
         if tok.kind == "kw" and tok.value == "not":
             self.take()
             inner = self.parse_unary()
-            return _Node(lambda f, a=inner.fn: not a(f), bool, tok.pos)
+            return _Node(_negate(inner.fn), bool, tok.pos)
         return self.parse_compare()
 
     def parse_compare(self) -> _Node:
@@ -194,7 +195,7 @@ class _Parser:
             inner = _field(field.value, field.pos)
             if inner.typ is not str:
                 raise ConditionError(f"len() takes a text field, not {field.value!r}", field.pos)
-            return _Node(lambda f, a=inner.fn: len(a(f) or ""), int, tok.pos)
+            return _Node(_length(inner.fn), int, tok.pos)
         if tok.kind == "name":
             return _field(tok.value, tok.pos)
         if tok.kind == "op" and tok.value == "(":
@@ -225,17 +226,37 @@ class _Parser:
         return _Node(lambda f: frozen, tuple, open_tok.pos, literal=True)
 
 
+def _either(a: Predicate, b: Predicate) -> Predicate:
+    return lambda f: bool(a(f)) or bool(b(f))
+
+
+def _both(a: Predicate, b: Predicate) -> Predicate:
+    return lambda f: bool(a(f)) and bool(b(f))
+
+
+def _negate(a: Predicate) -> Predicate:
+    return lambda f: not a(f)
+
+
+def _length(a: Predicate) -> Predicate:
+    return lambda f: len(a(f) or "")
+
+
 def _const(value: Any, typ: type | None, pos: int) -> _Node:
     return _Node(lambda f: value, typ, pos, literal=True)
 
 
 def _field(name: str, pos: int) -> _Node:
     if name.startswith(TAG_PREFIX):
-        return _Node(lambda f, n=name: f.get(n), str, pos)
+        return _Node(partial(_lookup, name), str, pos)
     if name not in FIELDS:
         known = ", ".join(sorted(FIELDS))
         raise ConditionError(f"unknown field {name!r}; known fields: {known}, tags.<key>", pos)
-    return _Node(lambda f, n=name: f.get(n), FIELDS[name], pos)
+    return _Node(partial(_lookup, name), FIELDS[name], pos)
+
+
+def _lookup(name: str, features: Features) -> Any:
+    return features.get(name)
 
 
 _NUMERIC = (int, float)
@@ -258,10 +279,12 @@ def _compare(op: str, left: _Node, right: _Node, pos: int) -> _Node:
             pattern = re.compile(right.fn({}))
         except re.error as exc:
             raise ConditionError(f"bad regex {right.fn({})!r}: {exc}", right.pos) from exc
-        return _Node(lambda f: (v := lf(f)) is not None and pattern.search(v) is not None, bool, pos)
+        return _Node(
+            lambda f: (v := lf(f)) is not None and pattern.search(v) is not None, bool, pos
+        )
     if op == "in":
         if right.typ is not tuple:
-            raise ConditionError("'in' needs a list on the right, e.g. task in [\"a\", \"b\"]", pos)
+            raise ConditionError('\'in\' needs a list on the right, e.g. task in ["a", "b"]', pos)
         return _Node(lambda f: (v := lf(f)) is not None and v in rf(f), bool, pos)
     if not _comparable(left.typ, right.typ):
         raise ConditionError(
@@ -287,7 +310,9 @@ def _compare(op: str, left: _Node, right: _Node, pos: int) -> _Node:
 
 
 def _type_name(typ: type | None) -> str:
-    return {None: "null", tuple: "a list"}.get(typ, typ.__name__ if typ else "null")
+    if typ is None:
+        return "null"
+    return "a list" if typ is tuple else typ.__name__
 
 
 @dataclass(frozen=True)

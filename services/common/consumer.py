@@ -234,14 +234,16 @@ class BatchConsumer:
                 continue
             ok = await _retry_until_done(
                 f"handling a batch of {len(records)}",
-                lambda: self._handler(records),
+                lambda batch=records: self._handler(batch),  # type: ignore[misc]
                 self._stopping,
             )
             if not ok:
                 return  # shutting down: leave the batch uncommitted for redelivery
             commit = {tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs}
             await _retry_until_done(
-                "committing", lambda: self._consumer.commit(commit), self._stopping
+                "committing",
+                lambda points=commit: self._consumer.commit(points),  # type: ignore[misc]
+                self._stopping,
             )
 
     async def stop(self) -> None:

@@ -50,5 +50,11 @@ class _Record(Protocol):
 
 def from_record(record: _Record, consumer: str, exc: Exception) -> DeadLetter:
     """The dead letter for a Kafka record (aiokafka's ``ConsumerRecord``)."""
-    return dead_letter(payload=record.value, topic=record.topic, partition=record.partition,
-                       offset=record.offset, consumer=consumer, exc=exc)  # fmt: skip
+    return dead_letter(
+        payload=record.value,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        consumer=consumer,
+        exc=exc,
+    )

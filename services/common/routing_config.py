@@ -41,7 +41,8 @@ class ModelSpec(_Strict):
     name: str | None = Field(default=None, description="Label in headers and rows; default: model.")
     api_base: str | None = Field(default=None, description="Endpoint override; ${ENV} allowed.")
     api_key_env: str | None = Field(
-        default=None, description="Name of the environment variable holding the key (never the key)."
+        default=None,
+        description="Name of the environment variable holding the key (never the key).",
     )
     price_as: str | None = Field(
         default=None, description="litellm price-map entry used for cost_usd; default: model."
@@ -67,7 +68,9 @@ class TierSpec(_Strict):
     )
     models: list[ModelSpec] = Field(min_length=1)
     timeout_s: float = Field(default=60.0, gt=0, description="Per-attempt timeout.")
-    retries_per_model: int = Field(default=1, ge=0, le=10, description="Extra tries on transient errors.")
+    retries_per_model: int = Field(
+        default=1, ge=0, le=10, description="Extra tries on transient errors."
+    )
     retry_backoff_s: float = Field(default=0.2, ge=0)
     request_timeout_s: float = Field(
         default=120.0, gt=0, description="Time budget when the request names no deadline."

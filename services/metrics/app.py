@@ -29,7 +29,7 @@ MAX_SQL_BYTES = 100_000
 
 
 def query_app(store: EventStore, token: str | None) -> Starlette:
-    async def query(request: Request) -> JSONResponse:
+    async def query(request: Request) -> Response:
         if token and not secrets.compare_digest(
             request.headers.get("authorization", ""), f"Bearer {token}"
         ):
@@ -42,7 +42,9 @@ def query_app(store: EventStore, token: str | None) -> Starlette:
             if not isinstance(sql, str) or not sql.strip():
                 raise ValueError
         except (ValueError, KeyError, TypeError):
-            return JSONResponse({"error": {"message": 'send {"sql": "<query>"}', "param": "sql"}}, 400)
+            return JSONResponse(
+                {"error": {"message": 'send {"sql": "<query>"}', "param": "sql"}}, 400
+            )
         try:
             columns, rows = await store.query(sql)
         except Exception as exc:
@@ -79,7 +81,9 @@ class MetricsApp:
         topics = self.settings.topics
         await self.store.migrate()
         await ensure_topics(
-            self.settings.kafka_bootstrap, [topics.events, topics.dead_letter], self.settings.partitions
+            self.settings.kafka_bootstrap,
+            [topics.events, topics.dead_letter],
+            self.settings.partitions,
         )
         await self.broker.start()
         await self.consumer.start()
@@ -87,7 +91,9 @@ class MetricsApp:
             await self._start_query_server()
 
     async def _start_query_server(self) -> None:
-        token = self.settings.metrics_token.get_secret_value() if self.settings.metrics_token else None
+        token = (
+            self.settings.metrics_token.get_secret_value() if self.settings.metrics_token else None
+        )
         app = query_app(self.store, token)
         self._http = await start_http(app, self.settings.metrics_host, self.settings.metrics_port)
 

@@ -10,7 +10,6 @@ from schemas.topics import DEFAULT_DATABASE
 from services.common.settings import CommonSettings
 
 
-
 class MetricsSettings(CommonSettings):
     clickhouse_url: str | None = Field(
         default=None,
@@ -23,14 +22,21 @@ class MetricsSettings(CommonSettings):
     data_dir: Path = Field(
         default=Path(".switchboard"), description="Local state of the embedded stack."
     )
-    clickhouse_database: str = Field(default=DEFAULT_DATABASE, description="Database of llm_events.")
-    batch_size: int = Field(default=5000, ge=1, le=100_000, description="Events per insert, at most.")
-    metrics_host: str = Field(default="127.0.0.1", description="Bind address of the query endpoint.")
+    clickhouse_database: str = Field(
+        default=DEFAULT_DATABASE, description="Database of llm_events."
+    )
+    batch_size: int = Field(
+        default=5000, ge=1, le=100_000, description="Events per insert, at most."
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Bind address of the query endpoint."
+    )
     metrics_port: int = Field(
         default=8091, ge=0, le=65535, description="Port of the read-only query endpoint (0: off)."
     )
     metrics_token: SecretStr | None = Field(
-        default=None, description="Bearer token the query endpoint requires (set by `switchboard up`)."
+        default=None,
+        description="Bearer token the query endpoint requires (set by `switchboard up`).",
     )
 
     @property

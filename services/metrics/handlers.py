@@ -28,11 +28,16 @@ class BatchHandler:
                 events.append(AttemptEvent.model_validate_json(record.value or b""))
             except ValidationError as exc:
                 bad.append((record, exc))
+        await self._insert_then_report(events, bad)
+
+    async def _insert_then_report(
+        self, events: list[AttemptEvent], bad: list[tuple[ConsumerRecord, Exception]]
+    ) -> None:
         # Insert first: if it fails the batch is retried whole, dead letters included, so
         # dead letters are published once the batch is known to go through.
         await self.store.insert(events)
         self.inserted += len(events)
-        for record, exc in bad:
-            letter = from_record(record, self.name, exc)
+        for record, error in bad:
+            letter = from_record(record, self.name, error)
             await self.publisher.publish(self.topics.dead_letter, letter)
             self.dead_letters += 1

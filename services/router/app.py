@@ -46,7 +46,9 @@ def create_app(settings: RouterSettings) -> FastAPI:
         await ingress(msg.body, record.topic, record.partition, record.offset)  # type: ignore[union-attr]
 
     @broker.subscriber(
-        reply_topic, auto_offset_reset="earliest", fetch_max_wait_ms=settings.fetch_wait_interactive_ms
+        reply_topic,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=settings.fetch_wait_interactive_ms,
     )
     async def on_reply_msg(msg: KafkaMessage) -> None:
         await on_reply(msg.body)
@@ -65,8 +67,14 @@ def create_app(settings: RouterSettings) -> FastAPI:
         try:
             yield
         finally:
-            replies.fail_all(ApiError(503, "the router is shutting down", type="service_unavailable",
-                                      code="shutting_down"))  # fmt: skip
+            replies.fail_all(
+                ApiError(
+                    503,
+                    "the router is shutting down",
+                    type="service_unavailable",
+                    code="shutting_down",
+                )
+            )
             await broker.stop()
             try:
                 await delete_topics(settings.kafka_bootstrap, [reply_topic])
@@ -88,7 +96,9 @@ def create_app(settings: RouterSettings) -> FastAPI:
 async def run(settings: RouterSettings) -> None:
     from services.common.runtime import serve_until_signal, start_http, stop_http
 
-    server, task = await start_http(create_app(settings), settings.host, settings.port, lifespan=True)
+    server, task = await start_http(
+        create_app(settings), settings.host, settings.port, lifespan=True
+    )
     url = f"http://{settings.host}:{server.bound_port}"  # type: ignore[attr-defined]
     log.info("router listening on %s", url)
     settings.mark_ready("router", url)

@@ -34,18 +34,28 @@ class IngressHandler:
         self.routed = 0
         self.dead_letters = 0
 
-    async def __call__(self, payload: bytes | None, topic: str, partition: int, offset: int) -> None:
+    async def __call__(
+        self, payload: bytes | None, topic: str, partition: int, offset: int
+    ) -> None:
         topics = self.router.topics
         try:
             request = ChatRequest.model_validate_json(payload or b"")
             routed = self.router.route(request, topics.results)
         except (ValidationError, UnknownModel) as exc:
-            letter = dead_letter(payload=payload, topic=topic, partition=partition, offset=offset,
-                                 consumer=self.name, exc=exc)  # fmt: skip
+            letter = dead_letter(
+                payload=payload,
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                consumer=self.name,
+                exc=exc,
+            )
             await self.publisher.publish(topics.dead_letter, letter)
             self.dead_letters += 1
             if request_id := _request_id_of(payload):
-                error = ChatError(request_id=request_id, code="invalid_request", message=describe(exc))
+                error = ChatError(
+                    request_id=request_id, code="invalid_request", message=describe(exc)
+                )
                 await self.publisher.publish(topics.results, error, key=request_id)
             return
         await self.router.publish(routed)

@@ -38,8 +38,14 @@ class ChatCompletionBody(BaseModel):
 
 
 class HttpContext:
-    def __init__(self, router: Router, replies: PendingReplies, reply_topic: str, api_key: str | None,
-                 reply_grace_s: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        router: Router,
+        replies: PendingReplies,
+        reply_topic: str,
+        api_key: str | None,
+        reply_grace_s: float,
+    ) -> None:
         self.router, self.replies, self.reply_topic = router, replies, reply_topic
         self.api_key, self.reply_grace_s = api_key, reply_grace_s
 
@@ -50,19 +56,28 @@ def _check_key(ctx: HttpContext, request: Request) -> None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise ApiError(401, "missing bearer key: send 'Authorization: Bearer <key>'",
-                       type="authentication_error", code="missing_api_key")  # fmt: skip
+        raise ApiError(
+            401,
+            "missing bearer key: send 'Authorization: Bearer <key>'",
+            type="authentication_error",
+            code="missing_api_key",
+        )
     if not secrets.compare_digest(token.encode(), ctx.api_key.encode()):
         raise ApiError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
 
 
 def to_chat_request(body: ChatCompletionBody, idempotency_header: str | None) -> ChatRequest:
     if body.stream:
-        raise invalid("streaming responses are not supported yet; send stream=false", "stream",
-                      "unsupported_value")  # fmt: skip
+        raise invalid(
+            "streaming responses are not supported yet; send stream=false",
+            "stream",
+            "unsupported_value",
+        )
     for name in UNSUPPORTED:
         if (body.model_extra or {}).get(name) is not None:
-            raise invalid(f"'{name}' is not supported by Switchboard yet", name, "unsupported_parameter")
+            raise invalid(
+                f"'{name}' is not supported by Switchboard yet", name, "unsupported_parameter"
+            )
     meta = body.metadata
     key = idempotency_header or meta.idempotency_key
     extra: dict[str, Any] = {}
@@ -107,11 +122,19 @@ def api(ctx: HttpContext) -> APIRouter:
         try:
             if first:
                 await ctx.router.publish(routed)
-            wait_s = (routed.deadline_at - routed.routed_at).total_seconds() if routed.deadline_at else 600
+            wait_s = (
+                (routed.deadline_at - routed.routed_at).total_seconds()
+                if routed.deadline_at
+                else 600
+            )
             outcome = await asyncio.wait_for(asyncio.shield(future), wait_s + ctx.reply_grace_s)
         except TimeoutError as exc:
-            raise ApiError(504, f"no answer from tier {routed.tier!r} within the deadline",
-                           type="timeout_error", code="deadline_exceeded") from exc  # fmt: skip
+            raise ApiError(
+                504,
+                f"no answer from tier {routed.tier!r} within the deadline",
+                type="timeout_error",
+                code="deadline_exceeded",
+            ) from exc
         finally:
             if first and not future.done():
                 ctx.replies.forget(chat.request_id, future)
@@ -124,12 +147,24 @@ def api(ctx: HttpContext) -> APIRouter:
     async def models(request: Request) -> JSONResponse:
         _check_key(ctx, request)
         spec = ctx.router.config.spec
-        data = [{"id": AUTO_MODEL, "object": "model", "owned_by": "switchboard",
-                 "description": "classified by the routing rules"}]  # fmt: skip
+        data: list[dict[str, Any]] = [
+            {
+                "id": AUTO_MODEL,
+                "object": "model",
+                "owned_by": "switchboard",
+                "description": "classified by the routing rules",
+            }
+        ]
         for name, tier in spec.tiers.items():
-            data.append({"id": name, "object": "model", "owned_by": "switchboard",
-                         "description": tier.description,
-                         "models": [m.label for m in tier.models]})  # fmt: skip
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "owned_by": "switchboard",
+                    "description": tier.description,
+                    "models": [m.label for m in tier.models],
+                }
+            )
         return JSONResponse({"object": "list", "data": data})
 
     @routes.get("/health")
@@ -167,7 +202,11 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
     async def limit_body(request: Request, call_next: Any) -> Any:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            err = ApiError(413, f"request body over {max_body_bytes} bytes",
-                           type="invalid_request_error", code="request_too_large")  # fmt: skip
+            err = ApiError(
+                413,
+                f"request body over {max_body_bytes} bytes",
+                type="invalid_request_error",
+                code="request_too_large",
+            )
             return JSONResponse(err.body(), status_code=413)
         return await call_next(request)

@@ -45,7 +45,9 @@ class WorkerApp:
             outcomes=self.outcomes,
         )
         self.handler = RecordHandler(self.service, publisher, topics, name)
-        wait = settings.fetch_wait_interactive_ms if tier.interactive else settings.fetch_wait_batch_ms
+        wait = (
+            settings.fetch_wait_interactive_ms if tier.interactive else settings.fetch_wait_batch_ms
+        )
         self.consumer = ConcurrentConsumer(
             bootstrap=settings.kafka_bootstrap,
             topics=[topics.tier(settings.tier)],

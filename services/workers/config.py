@@ -8,9 +8,14 @@ from services.common.settings import CommonSettings
 
 
 class WorkerSettings(CommonSettings):
-    tier: str = Field(default="", description="Tier this worker serves (`switchboard worker --tier`).")
+    tier: str = Field(
+        default="", description="Tier this worker serves (`switchboard worker --tier`)."
+    )
     concurrency: int | None = Field(
-        default=None, ge=1, le=10_000, description="In-flight requests; default: the tier's setting."
+        default=None,
+        ge=1,
+        le=10_000,
+        description="In-flight requests; default: the tier's setting.",
     )
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long in-flight calls may finish."

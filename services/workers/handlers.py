@@ -28,7 +28,9 @@ def parse(payload: bytes | None, tier: str, topics: Topics) -> RoutedRequest:
 
 
 class RecordHandler:
-    def __init__(self, service: TierService, publisher: Publisher, topics: Topics, name: str) -> None:
+    def __init__(
+        self, service: TierService, publisher: Publisher, topics: Topics, name: str
+    ) -> None:
         self.service, self.publisher, self.topics, self.name = service, publisher, topics, name
         self.dead_letters = 0
 

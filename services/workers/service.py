@@ -74,7 +74,9 @@ class TierService:
         for attempt in policy.attempts(self.spec):
             left = policy.remaining_s(routed.deadline_at, datetime.now(UTC))
             if left is not None and left <= 0:
-                return self._error(routed, "deadline_exceeded", "the request's deadline passed", len(errors))
+                return self._error(
+                    routed, "deadline_exceeded", "the request's deadline passed", len(errors)
+                )
             if attempt.retry and errors and not errors[-1].transient:
                 continue  # a permanent error: this model will not change its mind
             if attempt.retry:
@@ -104,17 +106,27 @@ class TierService:
                 cost_usd=completion.cost_usd,
             )
         fallback = self.config.spec.fallback
-        if fallback and fallback != self.tier and routed.attempt == 0 and all(e.transient for e in errors):
+        if (
+            fallback
+            and fallback != self.tier
+            and routed.attempt == 0
+            and all(e.transient for e in errors)
+        ):
             rerouted = routed.model_copy(
                 update={"tier": fallback, "rule": f"fallback:{self.tier}", "attempt": 1}
             )
-            await self.publisher.publish(self.topics.tier(fallback), rerouted, key=routed.request_id)
+            await self.publisher.publish(
+                self.topics.tier(fallback), rerouted, key=routed.request_id
+            )
             return None
         last = errors[-1] if errors else None
         code = "rate_limited" if last and isinstance(last, RateLimited) else "all_models_failed"
         detail = "; ".join(f"{e.code}: {e}" for e in errors[-3:])
         return self._error(
-            routed, code, f"every model of tier {self.tier!r} failed ({detail})", len(errors),
+            routed,
+            code,
+            f"every model of tier {self.tier!r} failed ({detail})",
+            len(errors),
             retryable=bool(last and last.transient),
         )
 

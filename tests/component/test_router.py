@@ -22,12 +22,15 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 def settings(**extra: Any) -> RouterSettings:
-    return RouterSettings(config=ROOT / "config" / "simulated.yaml", api_key=KEY,
-                          topic_prefix="comp", **extra)  # fmt: skip
+    return RouterSettings(
+        config=ROOT / "config" / "simulated.yaml", api_key=KEY, topic_prefix="comp", **extra
+    )
 
 
 @pytest.fixture
-async def wired() -> AsyncIterator[tuple[httpx.AsyncClient, list[RoutedRequest], list[dict[str, Any]]]]:
+async def wired() -> AsyncIterator[
+    tuple[httpx.AsyncClient, list[RoutedRequest], list[dict[str, Any]]]
+]:
     """An app whose tiers are answered by an in-memory stand-in worker."""
     app = create_app(settings())
     broker = app.state.broker
@@ -39,11 +42,26 @@ async def wired() -> AsyncIterator[tuple[httpx.AsyncClient, list[RoutedRequest],
         request = RoutedRequest.model_validate_json(msg.body)
         routed.append(request)
         result = ChatResult(
-            request_id=request.request_id, tier=request.tier, model="stand-in", provider="test",
-            rule=request.rule, config_hash=request.config_hash, attempts=1, latency_ms=1.0,
-            completion={"object": "chat.completion", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]},
-            usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2))  # fmt: skip
+            request_id=request.request_id,
+            tier=request.tier,
+            model="stand-in",
+            provider="test",
+            rule=request.rule,
+            config_hash=request.config_hash,
+            attempts=1,
+            latency_ms=1.0,
+            completion={
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "ok"},
+                        "finish_reason": "stop",
+                    }
+                ],
+            },
+            usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2),
+        )
         await broker.publish(result.model_dump_json().encode(), topic=request.reply_to)
 
     for tier in app.state.ctx.router.config.tier_names:
@@ -55,7 +73,9 @@ async def wired() -> AsyncIterator[tuple[httpx.AsyncClient, list[RoutedRequest],
 
     async with TestKafkaBroker(broker):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://router", headers=AUTH) as c:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://router", headers=AUTH
+        ) as c:
             c.app = app  # type: ignore[attr-defined]
             yield c, routed, dead
 
@@ -77,7 +97,7 @@ async def test_http_request_is_classified_published_and_answered(wired: Any) -> 
 
 
 async def test_forced_tier_and_idempotency_key(wired: Any) -> None:
-    client, routed, _ = wired
+    client, _, _ = wired
     headers = {"idempotency-key": "order-42"}
     a = await client.post("/v1/chat/completions", json=chat(model="reasoning"), headers=headers)
     b = await client.post("/v1/chat/completions", json=chat(model="reasoning"), headers=headers)
@@ -98,8 +118,11 @@ async def test_models_lists_the_tiers(wired: Any) -> None:
         ({"model": "switchboard/auto"}, "messages", "missing_required_parameter"),
         (chat(model="gpt-9"), "model", "model_not_found"),
         ({"model": "switchboard/auto", "messages": []}, "messages", "invalid_value"),
-        ({"model": "switchboard/auto", "messages": [{"role": "wizard", "content": "x"}]},
-         "messages[0].role", "invalid_value"),  # fmt: skip
+        (
+            {"model": "switchboard/auto", "messages": [{"role": "wizard", "content": "x"}]},
+            "messages[0].role",
+            "invalid_value",
+        ),
         (chat(temperature=7), "temperature", "invalid_value"),
         (chat(stream=True), "stream", "unsupported_value"),
         (chat(tools=[{"type": "function"}]), "tools", "unsupported_parameter"),
@@ -108,7 +131,9 @@ async def test_models_lists_the_tiers(wired: Any) -> None:
         (chat([{"type": "image_url", "image_url": {}}]), "messages[0].content", "invalid_value"),
     ],
 )
-async def test_bad_input_is_a_400_naming_the_field(wired: Any, body: Any, param: str, code: str) -> None:
+async def test_bad_input_is_a_400_naming_the_field(
+    wired: Any, body: Any, param: str, code: str
+) -> None:
     client, routed, _ = wired
     resp = await client.post("/v1/chat/completions", json=body)
     assert resp.status_code == 400, resp.text
@@ -121,12 +146,15 @@ async def test_bad_input_is_a_400_naming_the_field(wired: Any, body: Any, param:
 
 async def test_invalid_json_and_auth(wired: Any) -> None:
     client, _, _ = wired
-    resp = await client.post("/v1/chat/completions", content=b"{nope",
-                             headers={"content-type": "application/json"})  # fmt: skip
+    resp = await client.post(
+        "/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"}
+    )
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_json"
-    for headers, code in (({"authorization": ""}, "missing_api_key"),
-                          ({"authorization": "Bearer wrong"}, "invalid_api_key"),
-                          ({"authorization": "Basic abc"}, "missing_api_key")):  # fmt: skip
+    for headers, code in (
+        ({"authorization": ""}, "missing_api_key"),
+        ({"authorization": "Bearer wrong"}, "invalid_api_key"),
+        ({"authorization": "Basic abc"}, "missing_api_key"),
+    ):
         resp = await client.post("/v1/chat/completions", json=chat(), headers=headers)
         assert resp.status_code == 401 and resp.json()["error"]["code"] == code
 
@@ -142,13 +170,19 @@ async def test_ingress_routes_valid_and_dead_letters_invalid(wired: Any) -> None
     client, routed, dead = wired
     app = client.app  # type: ignore[attr-defined]
     broker, topics = app.state.broker, app.state.ctx.router.topics
-    good = ChatRequest(request_id="in-1", messages=[{"role": "user", "content": "hi"}],
-                       metadata={"requires_reasoning": True})  # fmt: skip
+    good = ChatRequest(
+        request_id="in-1",
+        messages=[{"role": "user", "content": "hi"}],
+        metadata={"requires_reasoning": True},
+    )
     await broker.publish(good.model_dump_json().encode(), topic=topics.ingress)
     await broker.publish(b"\xff\xfe not json", topic=topics.ingress)
-    await broker.publish(json.dumps({"request_id": "in-2", "model": "nope",
-                                     "messages": [{"role": "user", "content": "x"}]}).encode(),
-                         topic=topics.ingress)  # fmt: skip
+    await broker.publish(
+        json.dumps(
+            {"request_id": "in-2", "model": "nope", "messages": [{"role": "user", "content": "x"}]}
+        ).encode(),
+        topic=topics.ingress,
+    )
     assert [r.request_id for r in routed] == ["in-1"]
     assert routed[0].tier == "reasoning" and routed[0].reply_to == topics.results
     assert [d["source_topic"] for d in dead] == [topics.ingress, topics.ingress]

@@ -27,15 +27,25 @@ ROOT = Path(__file__).resolve().parents[2]
 class Up:
     def __init__(self, data_dir: Path, port: int, **env: str) -> None:
         full = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
-        full.update(SWITCHBOARD_PORT=str(port), SWITCHBOARD_DATA_DIR=str(data_dir),
-                    SWITCHBOARD_SIMULATOR_LATENCY_SCALE="0.05", PYTHONUNBUFFERED="1", **env)  # fmt: skip
+        full.update(
+            SWITCHBOARD_PORT=str(port),
+            SWITCHBOARD_DATA_DIR=str(data_dir),
+            SWITCHBOARD_SIMULATOR_LATENCY_SCALE="0.05",
+            PYTHONUNBUFFERED="1",
+            **env,
+        )
         for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"):
             full.pop(key, None)
         self.env = full
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "switchboard.cli", "up"], cwd=ROOT,
-                                     env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "switchboard.cli", "up"],
+            cwd=ROOT,
+            env=full,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -84,8 +94,14 @@ def stack(tmp_path: Path) -> Iterator[tuple[Up, str, str, Path]]:
 def sql(data_dir: Path, query: str, fmt: str = "json") -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
     env["SWITCHBOARD_DATA_DIR"] = str(data_dir)
-    return subprocess.run([sys.executable, "-m", "switchboard.cli", "sql", query, "--format", fmt],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "switchboard.cli", "sql", query, "--format", fmt],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
@@ -99,11 +115,15 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
     client = OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0, timeout=60)
 
     short = client.chat.completions.with_raw_response.create(
-        model="switchboard/auto", messages=[{"role": "user", "content": "Where is my parcel?"}])
+        model="switchboard/auto", messages=[{"role": "user", "content": "Where is my parcel?"}]
+    )
     deep = client.chat.completions.with_raw_response.create(
         model="switchboard/auto",
-        messages=[{"role": "user", "content": "Plan a three-step migration of our billing database. " * 4}],
-        metadata={"requires_reasoning": "true", "tenant": "acme"})  # fmt: skip
+        messages=[
+            {"role": "user", "content": "Plan a three-step migration of our billing database. " * 4}
+        ],
+        metadata={"requires_reasoning": "true", "tenant": "acme"},
+    )
     assert short.headers["x-switchboard-tier"] == "fast"
     assert deep.headers["x-switchboard-tier"] == "reasoning"
     answer = short.parse()
@@ -111,8 +131,10 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
     assert [m.id for m in client.models.list()][:2] == ["switchboard/auto", "fast"]
 
     ids = [short.headers["x-switchboard-request-id"], deep.headers["x-switchboard-request-id"]]
-    query = ("SELECT request_id, tier, model, status FROM switchboard.llm_events "
-             f"WHERE request_id IN ('{ids[0]}', '{ids[1]}') ORDER BY tier")  # fmt: skip
+    query = (
+        "SELECT request_id, tier, model, status FROM switchboard.llm_events "
+        f"WHERE request_id IN ('{ids[0]}', '{ids[1]}') ORDER BY tier"
+    )
     deadline = time.monotonic() + 60
     rows: list[dict[str, str]] = []
     while time.monotonic() < deadline:
@@ -123,15 +145,22 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
             break
         time.sleep(0.2)
     assert [(r["tier"], r["model"], r["status"]) for r in rows] == [
-        ("fast", "sim-light", "ok"), ("reasoning", "sim-reasoning", "ok")]  # fmt: skip
+        ("fast", "sim-light", "ok"),
+        ("reasoning", "sim-reasoning", "ok"),
+    ]
     table = sql(data_dir, "SELECT count() AS n FROM switchboard.llm_events", fmt="table")
     assert "n" in table.stdout and "(1 row)" in table.stdout
     refused = sql(data_dir, "DROP TABLE switchboard.llm_events")
     assert refused.returncode == 1 and "readonly" in refused.stderr.lower()
 
-    report = subprocess.run([sys.executable, "-m", "switchboard.cli", "report"], cwd=ROOT,
-                            env={**up.env, "SWITCHBOARD_DATA_DIR": str(data_dir)},
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    report = subprocess.run(
+        [sys.executable, "-m", "switchboard.cli", "report"],
+        cwd=ROOT,
+        env={**up.env, "SWITCHBOARD_DATA_DIR": str(data_dir)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert report.returncode == 0, report.stderr
     assert "sim-reasoning" in report.stdout and "p95_ms" in report.stdout
 

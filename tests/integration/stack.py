@@ -35,8 +35,13 @@ class Stack:
 
 
 def common(bootstrap: str, redis_url: str, prefix: str, config: Path) -> dict[str, Any]:
-    return {"kafka_bootstrap": bootstrap, "redis_url": redis_url, "topic_prefix": prefix,
-            "config": config, "partitions": 2}  # fmt: skip
+    return {
+        "kafka_bootstrap": bootstrap,
+        "redis_url": redis_url,
+        "topic_prefix": prefix,
+        "config": config,
+        "partitions": 2,
+    }
 
 
 @asynccontextmanager
@@ -81,8 +86,13 @@ async def collect(
     bootstrap: str, topic: str, until: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 60
 ) -> list[dict[str, Any]]:
     """Read ``topic`` from the start until ``until(messages)`` holds."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                fetch_max_wait_ms=20, enable_auto_commit=False)  # fmt: skip
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=20,
+        enable_auto_commit=False,
+    )
     await consumer.start()
     seen: list[dict[str, Any]] = []
     try:
@@ -96,7 +106,9 @@ async def collect(
     return seen
 
 
-async def wait_until(check: Callable[[], Any], timeout_s: float = 60, what: str = "condition") -> Any:
+async def wait_until(
+    check: Callable[[], Any], timeout_s: float = 60, what: str = "condition"
+) -> Any:
     async with asyncio.timeout(timeout_s):
         while True:
             value = await check()

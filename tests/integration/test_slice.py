@@ -17,18 +17,39 @@ AUTH = {"authorization": f"Bearer {API_KEY}"}
 
 
 async def test_http_and_ingress_requests_are_routed_answered_and_recorded(
-    kafka_bootstrap: str, redis_url: str, topic_prefix: str, routing_config: Path, chdb_data_dir: Path
+    kafka_bootstrap: str,
+    redis_url: str,
+    topic_prefix: str,
+    routing_config: Path,
+    chdb_data_dir: Path,
 ) -> None:
-    async with running_stack(kafka_bootstrap, redis_url, topic_prefix, routing_config,
-                             chdb_data_dir, ["fast", "reasoning"]) as stack:  # fmt: skip
+    async with running_stack(
+        kafka_bootstrap,
+        redis_url,
+        topic_prefix,
+        routing_config,
+        chdb_data_dir,
+        ["fast", "reasoning"],
+    ) as stack:
         async with httpx.AsyncClient(base_url=stack.base_url, headers=AUTH, timeout=60) as http:
-            short = await http.post("/v1/chat/completions", json={
-                "model": "switchboard/auto", "messages": [{"role": "user", "content": "Hi there"}],
-                "metadata": {"tenant": "acme"}})  # fmt: skip
-            deep = await http.post("/v1/chat/completions", json={
-                "model": "switchboard/auto",
-                "messages": [{"role": "user", "content": "Prove Fermat's little theorem. " * 8}],
-                "metadata": {"requires_reasoning": "true"}})  # fmt: skip
+            short = await http.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "switchboard/auto",
+                    "messages": [{"role": "user", "content": "Hi there"}],
+                    "metadata": {"tenant": "acme"},
+                },
+            )
+            deep = await http.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "switchboard/auto",
+                    "messages": [
+                        {"role": "user", "content": "Prove Fermat's little theorem. " * 8}
+                    ],
+                    "metadata": {"requires_reasoning": "true"},
+                },
+            )
         assert short.status_code == 200, short.text
         assert deep.status_code == 200, deep.text
         assert short.headers["x-switchboard-tier"] == "fast"
@@ -40,20 +61,32 @@ async def test_http_and_ingress_requests_are_routed_answered_and_recorded(
         assert body["choices"][0]["message"]["content"]
         assert body["usage"]["total_tokens"] > 0
 
-        job = ChatRequest(request_id=f"job-{uuid.uuid4().hex}",
-                          messages=[{"role": "user", "content": "Classify: my card was charged twice"}],
-                          metadata={"task": "triage"})  # fmt: skip
+        job = ChatRequest(
+            request_id=f"job-{uuid.uuid4().hex}",
+            messages=[{"role": "user", "content": "Classify: my card was charged twice"}],
+            metadata={"task": "triage"},
+        )
         await produce(kafka_bootstrap, stack.topics.ingress, job.model_dump_json().encode())
-        results = await collect(kafka_bootstrap, stack.topics.results,
-                                lambda ms: any(m["request_id"] == job.request_id for m in ms))  # fmt: skip
+        results = await collect(
+            kafka_bootstrap,
+            stack.topics.results,
+            lambda ms: any(m["request_id"] == job.request_id for m in ms),
+        )
         answer = next(m for m in results if m["request_id"] == job.request_id)
-        assert answer["kind"] == "result" and answer["tier"] == "fast" and answer["rule"] == "triage"
+        assert (
+            answer["kind"] == "result" and answer["tier"] == "fast" and answer["rule"] == "triage"
+        )
 
-        ids = [short.headers["x-switchboard-request-id"], deep.headers["x-switchboard-request-id"],
-               job.request_id]  # fmt: skip
+        ids = [
+            short.headers["x-switchboard-request-id"],
+            deep.headers["x-switchboard-request-id"],
+            job.request_id,
+        ]
         id_list = ", ".join(f"'{i}'" for i in ids)
-        sql = (f"SELECT request_id, tier, model, status, tokens_in, tokens_out, cost_usd, ttft_ms, "
-               f"tenant_hash, config_hash FROM switchboard.llm_events WHERE request_id IN ({id_list})")  # fmt: skip
+        sql = (
+            f"SELECT request_id, tier, model, status, tokens_in, tokens_out, cost_usd, ttft_ms, "
+            f"tenant_hash, config_hash FROM switchboard.llm_events WHERE request_id IN ({id_list})"
+        )
 
         async def rows() -> list[list[object]]:
             _, found = await stack.metrics.store.query(sql)
@@ -69,17 +102,29 @@ async def test_http_and_ingress_requests_are_routed_answered_and_recorded(
 
 
 async def test_bad_messages_go_to_the_dead_letter_topic_and_consumers_keep_going(
-    kafka_bootstrap: str, redis_url: str, topic_prefix: str, routing_config: Path, chdb_data_dir: Path
+    kafka_bootstrap: str,
+    redis_url: str,
+    topic_prefix: str,
+    routing_config: Path,
+    chdb_data_dir: Path,
 ) -> None:
-    async with running_stack(kafka_bootstrap, redis_url, topic_prefix, routing_config,
-                             chdb_data_dir, ["fast"]) as stack:  # fmt: skip
+    async with running_stack(
+        kafka_bootstrap, redis_url, topic_prefix, routing_config, chdb_data_dir, ["fast"]
+    ) as stack:
         t = stack.topics
-        await produce(kafka_bootstrap, t.ingress, b"{not json", json.dumps(
-            {"request_id": "bad-1", "messages": []}).encode())  # fmt: skip
+        await produce(
+            kafka_bootstrap,
+            t.ingress,
+            b"{not json",
+            json.dumps({"request_id": "bad-1", "messages": []}).encode(),
+        )
         await produce(kafka_bootstrap, t.tier("fast"), b'{"schema_version": 9}')
         await produce(kafka_bootstrap, t.events, b'{"request_id": 5}')
-        good = ChatRequest(request_id="good-1", model="fast",
-                           messages=[{"role": "user", "content": "still flowing?"}])  # fmt: skip
+        good = ChatRequest(
+            request_id="good-1",
+            model="fast",
+            messages=[{"role": "user", "content": "still flowing?"}],
+        )
         await produce(kafka_bootstrap, t.ingress, good.model_dump_json().encode())
 
         letters = await collect(kafka_bootstrap, t.dead_letter, lambda ms: len(ms) >= 4)
@@ -92,31 +137,49 @@ async def test_bad_messages_go_to_the_dead_letter_topic_and_consumers_keep_going
         assert "schema_version" in str(by_topic[t.tier("fast")][0]["reason"])
         assert by_topic[t.events][0]["consumer"].startswith("metrics-")  # type: ignore[union-attr]
 
-        results = await collect(kafka_bootstrap, t.results, lambda ms: {m["request_id"] for m in ms}
-                                >= {"bad-1", "good-1"})  # fmt: skip
+        results = await collect(
+            kafka_bootstrap,
+            t.results,
+            lambda ms: {m["request_id"] for m in ms} >= {"bad-1", "good-1"},
+        )
         outcome = {m["request_id"]: m for m in results}
         assert outcome["bad-1"]["kind"] == "error" and outcome["bad-1"]["code"] == "invalid_request"
         assert outcome["good-1"]["kind"] == "result"
 
 
 async def test_a_redelivered_request_is_answered_from_redis_without_a_second_model_call(
-    kafka_bootstrap: str, redis_url: str, topic_prefix: str, routing_config: Path, chdb_data_dir: Path
+    kafka_bootstrap: str,
+    redis_url: str,
+    topic_prefix: str,
+    routing_config: Path,
+    chdb_data_dir: Path,
 ) -> None:
-    async with running_stack(kafka_bootstrap, redis_url, topic_prefix, routing_config,
-                             chdb_data_dir, ["fast"]) as stack:  # fmt: skip
-        job = ChatRequest(request_id=f"dup-{uuid.uuid4().hex}", model="fast",
-                          messages=[{"role": "user", "content": "once only"}])  # fmt: skip
+    async with running_stack(
+        kafka_bootstrap, redis_url, topic_prefix, routing_config, chdb_data_dir, ["fast"]
+    ) as stack:
+        job = ChatRequest(
+            request_id=f"dup-{uuid.uuid4().hex}",
+            model="fast",
+            messages=[{"role": "user", "content": "once only"}],
+        )
         routed = stack.router_app.state.ctx.router.route(job, stack.topics.results)
         payload = routed.model_dump_json().encode()
         await produce(kafka_bootstrap, stack.topics.tier("fast"), payload)
-        await collect(kafka_bootstrap, stack.topics.results,
-                      lambda ms: any(m["request_id"] == job.request_id for m in ms))  # fmt: skip
+        await collect(
+            kafka_bootstrap,
+            stack.topics.results,
+            lambda ms: any(m["request_id"] == job.request_id for m in ms),
+        )
         await produce(kafka_bootstrap, stack.topics.tier("fast"), payload)  # a redelivery
-        answers = await collect(kafka_bootstrap, stack.topics.results,
-                                lambda ms: sum(m["request_id"] == job.request_id for m in ms) == 2)  # fmt: skip
+        answers = await collect(
+            kafka_bootstrap,
+            stack.topics.results,
+            lambda ms: sum(m["request_id"] == job.request_id for m in ms) == 2,
+        )
         mine = [m for m in answers if m["request_id"] == job.request_id]
         assert mine[0] == mine[1]  # the same answer, byte for byte
         assert stack.workers["fast"].service.replayed == 1
         _, rows = await stack.metrics.store.query(
-            f"SELECT count() FROM switchboard.llm_events WHERE request_id = '{job.request_id}'")
+            f"SELECT count() FROM switchboard.llm_events WHERE request_id = '{job.request_id}'"
+        )
         assert rows[0][0] <= 1  # one model call recorded (or not yet flushed), never two

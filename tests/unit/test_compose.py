@@ -72,8 +72,10 @@ def env_of(service: Mapping[str, Any]) -> dict[str, str]:
             name, _, value = str(item).partition("=")
             out[name] = value
         return out
-    return {k: "" if v is None else (str(v).lower() if isinstance(v, bool) else str(v))
-            for k, v in raw.items()}  # fmt: skip
+    return {
+        k: "" if v is None else (str(v).lower() if isinstance(v, bool) else str(v))
+        for k, v in raw.items()
+    }
 
 
 def resolved_env(
@@ -478,8 +480,11 @@ def test_every_service_has_a_healthcheck(services: dict[str, dict[str, Any]]) ->
 
 
 def test_services_wait_for_healthy_dependencies(services: dict[str, dict[str, Any]]) -> None:
-    needs = {"router": {"kafka", "redis"}, "worker": {"kafka", "redis"},
-             "metrics": {"kafka", "clickhouse"}}  # fmt: skip
+    needs = {
+        "router": {"kafka", "redis"},
+        "worker": {"kafka", "redis"},
+        "metrics": {"kafka", "clickhouse"},
+    }
     for name, svc in services.items():
         deps = svc.get("depends_on") or {}
         assert isinstance(deps, dict), f"{name}: depends_on must name a condition"

@@ -46,7 +46,11 @@ def chat(text: str, **meta: object) -> ChatRequest:
         (chat("x" * 50, requires_reasoning=True), "slow", "think"),
         (chat("hi", requires_reasoning=True), "fast", "short"),  # first match wins
         (chat("x" * 50), "slow", "default"),
-        (ChatRequest(model="fast", messages=[{"role": "user", "content": "x" * 50}]), "fast", "forced"),
+        (
+            ChatRequest(model="fast", messages=[{"role": "user", "content": "x" * 50}]),
+            "fast",
+            "forced",
+        ),
     ],
 )
 def test_classify(tmp_path: Path, request_: ChatRequest, tier: str, rule: str) -> None:
@@ -63,10 +67,20 @@ def test_unknown_model_names_the_choices(tmp_path: Path) -> None:
 def test_simulated_config_sends_short_and_reasoning_to_different_tiers() -> None:
     config = load_config(ROOT / "config" / "simulated.yaml")
     short = classify(chat("What is 2+2?"), config)
-    deep = classify(chat("Prove that there are infinitely many primes. " * 5, requires_reasoning=True), config)
-    image = ChatRequest(messages=[{"role": "user", "content": [
-        {"type": "text", "text": "what is this"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])  # fmt: skip
+    deep = classify(
+        chat("Prove that there are infinitely many primes. " * 5, requires_reasoning=True), config
+    )
+    image = ChatRequest(
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                ],
+            }
+        ]
+    )
     assert short.tier == "fast" and deep.tier == "reasoning"
     assert classify(image, config).tier == "vision"
 
@@ -74,10 +88,18 @@ def test_simulated_config_sends_short_and_reasoning_to_different_tiers() -> None
 @pytest.mark.parametrize(
     ("edit", "key", "reason"),
     [
-        (("models: [{model: openai/sim-reasoning}]", "models: [{modle: x}]"), "tiers.slow.models[0].modle", "unknown key"),
+        (
+            ("models: [{model: openai/sim-reasoning}]", "models: [{modle: x}]"),
+            "tiers.slow.models[0].modle",
+            "unknown key",
+        ),
         (("tier: slow", "tier: glacial"), "rules[1].tier", "unknown tier 'glacial'"),
         (("default: slow", "default: nope"), "default", "unknown tier 'nope'"),
-        (("requires_reasoning, tier", "'last_user matches \"(\"', tier"), "rules[1].when", "bad regex"),
+        (
+            ("requires_reasoning, tier", "'last_user matches \"(\"', tier"),
+            "rules[1].when",
+            "bad regex",
+        ),
         (("len(prompt) < 20", "lenght(prompt) < 20"), "rules[0].when", "unknown field 'lenght'"),
         (("fallback: fast", "fallbak: fast"), "fallbak", "unknown key"),
         (("name: think", "name: short"), "rules[1].name", "duplicate rule name"),
@@ -95,7 +117,9 @@ def test_bad_config_names_file_key_and_reason(
     assert str(path) in str(info.value)
 
 
-def test_env_interpolation_and_missing_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_interpolation_and_missing_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     text = BASE.replace("http://127.0.0.1:1/v1", "${SB_TEST_BASE:-http://fallback}/v1")
     config = load_config(write(tmp_path, text))
     assert config.tier("fast").models[0].api_base == "http://fallback/v1"

@@ -21,10 +21,25 @@ from schemas.topics import EVENTS_TABLE
 from schemas.v1 import AttemptEvent
 
 COLUMNS = (
-    "ts", "event_id", "request_id", "tier", "model", "provider", "rule", "config_hash", "attempt",
-    "status", "error_code", "tokens_in", "tokens_out", "latency_ms", "ttft_ms", "cost_usd",
-    "response_sha256", "tenant_hash",
-)  # fmt: skip
+    "ts",
+    "event_id",
+    "request_id",
+    "tier",
+    "model",
+    "provider",
+    "rule",
+    "config_hash",
+    "attempt",
+    "status",
+    "error_code",
+    "tokens_in",
+    "tokens_out",
+    "latency_ms",
+    "ttft_ms",
+    "cost_usd",
+    "response_sha256",
+    "tenant_hash",
+)
 
 DDL = """
 CREATE TABLE IF NOT EXISTS {db}.{table} (

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 REPORT_COLUMNS = (
-    "tier", "model", "requests", "attempts", "error_rate", "p50_ms", "p95_ms", "p99_ms",
-    "ttft_p50_ms", "input_tokens", "output_tokens", "total_cost_usd", "usd_per_1k_tokens",
-)  # fmt: skip
+    "tier",
+    "model",
+    "requests",
+    "attempts",
+    "error_rate",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "ttft_p50_ms",
+    "input_tokens",
+    "output_tokens",
+    "total_cost_usd",
+    "usd_per_1k_tokens",
+)
 
 
 def decision_matrix_sql(table: str, since_hours: float) -> str:

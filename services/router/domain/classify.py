@@ -37,7 +37,9 @@ def features(request: ChatRequest) -> dict[str, Any]:
         "prompt": prompt,
         "last_user": request.last_user_text(),
         "system": "\n".join(
-            t for m, t in zip(request.messages, texts, strict=True) if m.role in ("system", "developer")
+            t
+            for m, t in zip(request.messages, texts, strict=True)
+            if m.role in ("system", "developer")
         ),
         "prompt_chars": len(prompt),
         "prompt_tokens": math.ceil(len(prompt) / CHARS_PER_TOKEN),

@@ -17,11 +17,11 @@ from typing import Any, Protocol
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-import litellm  # noqa: E402
+import litellm
 
-from schemas.v1 import ChatRequest, Usage  # noqa: E402
-from services.common.routing_config import ModelSpec  # noqa: E402
-from services.workers.errors import (  # noqa: E402
+from schemas.v1 import ChatRequest, Usage
+from services.common.routing_config import ModelSpec
+from services.workers.errors import (
     AuthFailed,
     BadRequest,
     ModelCallError,
@@ -61,7 +61,9 @@ class ModelClient(Protocol):
 
 def missing_keys(specs: list[ModelSpec]) -> list[str]:
     """Environment variables the given models need and that are not set."""
-    return sorted({s.api_key_env for s in specs if s.api_key_env and not os.environ.get(s.api_key_env)})
+    return sorted(
+        {s.api_key_env for s in specs if s.api_key_env and not os.environ.get(s.api_key_env)}
+    )
 
 
 def cost_usd(spec: ModelSpec, usage: Usage) -> float:
