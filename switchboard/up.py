@@ -20,7 +20,7 @@ from types import FrameType
 
 import httpx
 
-from services.common.routing_config import ConfigError, load_config
+from services.common.routing_config import ConfigError, LoadedConfig, load_config
 from switchboard.analyst import stack_file
 from switchboard.embedded import (
     Child,
@@ -78,8 +78,9 @@ def plan_from_env(env: dict[str, str]) -> Plan:
 
 
 class Stack:
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, config: LoadedConfig) -> None:
         self.plan = plan
+        self.config = config
         self.children: list[Child] = []
         self.run_dir = plan.data_dir / "run"
         self.log_dir = plan.data_dir / "logs"
@@ -146,7 +147,7 @@ class Stack:
             + ")"
         )
         self._service("metrics", ["metrics"], "metrics")
-        for tier in load_config(p.config).tier_names:
+        for tier in self.config.tier_names:
             say(f"starting the worker of tier {tier}")
             self._service(f"worker-{tier}", ["worker", "--tier", tier], f"worker-{tier}-")
         say("starting the router")
@@ -206,11 +207,11 @@ def up() -> int:
                 file=sys.stderr,
             )
             return 2
-        load_config(plan.config)
+        config = load_config(plan.config)
     except (StartFailed, ConfigError) as exc:
         print(f"switchboard: {exc}", file=sys.stderr)
         return 2
-    stack = Stack(plan)
+    stack = Stack(plan, config)
     stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -252,8 +253,6 @@ def _banner(plan: Plan, stack: Stack) -> None:
         say(f"API key (generated; set SWITCHBOARD_API_KEY to choose one): {plan.api_key}")
     if plan.simulated:
         say("models are served by the provider SIMULATOR; set a provider key for real models")
-    say(
-        f"config {plan.config} ({len(load_config(plan.config).tier_names)} tiers); logs in {stack.log_dir}"
-    )
+    say(f"config {plan.config} ({len(stack.config.tier_names)} tiers); logs in {stack.log_dir}")
     say('query the metrics with: switchboard sql "SELECT * FROM switchboard.llm_events LIMIT 10"')
     print(f"switchboard ready {plan.base_url}", flush=True)

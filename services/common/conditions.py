@@ -124,6 +124,10 @@ class _Parser:
     def peek(self) -> _Tok:
         return self.tokens[self.i]
 
+    def at_keyword(self, word: str) -> bool:
+        tok = self.tokens[self.i]
+        return tok.kind == "kw" and tok.value == word
+
     def take(self) -> _Tok:
         tok = self.tokens[self.i]
         self.i += 1
@@ -146,7 +150,7 @@ class _Parser:
 
     def parse_or(self) -> _Node:
         node = self.parse_and()
-        while self.peek() == _Tok("kw", "or", self.peek().pos):
+        while self.at_keyword("or"):
             self.take()
             left, right = node, self.parse_and()
             node = _Node(_either(left.fn, right.fn), bool, left.pos)
@@ -154,7 +158,7 @@ class _Parser:
 
     def parse_and(self) -> _Node:
         node = self.parse_unary()
-        while self.peek() == _Tok("kw", "and", self.peek().pos):
+        while self.at_keyword("and"):
             self.take()
             left, right = node, self.parse_unary()
             node = _Node(_both(left.fn, right.fn), bool, left.pos)
@@ -209,7 +213,7 @@ class _Parser:
 
     def parse_list(self, open_tok: _Tok) -> _Node:
         items: list[Any] = []
-        if self.peek() == _Tok("op", "]", self.peek().pos):
+        if self.peek().kind == "op" and self.peek().value == "]":
             self.take()
         else:
             while True:

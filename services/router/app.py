@@ -13,6 +13,7 @@ from faststream.middlewares import AckPolicy
 
 from services.common.kafka import BrokerPublisher, delete_topics, ensure_topics, make_broker
 from services.common.routing_config import load_config
+from services.common.runtime import serve_until_signal, start_http, stop_http
 from services.router.config import RouterSettings
 from services.router.errors import ApiError
 from services.router.handlers import IngressHandler, ReplyHandler
@@ -94,8 +95,6 @@ def create_app(settings: RouterSettings) -> FastAPI:
 
 
 async def run(settings: RouterSettings) -> None:
-    from services.common.runtime import serve_until_signal, start_http, stop_http
-
     server, task = await start_http(
         create_app(settings), settings.host, settings.port, lifespan=True
     )

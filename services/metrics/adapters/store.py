@@ -71,11 +71,6 @@ SETTINGS non_replicated_deduplication_window = 10000
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class QueryResult(Protocol):
-    column_names: Sequence[str]
-    result_rows: list[Sequence[Any]]
-
-
 class EventStore(Protocol):
     async def migrate(self) -> None: ...
 
