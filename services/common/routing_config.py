@@ -13,7 +13,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -50,6 +50,15 @@ class ModelSpec(_Strict):
     input_cost_per_mtok: float | None = Field(default=None, ge=0)
     output_cost_per_mtok: float | None = Field(default=None, ge=0)
     timeout_s: float | None = Field(default=None, gt=0, description="Overrides the tier's.")
+    transport: Literal["auto", "litellm"] = Field(
+        default="auto",
+        description=(
+            "auto: OpenAI-compatible endpoints (openai/, hosted_vllm/) are streamed over the "
+            "worker's own connection pool, with litellm's provider config shaping the request "
+            "and parsing the stream; every other provider goes through litellm.acompletion. "
+            "litellm: always litellm.acompletion."
+        ),
+    )
 
     @property
     def label(self) -> str:

@@ -35,13 +35,15 @@ class WorkerApp:
         name = f"worker-{settings.tier}-{os.getpid()}"
         self.broker = make_broker(settings.kafka_bootstrap, name)
         publisher = BrokerPublisher(self.broker)
+        concurrency = settings.concurrency or tier.concurrency
+        self.client = LiteLLMClient(max_connections=concurrency)
         self.outcomes = RedisOutcomeStore(settings.redis_url, settings.topic_prefix)
         self.service = TierService(
             tier=settings.tier,
             config=config,
             topics=topics,
             publisher=publisher,
-            client=LiteLLMClient(),
+            client=self.client,
             outcomes=self.outcomes,
         )
         self.handler = RecordHandler(self.service, publisher, topics, name)
@@ -53,7 +55,7 @@ class WorkerApp:
             topics=[topics.tier(settings.tier)],
             group_id=topics.worker_group(settings.tier),
             handler=self.handler,
-            concurrency=settings.concurrency or tier.concurrency,
+            concurrency=concurrency,
             fetch_max_wait_ms=wait,
             client_id=name,
             drain_timeout_s=settings.drain_timeout_s,
@@ -76,6 +78,7 @@ class WorkerApp:
         await self.consumer.stop()
         await self.broker.stop()
         await self.outcomes.close()
+        await self.client.aclose()
 
 
 async def run(settings: WorkerSettings) -> None:

@@ -1,0 +1,122 @@
+"""The workers' model adapter against the provider simulator, on both of its transports.
+
+The direct transport (litellm's provider config + the worker's own HTTP pool) must give the same
+answer, usage and cost as ``litellm.acompletion``, and map every provider failure to the same
+error kinds, including a stream cut before its end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import litellm
+import pytest
+
+from schemas.v1 import ChatRequest, Usage
+from services.common.routing_config import ModelSpec
+from services.workers.adapters.llm import LiteLLMClient, _direct_route, cost_usd
+from services.workers.errors import (
+    ModelNotFound,
+    ModelTimeout,
+    ProviderUnavailable,
+    RateLimited,
+)
+from tests.component.test_simulator import LITELLM_WARNINGS, running_simulator
+
+pytestmark = LITELLM_WARNINGS
+
+REQUEST = ChatRequest.model_validate(
+    {
+        "model": "auto",
+        "messages": [{"role": "user", "content": "Which queue does a refund request go to?"}],
+        "max_tokens": 12,
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def simulator() -> Iterator[str]:
+    with running_simulator() as (base, _):
+        yield base
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[LiteLLMClient]:
+    c = LiteLLMClient()
+    yield c
+    await c.aclose()
+    from litellm.llms.custom_httpx.async_client_cleanup import close_litellm_async_clients
+
+    await close_litellm_async_clients()
+    litellm.in_memory_llm_clients_cache.flush_cache()
+
+
+def spec(simulator: str, model: str = "sim-light", **extra: Any) -> ModelSpec:
+    return ModelSpec(
+        model=f"openai/{model}", api_base=f"{simulator}/v1", price_as="gpt-4o-mini", **extra
+    )
+
+
+async def queue(simulator: str, kind: str) -> None:
+    async with httpx.AsyncClient(base_url=simulator) as http:
+        response = await http.post("/simulator/faults", json={"kind": kind, "count": 1})
+        response.raise_for_status()
+
+
+def test_openai_compatible_endpoints_take_the_direct_transport() -> None:
+    assert _direct_route("openai/sim-light", "http://127.0.0.1:1/v1") is not None
+    assert _direct_route("hosted_vllm/llama-3", "http://127.0.0.1:1/v1") is not None
+    direct = _direct_route("openai/gpt-4o-mini", None)
+    assert direct is not None and direct.url == "https://api.openai.com/v1/chat/completions"
+    assert _direct_route("anthropic/claude-haiku-4-5", None) is None
+
+
+async def test_both_transports_give_the_same_answer(simulator: str, client: LiteLLMClient) -> None:
+    direct = await client.complete(spec(simulator), REQUEST, 10)
+    via_litellm = await client.complete(spec(simulator, transport="litellm"), REQUEST, 10)
+    for c in (direct, via_litellm):
+        assert c.text.startswith("Simulated answer from sim-light")
+        assert c.body["choices"][0]["finish_reason"] == "length"
+        assert c.ttft_ms is not None and 0 < c.ttft_ms <= c.latency_ms
+    assert direct.text == via_litellm.text
+    assert direct.usage == via_litellm.usage
+    assert direct.usage.completion_tokens == 12 and direct.usage.prompt_tokens > 0
+    assert direct.cost_usd == pytest.approx(via_litellm.cost_usd) and direct.cost_usd > 0
+    assert direct.body["object"] == "chat.completion" and direct.body["id"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [("429", RateLimited), ("500", ProviderUnavailable), ("disconnect", ProviderUnavailable)],
+)
+async def test_direct_transport_maps_provider_faults(
+    simulator: str, client: LiteLLMClient, kind: str, error: type[Exception]
+) -> None:
+    await queue(simulator, kind)
+    with pytest.raises(error):
+        await client.complete(spec(simulator, "sim-balanced"), REQUEST, 10)
+
+
+async def test_direct_transport_times_out_and_knows_unknown_models(
+    simulator: str, client: LiteLLMClient
+) -> None:
+    await queue(simulator, "timeout")
+    with pytest.raises(ModelTimeout):
+        await client.complete(spec(simulator), REQUEST, 0.5)
+    with pytest.raises(ModelNotFound):
+        await client.complete(spec(simulator, "gpt-9"), REQUEST, 10)
+    # The pool is still usable after a timed-out and a refused call.
+    assert (await client.complete(spec(simulator), REQUEST, 10)).text
+
+
+def test_cost_from_the_price_map_matches_litellm() -> None:
+    usage = Usage(prompt_tokens=1234, completion_tokens=567, total_tokens=1801)
+    prompt, completion = litellm.cost_per_token(
+        model="gpt-4o-mini", prompt_tokens=1234, completion_tokens=567
+    )
+    model = ModelSpec(model="openai/sim-light", price_as="gpt-4o-mini")
+    assert cost_usd(model, usage) == pytest.approx(prompt + completion)
+    unknown = ModelSpec(model="openai/sim-light", price_as="no-such-model")
+    assert cost_usd(unknown, usage) == 0.0
