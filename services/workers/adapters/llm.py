@@ -197,7 +197,7 @@ def _env_proxy(url: str) -> str | None:
     in a thread; at hundreds of calls per second that was a tenth of the worker's CPU.
     """
     parts = urllib.parse.urlsplit(url)
-    if urllib.request.proxy_bypass_environment(parts.hostname or ""):
+    if urllib.request.proxy_bypass(parts.hostname or ""):
         return None
     return urllib.request.getproxies_environment().get(parts.scheme)
 
