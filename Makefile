@@ -1,4 +1,5 @@
 # The README's two commands: `make up` and `make test`. Both set the project up first.
+# `make bench` runs the benchmark suite (bench/README.md) and writes bench/results/.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -6,14 +7,14 @@ STAMP  := $(VENV)/.installed
 
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: setup up test check format clean
+.PHONY: setup up test bench check format clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
 up: setup
@@ -22,10 +23,13 @@ up: setup
 test: setup
 	$(PY) -m pytest
 
+bench: setup
+	$(PY) -m bench
+
 check: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy schemas services switchboard
+	$(VENV)/bin/mypy schemas services switchboard bench
 
 format: setup
 	$(VENV)/bin/ruff format .

@@ -117,10 +117,17 @@ class Stack:
         ready = self.run_dir / "ready"
         return ready.exists() and any(p.name.startswith(name_prefix) for p in ready.iterdir())
 
-    def _service(self, name: str, args: list[str], ready_as: str, **env: str) -> Child:
+    def _start(self, name: str, args: list[str], **env: str) -> Child:
         child = python_service(name, args, self.env(**env), self.log_dir)
         self.children.append(child)
-        wait_for(name, lambda: self._ready(ready_as), READY_TIMEOUT_S, child.alive)
+        return child
+
+    def _wait(self, child: Child, ready_as: str) -> None:
+        wait_for(child.name, lambda: self._ready(ready_as), READY_TIMEOUT_S, child.alive)
+
+    def _service(self, name: str, args: list[str], ready_as: str, **env: str) -> Child:
+        child = self._start(name, args, **env)
+        self._wait(child, ready_as)
         return child
 
     def start(self) -> None:
@@ -146,10 +153,16 @@ class Stack:
             + (os.environ.get("SWITCHBOARD_CLICKHOUSE_URL") or "embedded chDB")
             + ")"
         )
-        self._service("metrics", ["metrics"], "metrics")
+        metrics = self._start("metrics", ["metrics"])
+        # Workers start together: each one's consumer-group join takes seconds on the embedded
+        # broker, and done one after another they made up most of the start-up time.
+        workers = {}
         for tier in self.config.tier_names:
             say(f"starting the worker of tier {tier}")
-            self._service(f"worker-{tier}", ["worker", "--tier", tier], f"worker-{tier}-")
+            workers[tier] = self._start(f"worker-{tier}", ["worker", "--tier", tier])
+        self._wait(metrics, "metrics")
+        for tier, worker in workers.items():
+            self._wait(worker, f"worker-{tier}-")
         say("starting the router")
         self._service(
             "router",

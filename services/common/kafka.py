@@ -1,16 +1,26 @@
-"""Kafka plumbing shared by the services: topic creation and the publisher they all use.
+"""Kafka plumbing shared by the services: topic creation, key partitioning and the publishers.
 
 Topics are created explicitly with ``partitions`` partitions: a subscriber-created topic gets one
 partition on some brokers, which leaves all but one member of a consumer group idle.
+
+Two publishers: ``BrokerPublisher`` sends one message and waits for it (HTTP callers, workers);
+``KafkaBatchPublisher`` sends a whole consumed batch as one record batch per partition and waits
+for all of them, which is what lets a consumer commit a batch only once its output is stored
+without paying a broker round trip per message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from collections.abc import Iterable
-from typing import Protocol
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import numpy as np
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
@@ -19,8 +29,105 @@ from pydantic import BaseModel
 log = logging.getLogger(__name__)
 
 JSON_HEADERS = {"content-type": "application/json"}
+_JSON_HEADER_LIST = [("content-type", b"application/json")]
 # Largest message a producer sends; oversized requests are refused at the door instead.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Record batch size of the batch publisher: a consumed batch leaves as one request per partition.
+BATCH_BYTES = 4 * 1024 * 1024
+
+# --- key → partition, as every Kafka client computes it -------------------------------------------
+#
+# Kafka's default partitioner: murmur2(key) & 0x7fffffff mod partitions (Java's Utils.murmur2).
+# aiokafka implements it in pure Python at ~13 µs per 40-byte key, more than the rest of a
+# router decision; the loop below does the same arithmetic in half the time, and
+# ``partitions_for_keys`` does a whole batch at once with numpy at well under 1 µs a key.
+
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+_SEED = 0x9747B28C
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash of ``data`` (unsigned 32 bits)."""
+    length = len(data)
+    h = _SEED ^ length
+    words = length >> 2
+    for k in struct.unpack_from(f"<{words}I", data):
+        k = (k * _M) & _MASK
+        k = ((k ^ (k >> 24)) * _M) & _MASK
+        h = ((h * _M) & _MASK) ^ k
+    tail = length & 3
+    if tail:
+        base = words << 2
+        if tail == 3:
+            h ^= data[base + 2] << 16
+        if tail >= 2:
+            h ^= data[base + 1] << 8
+        h = ((h ^ data[base]) * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    return h ^ (h >> 15)
+
+
+def partition_for_key(key: bytes, partitions: int) -> int:
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def _murmur2_same_length(keys: Sequence[bytes]) -> np.ndarray[Any, np.dtype[np.uint32]]:
+    """murmur2 of many keys of one length, one numpy operation per 4-byte word."""
+    length = len(keys[0])
+    raw = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), length)
+    m = np.uint32(_M)
+    h = np.full(len(keys), _SEED ^ length, dtype=np.uint32)
+    words = length >> 2
+    if words:
+        blocks = np.ascontiguousarray(raw[:, : words * 4]).view("<u4")
+        for i in range(words):
+            k = blocks[:, i] * m
+            k = (k ^ (k >> np.uint32(24))) * m
+            h = (h * m) ^ k
+    tail = length & 3
+    base = words * 4
+    if tail == 3:
+        h ^= raw[:, base + 2].astype(np.uint32) << np.uint32(16)
+    if tail >= 2:
+        h ^= raw[:, base + 1].astype(np.uint32) << np.uint32(8)
+    if tail:
+        h = (h ^ raw[:, base].astype(np.uint32)) * m
+    h ^= h >> np.uint32(13)
+    h = h * m
+    return h ^ (h >> np.uint32(15))
+
+
+def partitions_for_keys(keys: Sequence[bytes], partitions: int) -> list[int]:
+    """``partition_for_key`` for every key, computed per group of equal-length keys."""
+    out = [0] * len(keys)
+    by_length: dict[int, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_length.setdefault(len(key), []).append(i)
+    for indexes in by_length.values():
+        if len(indexes) < 8:  # numpy's fixed cost is not worth it
+            for i in indexes:
+                out[i] = partition_for_key(keys[i], partitions)
+            continue
+        hashes = _murmur2_same_length([keys[i] for i in indexes])
+        chosen = (hashes & np.uint32(0x7FFFFFFF)) % np.uint32(partitions)
+        for i, p in zip(indexes, chosen.tolist(), strict=True):
+            out[i] = p
+    return out
+
+
+class KeyPartitioner:
+    """aiokafka's ``DefaultPartitioner`` (same partitions for the same keys), with the faster hash."""
+
+    def __init__(self) -> None:
+        self._spread = itertools.count()
+
+    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if key is None:
+            pool = available or all_partitions
+            return pool[next(self._spread) % len(pool)]
+        return all_partitions[partition_for_key(key, len(all_partitions))]
 
 
 async def ensure_topics(
@@ -93,5 +200,102 @@ def make_broker(bootstrap: str, client_id: str) -> KafkaBroker:
         # producer retries are absorbed downstream (outcome cache, insert de-duplication).
         linger_ms=1,
         max_request_size=MAX_MESSAGE_BYTES,
+        partitioner=KeyPartitioner(),
         logger=logging.getLogger(f"switchboard.kafka.{client_id}"),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message for ``BatchPublisher.publish_all``: already serialised."""
+
+    topic: str
+    value: bytes
+    key: bytes | None = None
+
+
+class BatchPublisher(Protocol):
+    """Send many messages and return once the broker has stored every one of them."""
+
+    async def publish_all(self, messages: Sequence[Outgoing]) -> None: ...
+
+
+class KafkaBatchPublisher:
+    """``BatchPublisher`` on an aiokafka producer: one record batch per partition per call.
+
+    aiokafka's per-message ``send()`` costs ~25 µs (hashing the key in pure Python, accumulator
+    bookkeeping, a future per message); appending to a record batch costs ~1.6 µs. Keys go to the
+    partition Kafka's default partitioner picks, so a request id lands where the HTTP path
+    (``BrokerPublisher``) would put it. A failure raises: the caller retries the whole call, and
+    the duplicates it may leave are absorbed downstream, like any at-least-once redelivery.
+    """
+
+    def __init__(self, bootstrap: str, client_id: str) -> None:
+        self._bootstrap, self._client_id = bootstrap, client_id
+        self._producer: AIOKafkaProducer | None = None
+        self._spread = itertools.count()
+
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            client_id=self._client_id,
+            acks="all",
+            linger_ms=0,
+            max_batch_size=BATCH_BYTES,
+            max_request_size=max(MAX_MESSAGE_BYTES, BATCH_BYTES),
+            partitioner=KeyPartitioner(),
+        )
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def _targets(self, messages: Sequence[Outgoing]) -> list[int]:
+        """The partition of each message: by key like Kafka's default, else spread evenly."""
+        assert self._producer is not None, "start() first"
+        out = [0] * len(messages)
+        by_topic: dict[str, list[int]] = {}
+        for i, message in enumerate(messages):
+            by_topic.setdefault(message.topic, []).append(i)
+        for topic, indexes in by_topic.items():
+            partitions = sorted(await self._producer.partitions_for(topic))
+            keyed = [i for i in indexes if messages[i].key is not None]
+            chosen = partitions_for_keys([messages[i].key or b"" for i in keyed], len(partitions))
+            for i, p in zip(keyed, chosen, strict=True):
+                out[i] = partitions[p]
+            for i in indexes:
+                if messages[i].key is None:
+                    out[i] = partitions[next(self._spread) % len(partitions)]
+        return out
+
+    async def publish_all(self, messages: Sequence[Outgoing]) -> None:
+        producer = self._producer
+        assert producer is not None, "start() first"
+        if not messages:
+            return
+        targets = await self._targets(messages)
+        open_batches: dict[tuple[str, int], Any] = {}
+        sent: list[asyncio.Future[Any]] = []
+        for message, partition in zip(messages, targets, strict=True):
+            where = (message.topic, partition)
+            batch = open_batches.get(where)
+            if batch is None:
+                batch = open_batches[where] = producer.create_batch()
+            if (
+                batch.append(
+                    key=message.key, value=message.value, timestamp=None, headers=_JSON_HEADER_LIST
+                )
+                is None
+            ):
+                batch.close()
+                sent.append(await producer.send_batch(batch, message.topic, partition=partition))
+                batch = open_batches[where] = producer.create_batch()
+                batch.append(
+                    key=message.key, value=message.value, timestamp=None, headers=_JSON_HEADER_LIST
+                )
+        for (topic, partition), batch in open_batches.items():
+            batch.close()
+            sent.append(await producer.send_batch(batch, topic, partition=partition))
+        await asyncio.gather(*sent)

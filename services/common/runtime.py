@@ -46,8 +46,13 @@ class HttpServer(uvicorn.Server):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """Bind now, so a busy port fails at once with ``PortInUse`` (port 0 picks a free one)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """Bind now, so a busy port fails at once with ``PortInUse`` (port 0 picks a free one).
+
+    The protocol is named (IPPROTO_TCP, not 0) because asyncio sets TCP_NODELAY only on
+    sockets whose ``proto`` says TCP, and accepted connections inherit it: without it, Nagle's
+    algorithm held each small response back ~40 ms waiting for the client's delayed ACK.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.common.consumer import BatchConsumer
-from services.common.kafka import BrokerPublisher, ensure_topics, make_broker
+from services.common.kafka import KafkaBatchPublisher, ensure_topics
 from services.common.runtime import HttpServer, serve_until_signal, start_http, stop_http
 from services.metrics.adapters.store import ClickHouseStore, EventStore
 from services.metrics.config import MetricsSettings
@@ -64,8 +64,8 @@ class MetricsApp:
         name = f"metrics-{os.getpid()}"
         topics = settings.topics
         self.store = ClickHouseStore(settings.store_url, settings.clickhouse_database)
-        self.broker = make_broker(settings.kafka_bootstrap, name)
-        self.handler = BatchHandler(self.store, BrokerPublisher(self.broker), topics, name)
+        self.publisher = KafkaBatchPublisher(settings.kafka_bootstrap, name)
+        self.handler = BatchHandler(self.store, self.publisher, topics, name)
         self.consumer = BatchConsumer(
             bootstrap=settings.kafka_bootstrap,
             topics=[topics.events],
@@ -74,6 +74,8 @@ class MetricsApp:
             max_records=settings.batch_size,
             fetch_max_wait_ms=settings.fetch_wait_batch_ms,
             client_id=name,
+            # the next batch is decoded while the previous one is being inserted
+            max_in_flight=2,
         )
         self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
 
@@ -85,7 +87,7 @@ class MetricsApp:
             [topics.events, topics.dead_letter],
             self.settings.partitions,
         )
-        await self.broker.start()
+        await self.publisher.start()
         await self.consumer.start()
         if self.settings.metrics_port:
             await self._start_query_server()
@@ -101,7 +103,8 @@ class MetricsApp:
         await self.consumer.stop()
         if self._http:
             await stop_http(*self._http)
-        await self.broker.stop()
+        await self.publisher.stop()
+        self.handler.close()
         await self.store.close()
 
 

@@ -26,7 +26,10 @@ class MetricsSettings(CommonSettings):
         default=DEFAULT_DATABASE, description="Database of llm_events."
     )
     batch_size: int = Field(
-        default=5000, ge=1, le=100_000, description="Events per insert, at most."
+        default=20_000,
+        ge=1,
+        le=100_000,
+        description="Events per insert, at most: bigger inserts make fewer parts for ClickHouse to merge.",
     )
     metrics_host: str = Field(
         default="127.0.0.1", description="Bind address of the query endpoint."

@@ -24,6 +24,12 @@ class RouterSettings(CommonSettings):
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted."
     )
+    ingress_batch: int = Field(
+        default=2000,
+        ge=1,
+        le=100_000,
+        description="Ingress requests routed, published and committed together, at most.",
+    )
     reply_grace_s: float = Field(
         default=5.0, ge=0, description="How long past a request's deadline the router still waits."
     )

@@ -1,15 +1,17 @@
-"""Kafka handlers of the router: the ingress topic and this instance's reply topic."""
+"""Kafka handlers of the router: batches from the ingress topic, and this instance's reply topic."""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 
+from aiokafka import ConsumerRecord
 from pydantic import TypeAdapter, ValidationError
 
 from schemas.v1 import ChatError, ChatRequest, Outcome
-from services.common.deadletter import dead_letter, describe
-from services.common.kafka import Publisher
+from services.common.deadletter import describe, from_record
+from services.common.kafka import BatchPublisher, Outgoing
 from services.router.domain.classify import UnknownModel
 from services.router.service import PendingReplies, Router
 
@@ -27,39 +29,48 @@ def _request_id_of(payload: bytes | None) -> str | None:
 
 
 class IngressHandler:
-    """ChatRequest from a producer → classified → tier topic; answers go to the results topic."""
+    """A batch of ChatRequests from producers → classified → tier topics, published together.
 
-    def __init__(self, router: Router, publisher: Publisher, name: str) -> None:
+    Unreadable requests become dead letters (and a ChatError on the results topic when they name a
+    request id) inside the same publish, so the batch's offsets are committed only once every
+    routed message, dead letter and error is stored. If the publish fails, the consumer retries
+    the whole batch; the duplicates that may leave are answered from the workers' outcome cache.
+    """
+
+    def __init__(self, router: Router, publisher: BatchPublisher, name: str) -> None:
         self.router, self.publisher, self.name = router, publisher, name
         self.routed = 0
         self.dead_letters = 0
 
-    async def __call__(
-        self, payload: bytes | None, topic: str, partition: int, offset: int
-    ) -> None:
+    async def __call__(self, records: Sequence[ConsumerRecord]) -> None:
+        out: list[Outgoing] = []
+        dead = 0
+        for record in records:
+            if not self._route(record, out):
+                dead += 1
+        await self.publisher.publish_all(out)
+        self.dead_letters += dead
+        self.routed += len(records) - dead
+
+    def _route(self, record: ConsumerRecord, out: list[Outgoing]) -> bool:
+        """Append what ``record`` turns into to ``out``; False when it is a dead letter."""
         topics = self.router.topics
+        payload: bytes | None = record.value
         try:
             request = ChatRequest.model_validate_json(payload or b"")
-            routed = self.router.route(request, topics.results)
+            out.append(self.router.encode(self.router.route(request, topics.results), payload))
+            return True
         except (ValidationError, UnknownModel) as exc:
-            letter = dead_letter(
-                payload=payload,
-                topic=topic,
-                partition=partition,
-                offset=offset,
-                consumer=self.name,
-                exc=exc,
-            )
-            await self.publisher.publish(topics.dead_letter, letter)
-            self.dead_letters += 1
+            letter = from_record(record, self.name, exc)
+            out.append(Outgoing(topics.dead_letter, letter.model_dump_json().encode()))
             if request_id := _request_id_of(payload):
                 error = ChatError(
                     request_id=request_id, code="invalid_request", message=describe(exc)
                 )
-                await self.publisher.publish(topics.results, error, key=request_id)
-            return
-        await self.router.publish(routed)
-        self.routed += 1
+                out.append(
+                    Outgoing(topics.results, error.model_dump_json().encode(), request_id.encode())
+                )
+            return False
 
 
 class ReplyHandler:

@@ -62,13 +62,23 @@ class TierService:
                 routed.reply_to, _OUTCOME.validate_json(cached), key=routed.request_id
             )
             return
-        outcome = await self._answer(routed)
-        if outcome is None:
-            return  # re-routed to the fallback tier, which answers
-        await self.outcomes.put(routed.request_id, outcome.model_dump_json().encode())
-        await self.publisher.publish(routed.reply_to, outcome, key=routed.request_id)
+        # The successful attempt's event is published while the outcome is stored and sent:
+        # the caller is not kept waiting on the metrics topic, and the offset is still
+        # committed only once the event is stored too (the ``finally``).
+        events: list[asyncio.Task[None]] = []
+        try:
+            outcome = await self._answer(routed, events)
+            if outcome is None:
+                return  # re-routed to the fallback tier, which answers
+            await self.outcomes.put(routed.request_id, outcome.model_dump_json().encode())
+            await self.publisher.publish(routed.reply_to, outcome, key=routed.request_id)
+        finally:
+            if events:
+                await asyncio.gather(*events)
 
-    async def _answer(self, routed: RoutedRequest) -> Outcome | None:
+    async def _answer(
+        self, routed: RoutedRequest, events: list[asyncio.Task[None]]
+    ) -> Outcome | None:
         request = routed.request
         errors: list[ModelCallError] = []
         for attempt in policy.attempts(self.spec):
@@ -90,7 +100,7 @@ class TierService:
                 failed_ms = (time.perf_counter() - started) * 1000
                 await self._event(routed, attempt, None, exc, failed_ms)
                 continue
-            await self._event(routed, attempt, completion, None)
+            events.append(asyncio.create_task(self._event(routed, attempt, completion, None)))
             return ChatResult(
                 request_id=routed.request_id,
                 tenant=request.metadata.tenant,

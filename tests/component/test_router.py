@@ -12,7 +12,7 @@ import pytest
 from faststream.kafka import TestKafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 
-from schemas.v1 import ChatRequest, ChatResult, RoutedRequest, Usage
+from schemas.v1 import ChatResult, RoutedRequest, Usage
 from services.router.app import create_app
 from services.router.config import RouterSettings
 
@@ -164,27 +164,3 @@ async def test_oversized_body_is_413(wired: Any) -> None:
     resp = await client.post("/v1/chat/completions", json=chat("x" * (9 * 1024 * 1024)))
     assert resp.status_code == 413
     assert resp.json()["error"]["code"] == "request_too_large"
-
-
-async def test_ingress_routes_valid_and_dead_letters_invalid(wired: Any) -> None:
-    client, routed, dead = wired
-    app = client.app  # type: ignore[attr-defined]
-    broker, topics = app.state.broker, app.state.ctx.router.topics
-    good = ChatRequest(
-        request_id="in-1",
-        messages=[{"role": "user", "content": "hi"}],
-        metadata={"requires_reasoning": True},
-    )
-    await broker.publish(good.model_dump_json().encode(), topic=topics.ingress)
-    await broker.publish(b"\xff\xfe not json", topic=topics.ingress)
-    await broker.publish(
-        json.dumps(
-            {"request_id": "in-2", "model": "nope", "messages": [{"role": "user", "content": "x"}]}
-        ).encode(),
-        topic=topics.ingress,
-    )
-    assert [r.request_id for r in routed] == ["in-1"]
-    assert routed[0].tier == "reasoning" and routed[0].reply_to == topics.results
-    assert [d["source_topic"] for d in dead] == [topics.ingress, topics.ingress]
-    assert "unknown model 'nope'" in dead[1]["reason"]
-    assert app.state.ingress.dead_letters == 2

@@ -8,7 +8,6 @@ one thread, and readers of an embedded store ask the metrics process (services/m
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,30 +15,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import clickhouse_connect
+import pyarrow as pa
 
 from schemas.topics import EVENTS_TABLE
 from schemas.v1 import AttemptEvent
-
-COLUMNS = (
-    "ts",
-    "event_id",
-    "request_id",
-    "tier",
-    "model",
-    "provider",
-    "rule",
-    "config_hash",
-    "attempt",
-    "status",
-    "error_code",
-    "tokens_in",
-    "tokens_out",
-    "latency_ms",
-    "ttft_ms",
-    "cost_usd",
-    "response_sha256",
-    "tenant_hash",
-)
+from services.metrics.domain.columns import TABLE_SCHEMA, dedup_token, events_table
 
 DDL = """
 CREATE TABLE IF NOT EXISTS {db}.{table} (
@@ -76,6 +56,8 @@ class EventStore(Protocol):
 
     async def insert(self, events: Sequence[AttemptEvent]) -> None: ...
 
+    async def insert_table(self, table: pa.Table, token: str) -> None: ...
+
     async def query(self, sql: str) -> tuple[list[str], list[list[Any]]]: ...
 
     async def close(self) -> None: ...
@@ -85,18 +67,6 @@ def _client(url: str) -> Any:
     if url.startswith("chdb:///"):
         Path(url.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
     return clickhouse_connect.get_client(dsn=url)
-
-
-def dedup_token(events: Sequence[AttemptEvent]) -> str:
-    """Same events → same token: a batch inserted twice (redelivery) is stored once."""
-    digest = hashlib.sha256()
-    for event_id in sorted(e.event_id for e in events):
-        digest.update(event_id.encode())
-    return digest.hexdigest()
-
-
-def rows(events: Sequence[AttemptEvent]) -> list[list[Any]]:
-    return [[getattr(e, c) for c in COLUMNS] for e in events]
 
 
 class ClickHouseStore:
@@ -129,17 +99,22 @@ class ClickHouseStore:
     async def migrate(self) -> None:
         await self._run(self._migrate)
 
-    def _insert(self, events: Sequence[AttemptEvent]) -> None:
-        self._connect().insert(
-            self._table,
-            rows(events),
-            column_names=list(COLUMNS),
-            settings={"insert_deduplication_token": dedup_token(events)},
+    def _insert(self, table: pa.Table, token: str) -> None:
+        # Arrow: ~5x cheaper per row than clickhouse-connect encoding Python rows (Native).
+        self._connect().insert_arrow(
+            self._table, table, settings={"insert_deduplication_token": token}
         )
 
+    async def insert_table(self, table: pa.Table, token: str) -> None:
+        """Rows shaped as ``TABLE_SCHEMA``; ``token`` de-duplicates a repeated insert."""
+        if table.schema != TABLE_SCHEMA:
+            raise ValueError(f"rows must be shaped as TABLE_SCHEMA, got {table.schema}")
+        if table.num_rows:
+            await self._run(self._insert, table, token)
+
     async def insert(self, events: Sequence[AttemptEvent]) -> None:
-        if events:
-            await self._run(self._insert, events)
+        table = events_table(events)
+        await self.insert_table(table, dedup_token(table.column("event_id").combine_chunks()))
 
     def _query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
         result = self._connect().query(sql, settings={"readonly": 1})

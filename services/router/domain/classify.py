@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from schemas.v1 import AUTO_MODEL, ChatRequest
+from services.common.conditions import TAG_PREFIX
 from services.common.routing_config import LoadedConfig
 
 CHARS_PER_TOKEN = 4
@@ -27,35 +29,101 @@ class Decision:
     rule: str
 
 
+def _prompt(f: Features) -> str:
+    return "\n".join(f.texts)
+
+
+def _system(f: Features) -> str:
+    messages = f.request.messages
+    return "\n".join(
+        t for m, t in zip(messages, f.texts, strict=True) if m.role in ("system", "developer")
+    )
+
+
+def _image_count(f: Features) -> int:
+    return sum(m.image_count() for m in f.request.messages if type(m.content) is list)
+
+
+def _prompt_chars(f: Features) -> int:
+    texts = f.texts
+    return sum(map(len, texts)) + max(len(texts) - 1, 0)  # == len(prompt), without joining
+
+
+# How each field of services.common.conditions.FIELDS is computed from a request.
+_COMPUTE: dict[str, Callable[[Features], Any]] = {
+    "prompt": _prompt,
+    "last_user": lambda f: f.request.last_user_text(),
+    "system": _system,
+    "prompt_chars": _prompt_chars,
+    "prompt_tokens": lambda f: math.ceil(f.get("prompt_chars") / CHARS_PER_TOKEN),
+    "message_count": lambda f: len(f.request.messages),
+    "image_count": _image_count,
+    "has_images": lambda f: f.get("image_count") > 0,
+    "requires_reasoning": lambda f: f.request.metadata.requires_reasoning,
+    "priority": lambda f: f.request.metadata.priority,
+    "task": lambda f: f.request.metadata.task,
+    "tenant": lambda f: f.request.metadata.tenant,
+    "model": lambda f: f.request.model,
+    "max_tokens": lambda f: f.request.max_tokens,
+}
+
+
+class Features(Mapping[str, Any]):
+    """The values rule conditions read (services.common.conditions.FIELDS, ``tags.<key>``).
+
+    Computed on first read and kept: a rule set reads a handful of fields and stops at the first
+    matching rule, so building every field up front (joining all texts three ways) was most of
+    the cost of a decision.
+    """
+
+    __slots__ = ("_cache", "_texts", "request")
+    request: ChatRequest
+
+    def __init__(self, request: ChatRequest) -> None:
+        self.request = request
+        self._cache: dict[str, Any] = {}
+        self._texts: list[str] | None = None
+
+    @property
+    def texts(self) -> list[str]:
+        """Each message's text, in order."""
+        if self._texts is None:
+            self._texts = [m.text() for m in self.request.messages]
+        return self._texts
+
+    def get(self, name: str, default: Any = None) -> Any:
+        cache = self._cache
+        if name in cache:
+            return cache[name]
+        compute = _COMPUTE.get(name)
+        if compute is not None:
+            value = compute(self)
+        elif name.startswith(TAG_PREFIX):
+            value = self.request.metadata.tags.get(name[len(TAG_PREFIX) :])
+        else:
+            return default
+        cache[name] = value
+        return value
+
+    def __getitem__(self, name: str) -> Any:
+        if name in _COMPUTE or (
+            name.startswith(TAG_PREFIX) and name[len(TAG_PREFIX) :] in self.request.metadata.tags
+        ):
+            return self.get(name)
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from _COMPUTE
+        for key in self.request.metadata.tags:
+            yield f"{TAG_PREFIX}{key}"
+
+    def __len__(self) -> int:
+        return len(_COMPUTE) + len(self.request.metadata.tags)
+
+
 def features(request: ChatRequest) -> dict[str, Any]:
-    """The values rule conditions can read (see services.common.conditions.FIELDS)."""
-    texts = [m.text() for m in request.messages]
-    prompt = "\n".join(texts)
-    images = sum(m.image_count() for m in request.messages)
-    meta = request.metadata
-    out: dict[str, Any] = {
-        "prompt": prompt,
-        "last_user": request.last_user_text(),
-        "system": "\n".join(
-            t
-            for m, t in zip(request.messages, texts, strict=True)
-            if m.role in ("system", "developer")
-        ),
-        "prompt_chars": len(prompt),
-        "prompt_tokens": math.ceil(len(prompt) / CHARS_PER_TOKEN),
-        "message_count": len(request.messages),
-        "image_count": images,
-        "has_images": images > 0,
-        "requires_reasoning": meta.requires_reasoning,
-        "priority": meta.priority,
-        "task": meta.task,
-        "tenant": meta.tenant,
-        "model": request.model,
-        "max_tokens": request.max_tokens,
-    }
-    for key, value in meta.tags.items():
-        out[f"tags.{key}"] = value
-    return out
+    """Every feature of ``request`` at once (for inspection and tests; ``classify`` is lazy)."""
+    return dict(Features(request))
 
 
 def classify(request: ChatRequest, config: LoadedConfig) -> Decision:
@@ -63,7 +131,7 @@ def classify(request: ChatRequest, config: LoadedConfig) -> Decision:
         if request.model in config.spec.tiers:
             return Decision(request.model, "forced")
         raise UnknownModel(request.model, config.tier_names)
-    feats = features(request)
+    feats = Features(request)
     for rule, condition in config.rules:
         if condition.matches(feats):
             return Decision(rule.tier, rule.name)

@@ -1,0 +1,1 @@
+"""Switchboard's benchmark suite: `make bench` (see bench/README.md)."""

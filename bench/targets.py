@@ -1,0 +1,228 @@
+"""The issue's performance targets, checked against a run's figures.
+
+Targets are goals the report compares against, never assertions: a run that misses one still
+succeeds. Where a target is missed, ``limit`` says what the run itself measured as the limit
+(CPU per unit of work against the cores there are), so every verdict is backed by a figure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+CORES = os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    goal: str
+    measure: Callable[[dict[str, Any]], float]
+    met: Callable[[float], bool]
+    limit: Callable[[dict[str, Any]], str]
+    unit: str = ""
+
+
+def _get(data: dict[str, Any], *path: str) -> Any:
+    for key in path:
+        data = data[key]
+    return data
+
+
+def _ceiling(cpu_ms: float) -> str:
+    if cpu_ms <= 0:
+        return "no CPU figure"
+    return f"{cpu_ms:.2f} ms CPU each → at most {1000 / cpu_ms:,.0f}/s per core"
+
+
+def _sync_limit(d: dict[str, Any]) -> str:
+    detail = d["sync"]["detail"]
+    cpu = detail.get("cpu_ms_per_request", {})
+    parts = [f"{k} {v} ms" for k, v in cpu.items()] if isinstance(cpu, dict) else []
+    hops = "two Kafka hops (tier topic, reply topic) with the embedded broker's fetch wait"
+    return f"{hops}; CPU per request: {', '.join(parts) or 'see the sync section'}"
+
+
+def _worker_limit(d: dict[str, Any]) -> str:
+    w = d["worker"]
+    return (
+        f"worker {_ceiling(w['cpu_ms_per_call'])}; the simulator needs "
+        f"{w['simulator_cpu_ms_per_call']} ms per call on the same {CORES} cores"
+    )
+
+
+def _router_limit(d: dict[str, Any]) -> str:
+    r = d["router"]
+    return f"router {_ceiling(r['cpu_ms_per_decision'])}"
+
+
+def _metrics_limit(d: dict[str, Any]) -> str:
+    m = d["metrics"]
+    return f"metrics {_ceiling(m['cpu_us_per_event'] / 1000)}"
+
+
+def _jobs_limit(d: dict[str, Any]) -> str:
+    cpu = d["jobs"]["cpu_ms_per_job"]
+    total = sum(cpu.values())
+    parts = ", ".join(f"{k} {v}" for k, v in cpu.items())
+    return (
+        f"{total:.1f} ms CPU per job across processes ({parts}) on {CORES} cores → "
+        f"at most {CORES * 1000 / total:,.0f} jobs/s"
+        if total
+        else "no CPU figure"
+    )
+
+
+def _rss_limit(name: str) -> Callable[[dict[str, Any]], str]:
+    return lambda d: f"{name} RSS measured under load"
+
+
+TARGETS = [
+    Target(
+        "sync overhead p50 at 200 RPS",
+        "≤ 10 ms",
+        lambda d: _get(d, "sync", "detail", "overhead_ms", "200", "switchboard", "p50_ms"),
+        lambda v: v <= 10,
+        _sync_limit,
+        " ms",
+    ),
+    Target(
+        "sync overhead p99 at 200 RPS",
+        "≤ 30 ms",
+        lambda d: _get(d, "sync", "detail", "overhead_ms", "200", "switchboard", "p99_ms"),
+        lambda v: v <= 30,
+        _sync_limit,
+        " ms",
+    ),
+    Target(
+        "sync p99 at 200 RPS, Switchboard minus LiteLLM proxy",
+        "< 0 ms",
+        lambda d: (
+            _get(d, "sync", "200", "switchboard", "p99_ms")
+            - _get(d, "sync", "200", "litellm", "p99_ms")
+        ),
+        lambda v: v < 0,
+        _sync_limit,
+        " ms",
+    ),
+    Target(
+        "one worker, calls/s",
+        "≥ 1,000",
+        lambda d: _get(d, "worker", "calls_per_s"),
+        lambda v: v >= 1000,
+        _worker_limit,
+    ),
+    Target(
+        "one worker, CPU per call",
+        "≤ 1 ms",
+        lambda d: _get(d, "worker", "cpu_ms_per_call"),
+        lambda v: v <= 1,
+        _worker_limit,
+        " ms",
+    ),
+    Target(
+        "router decisions/s",
+        "≥ 20,000",
+        lambda d: _get(d, "router", "decisions_per_s"),
+        lambda v: v >= 20_000,
+        _router_limit,
+    ),
+    Target(
+        "rule decision p99",
+        "≤ 100 µs",
+        lambda d: _get(d, "router", "rule_p99_us"),
+        lambda v: v <= 100,
+        lambda d: "pure Python rule evaluation",
+        " µs",
+    ),
+    Target(
+        "metrics events/s",
+        "≥ 200,000",
+        lambda d: _get(d, "metrics", "events_per_s"),
+        lambda v: v >= 200_000,
+        _metrics_limit,
+    ),
+    Target(
+        "async jobs/s",
+        "≥ 5,000",
+        lambda d: _get(d, "jobs", "jobs_per_s"),
+        lambda v: v >= 5000,
+        _jobs_limit,
+    ),
+    Target(
+        "async jobs completed",
+        "100%",
+        lambda d: 100 * _get(d, "jobs", "completed") / _get(d, "jobs", "count"),
+        lambda v: v >= 100,
+        lambda d: f"{d['jobs']['count'] - d['jobs']['completed']} jobs unanswered",
+        "%",
+    ),
+    Target(
+        "RSS worker (1,000 in flight)",
+        "≤ 300 MB",
+        lambda d: _get(d, "rss_mb", "worker"),
+        lambda v: v <= 300,
+        _rss_limit("worker"),
+        " MB",
+    ),
+    Target(
+        "RSS router (under load)",
+        "≤ 250 MB",
+        lambda d: _get(d, "rss_mb", "router"),
+        lambda v: v <= 250,
+        _rss_limit("router"),
+        " MB",
+    ),
+    Target(
+        "RSS metrics (under load)",
+        "≤ 500 MB",
+        lambda d: _get(d, "rss_mb", "metrics"),
+        lambda v: v <= 500,
+        _rss_limit("metrics"),
+        " MB",
+    ),
+]
+
+
+def evaluate(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One verdict per target whose scenario ran: measured value, met or not, and the limit."""
+    out = []
+    for t in TARGETS:
+        try:
+            value = float(t.measure(data))
+        except (KeyError, TypeError, ZeroDivisionError):
+            continue
+        met = t.met(value)
+        try:
+            limit = "" if met else t.limit(data)
+        except (KeyError, TypeError, ZeroDivisionError):
+            limit = ""
+        out.append(
+            {
+                "target": t.name,
+                "goal": t.goal,
+                "measured": round(value, 3),
+                "unit": t.unit.strip(),
+                "met": met,
+                "limit": limit,
+            }
+        )
+    return out
+
+
+def targets_markdown(verdicts: list[dict[str, Any]]) -> str:
+    lines = [
+        "## Targets",
+        "",
+        "| target | goal | measured | met | what limits it (measured in this run) |",
+        "|---|---|---:|:---:|---|",
+    ]
+    for v in verdicts:
+        unit = f" {v['unit']}" if v["unit"] else ""
+        lines.append(
+            f"| {v['target']} | {v['goal']} | {v['measured']:,}{unit} | "
+            f"{'yes' if v['met'] else 'no'} | {v['limit']} |"
+        )
+    return "\n".join(lines)

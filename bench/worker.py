@@ -1,0 +1,207 @@
+"""Scenario 2: one worker process's throughput and CPU per call, beside bare litellm.
+
+Both run against the same simulator model answering after 500 ms (no jitter). The worker gets
+its tier topic pre-filled by a burst of routed requests and is timed from the first send to the
+last result on the results topic; its CPU is the kernel's count for the process over that span.
+The baseline is ``bench.bare_litellm``: plain ``litellm.acompletion`` from a bare script, same
+model, same concurrency. A second tier holds its calls 8 s at the simulator, so the worker's RSS
+is read with 1,000 calls in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import time
+import uuid
+
+import httpx
+
+from bench.common import (
+    Bench,
+    ProcSampler,
+    Section,
+    TopicCounter,
+    produce_all,
+    python,
+    start_stack,
+    tier_spec,
+    write_config,
+)
+from schemas.topics import Topics
+from schemas.v1 import ChatRequest, RoutedRequest
+
+MODEL = "bench-500ms"
+HOLD_MODEL = "bench-hold"
+PROFILES = {
+    MODEL: {"ttft_s": 0.5, "tokens_per_s": math.inf, "output_tokens": 24, "jitter": 0.0},
+    HOLD_MODEL: {"ttft_s": 8.0, "tokens_per_s": math.inf, "output_tokens": 24, "jitter": 0.0},
+}
+CONCURRENCY = 1000
+IN_FLIGHT = 1000
+
+
+def routed(tier: str, topics: Topics, i: int) -> tuple[bytes, bytes]:
+    request = ChatRequest.model_validate(
+        {
+            "model": "auto",
+            "request_id": f"bench-{uuid.uuid4().hex}",
+            "messages": [{"role": "user", "content": f"Ticket {i}: my parcel has not arrived."}],
+        }
+    )
+    message = RoutedRequest(
+        request=request, tier=tier, rule="default", config_hash="bench", reply_to=topics.results
+    )
+    return request.request_id.encode(), message.model_dump_json().encode()
+
+
+async def _burst(
+    bootstrap: str, topics: Topics, tier: str, count: int, timeout_s: float
+) -> tuple[float, bool]:
+    """Send ``count`` routed requests; seconds from the first send to the last result."""
+    counter = TopicCounter(bootstrap, topics.results)
+    await counter.start()
+    try:
+        await counter.poll()
+        seen_before = len(counter.first_seen)
+        start = time.perf_counter()
+        await produce_all(
+            bootstrap, topics.tier(tier), (routed(tier, topics, i) for i in range(count))
+        )
+        done = await counter.wait_for(seen_before + count, timeout_s)
+        last = max(counter.first_seen.values()) if counter.first_seen else time.perf_counter()
+        return last - start, done
+    finally:
+        await counter.stop()
+
+
+def _sim_requests(sim: str, model: str) -> int:
+    stats = httpx.get(f"{sim}/simulator/stats", timeout=5).json()
+    return int(stats["models"].get(model, {}).get("requests", 0))
+
+
+async def _hold(bench: Bench, sim: str, bootstrap: str, topics: Topics, pid: int) -> float:
+    """RSS (MB) of the worker once IN_FLIGHT calls are open at the simulator."""
+    counter = TopicCounter(bootstrap, topics.results)
+    await counter.start()
+    try:
+        count = bench.scale(IN_FLIGHT, 50)
+        await produce_all(
+            bootstrap, topics.tier("hold"), (routed("hold", topics, i) for i in range(count))
+        )
+        deadline = time.monotonic() + 60
+        while _sim_requests(sim, HOLD_MODEL) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the hold tier never had all its calls in flight")
+            await asyncio.sleep(0.1)
+        rss = ProcSampler([pid]).rss_mb()
+        if not await counter.wait_for(count, 120):
+            raise RuntimeError("held calls did not all complete")
+        return rss
+    finally:
+        await counter.stop()
+
+
+def _baseline(sim: str, calls: int, stream: bool) -> dict[str, float]:
+    argv = [
+        python(),
+        "-m",
+        "bench.bare_litellm",
+        "--api-base",
+        f"{sim}/v1",
+        "--model",
+        f"openai/{MODEL}",
+        "--calls",
+        str(calls),
+        "--concurrency",
+        str(CONCURRENCY),
+    ]
+    if not stream:
+        argv.append("--no-stream")
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=600)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def run(bench: Bench) -> Section:
+    calls = bench.scale(6000, 200)
+    with bench.scope():
+        bootstrap = bench.broker()
+        redis_url = bench.redis()
+        sim = bench.simulator(profiles=PROFILES)
+        sim_pid = bench.children[-1].pid
+        config = write_config(
+            bench.work_dir / "worker-bench.yaml",
+            {
+                "bench": tier_spec(sim, MODEL, interactive=False, concurrency=CONCURRENCY),
+                "hold": tier_spec(
+                    sim, HOLD_MODEL, interactive=False, concurrency=CONCURRENCY, timeout_s=60
+                ),
+            },
+            "bench",
+        )
+        baseline_calls = bench.scale(1000, 100)
+        sampler = ProcSampler([sim_pid]).start()
+        stream = _baseline(sim, baseline_calls, stream=True)
+        sim_cpu_baseline = sampler.stop().cpu_s
+        plain = _baseline(sim, baseline_calls, stream=False)
+
+        stack = start_stack(
+            bench,
+            config,
+            bootstrap=bootstrap,
+            redis_url=redis_url,
+            tiers=("bench", "hold"),
+            metrics=False,
+            router=False,
+        )
+        topics = Topics(stack.prefix)
+        worker = stack.pid("worker-bench")
+        asyncio.run(_burst(bootstrap, topics, "bench", 50, 60))  # warm the worker's pool
+        sampler = ProcSampler([worker]).start()
+        sim_sampler = ProcSampler([sim_pid]).start()
+        wall, done = asyncio.run(_burst(bootstrap, topics, "bench", calls, 300))
+        sample = sampler.stop()
+        sim_cpu = sim_sampler.stop().cpu_s
+        rss_hold = asyncio.run(_hold(bench, sim, bootstrap, topics, stack.pid("worker-hold")))
+
+    data = {
+        "calls": calls,
+        "completed": done,
+        "simulator_latency_ms": 500,
+        "concurrency": CONCURRENCY,
+        "calls_per_s": round(calls / wall, 1),
+        "cpu_ms_per_call": round(sample.cpu_s / calls * 1000, 3),
+        "rss_mb_peak": round(sample.rss_mb_peak, 1),
+        "rss_mb_at_1000_in_flight": round(rss_hold, 1),
+        "simulator_cpu_ms_per_call": round(sim_cpu / calls * 1000, 3),
+        "baseline_litellm_calls_per_s": stream["calls_per_s"],
+        "baseline_litellm_cpu_ms_per_call": stream["cpu_ms_per_call"],
+        "baseline_litellm_nonstream_cpu_ms_per_call": plain["cpu_ms_per_call"],
+        "baseline_litellm_nonstream_calls_per_s": plain["calls_per_s"],
+        "baseline_errors": stream["errors"] + plain["errors"],
+        "baseline_simulator_cpu_ms_per_call": round(sim_cpu_baseline / baseline_calls * 1000, 3),
+    }
+    return Section("worker", data, _markdown(data))
+
+
+def _markdown(d: dict[str, float]) -> str:
+    return "\n".join(
+        [
+            "## Worker throughput (one process, simulator answering in 500 ms)",
+            "",
+            "| | calls/s | CPU ms per call | simulator CPU ms per call |",
+            "|---|---:|---:|---:|",
+            f"| Switchboard worker (Kafka in, result + event out) | {d['calls_per_s']} | "
+            f"{d['cpu_ms_per_call']} | {d['simulator_cpu_ms_per_call']} |",
+            f"| bare `litellm.acompletion`, streamed | {d['baseline_litellm_calls_per_s']} | "
+            f"{d['baseline_litellm_cpu_ms_per_call']} | {d['baseline_simulator_cpu_ms_per_call']} |",
+            f"| bare `litellm.acompletion`, not streamed | "
+            f"{d['baseline_litellm_nonstream_calls_per_s']} | "
+            f"{d['baseline_litellm_nonstream_cpu_ms_per_call']} | |",
+            "",
+            f"{d['calls']} calls at up to {d['concurrency']} in flight; worker RSS peak "
+            f"{d['rss_mb_peak']} MB, {d['rss_mb_at_1000_in_flight']} MB with 1,000 calls open.",
+        ]
+    )

@@ -1,0 +1,71 @@
+"""``python -m bench --quick``: every scenario's mechanics, end to end, at tiny sizes.
+
+Figures from a quick run mean nothing (and no test times anything); what is checked is that each
+scenario runs against the real processes, accounts for all of its work, stops what it started,
+and that latest.json and the report carry every field the README and the issue rely on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+
+REQUIRED = {
+    "worker": ["calls_per_s", "cpu_ms_per_call", "baseline_litellm_cpu_ms_per_call"],
+    "router": ["decisions_per_s", "rule_p99_us"],
+    "metrics": ["events_per_s"],
+    "jobs": ["count", "completed", "jobs_per_s"],
+    "rss_mb": ["router", "worker", "metrics"],
+}
+# rate fields a quick run may leave empty, and the window count that says why
+UNTIMED_WHEN_SMALL = {"decisions_per_s": "window_messages", "events_per_s": "window_events"}
+
+
+def _ours() -> set[int]:
+    """Processes of the embedded stack or the LiteLLM proxy now running."""
+    found = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "switchboard.cli" in cmd or "tansu" in cmd or "bin/litellm" in cmd:
+            found.add(p.info["pid"])
+    return found
+
+
+def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
+    before = _ours()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    latest = json.loads((tmp_path / "latest.json").read_text())
+    assert latest["quick"] is True and not latest["failed"]
+    for section, fields in REQUIRED.items():
+        for field in fields:
+            value = latest[section][field]
+            if value is None and field in UNTIMED_WHEN_SMALL:
+                # quick sizes can be consumed within one poll: the scenario says so, no rate
+                assert latest[section][UNTIMED_WHEN_SMALL[field]] == 0, (section, field)
+                continue
+            assert isinstance(value, int | float) and math.isfinite(value), (section, field)
+    for rate in ("20",):
+        for target in ("direct", "switchboard", "litellm"):
+            cell = latest["sync"][rate][target]
+            assert {"p50_ms", "p95_ms", "p99_ms", "errors"} <= cell.keys()
+    assert latest["jobs"]["completed"] == latest["jobs"]["count"]
+    assert latest["jobs"]["errors"] == 0 and latest["jobs"]["duplicates"] == 0
+    assert latest["metrics"]["rows"] == latest["metrics"]["events"]
+    assert {t["target"] for t in latest["targets"]} >= {"one worker, calls/s", "async jobs/s"}
+    report = next(tmp_path.glob("*.md")).read_text()
+    assert "## Targets" in report and "SIMULATOR" in report
+    assert _ours() <= before, "the benchmark left processes running"

@@ -1,0 +1,145 @@
+"""The router's ingress handler on a batch: routed, dead-lettered and published in one call."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from aiokafka import ConsumerRecord
+
+from schemas.topics import Topics
+from schemas.v1 import ChatRequest, RoutedRequest
+from services.common.kafka import Outgoing
+from services.common.routing_config import load_config
+from services.router.handlers import IngressHandler
+from services.router.service import Router
+
+ROOT = Path(__file__).resolve().parents[2]
+TOPICS = Topics("ingress-test")
+
+
+class RecordingPublisher:
+    """A ``BatchPublisher`` that keeps each call, or fails the next ``fail`` calls."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.calls: list[list[Outgoing]] = []
+        self.fail = fail
+
+    async def publish_all(self, messages: Sequence[Outgoing]) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("broker unreachable")
+        self.calls.append(list(messages))
+
+
+def record(offset: int, value: bytes | None) -> ConsumerRecord:
+    return ConsumerRecord(
+        TOPICS.ingress, 1, offset, 0, 0, None, value, None, 0, len(value or b""), ()
+    )
+
+
+def request(request_id: str | None, **fields: object) -> bytes:
+    body: dict[str, object] = {"messages": [{"role": "user", "content": "hi"}], **fields}
+    if request_id is not None:
+        body["request_id"] = request_id
+    return json.dumps(body).encode()
+
+
+@pytest.fixture
+def router() -> Router:
+    config = load_config(ROOT / "config" / "simulated.yaml")
+    return Router(config, TOPICS, publisher=None)  # type: ignore[arg-type]
+
+
+async def test_a_poison_message_amid_a_batch_is_dead_lettered_and_the_rest_routed(
+    router: Router,
+) -> None:
+    publisher = RecordingPublisher()
+    handler = IngressHandler(router, publisher, "router-test")
+    batch = [
+        record(10, request("in-1", metadata={"requires_reasoning": True})),
+        record(11, b"\xff\xfe not json"),
+        record(12, request("in-2", model="nope")),
+        record(13, None),
+        record(14, request("in-3", model="fast")),
+        record(15, request(None)),  # no id: the router gives it one
+    ]
+    await handler(batch)
+
+    assert len(publisher.calls) == 1  # one publish for the whole batch, then the commit
+    out = publisher.calls[0]
+    routed = [(m, RoutedRequest.model_validate_json(m.value)) for m in out if ".tier." in m.topic]
+    assert [r.request_id for _, r in routed][:2] == ["in-1", "in-3"]
+    assert len(routed) == 3 and routed[2][1].request_id.startswith("sbr-")
+    for message, r in routed:
+        assert message.topic == TOPICS.tier(r.tier) and message.key == r.request_id.encode()
+        assert r.reply_to == TOPICS.results and r.config_hash == router.config.hash
+    assert [r.tier for _, r in routed] == ["reasoning", "fast", "fast"]
+    letters = [json.loads(m.value) for m in out if m.topic == TOPICS.dead_letter]
+    assert [(d["offset"], d["source_topic"]) for d in letters] == [
+        (11, TOPICS.ingress),
+        (12, TOPICS.ingress),
+        (13, TOPICS.ingress),
+    ]
+    assert "unknown model 'nope'" in letters[1]["reason"]
+    errors = [json.loads(m.value) for m in out if m.topic == TOPICS.results]
+    assert [(e["request_id"], e["code"]) for e in errors] == [("in-2", "invalid_request")]
+    assert (handler.routed, handler.dead_letters) == (3, 3)
+
+
+async def test_a_failed_publish_raises_and_counts_nothing(router: Router) -> None:
+    """The consumer retries a batch whose publish failed and commits only after it succeeds."""
+    publisher = RecordingPublisher(fail=1)
+    handler = IngressHandler(router, publisher, "router-test")
+    batch = [record(0, request("r-1"))]
+    with pytest.raises(ConnectionError):
+        await handler(batch)
+    assert (handler.routed, publisher.calls) == (0, [])
+    await handler(batch)
+    assert handler.routed == 1 and len(publisher.calls) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"request_id": "p-1", "messages": [{"role": "user", "content": "hi"}]},
+        {
+            "request_id": "p-2",
+            "model": "balanced",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+                    ],
+                },
+            ],
+            "max_tokens": 1.0,  # coerced to 1 by the model, as a worker will do again
+            "temperature": 0,
+            "metadata": {"tenant": "t", "deadline_ms": 5000, "tags": {"a": "b"}},
+            "unknown_field": {"kept": "as the producer sent it"},
+        },
+        {"request_id": "p-3", "messages": [{"role": "user", "content": "é \u2603 \\n"}]},
+    ],
+)
+def test_the_producers_json_inside_a_routed_message_reads_as_the_canonical_form(
+    router: Router, body: dict[str, object]
+) -> None:
+    raw = json.dumps(body, indent=1).encode()
+    routed = router.route(ChatRequest.model_validate_json(raw), TOPICS.results)
+    spliced = router.encode(routed, raw)
+    canonical = router.encode(routed)
+    assert spliced.topic == canonical.topic and spliced.key == canonical.key
+    assert RoutedRequest.model_validate_json(spliced.value) == routed
+    assert RoutedRequest.model_validate_json(canonical.value) == routed
+
+
+def test_a_request_without_its_own_id_is_serialised_in_full(router: Router) -> None:
+    raw = request(None)
+    routed = router.route(ChatRequest.model_validate_json(raw), TOPICS.results)
+    message = router.encode(routed, raw)
+    assert RoutedRequest.model_validate_json(message.value).request_id == routed.request_id

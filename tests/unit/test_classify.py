@@ -1,0 +1,96 @@
+"""Rule decisions on the shipped config, and the features the rules read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schemas.v1 import ChatRequest
+from services.common.conditions import FIELDS
+from services.router.domain.classify import Features, UnknownModel, classify, features
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def config() -> Any:
+    from services.common.routing_config import load_config
+
+    return load_config(ROOT / "config" / "simulated.yaml")
+
+
+def chat(*messages: dict[str, Any], **fields: Any) -> ChatRequest:
+    return ChatRequest(messages=list(messages), **fields)
+
+
+USER_SHORT = {"role": "user", "content": "hi"}
+USER_LONG = {"role": "user", "content": "word " * 100}
+IMAGE = {
+    "role": "user",
+    "content": [
+        {"type": "text", "text": "what is it?"},
+        {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("request_", "decision"),
+    [
+        (chat(IMAGE), ("vision", "images")),
+        (chat(USER_LONG, metadata={"requires_reasoning": True}), ("reasoning", "reasoning")),
+        (chat(USER_SHORT, metadata={"task": "reasoning"}), ("reasoning", "reasoning")),
+        (chat(USER_LONG, metadata={"task": "triage"}), ("fast", "triage")),
+        (
+            chat({"role": "user", "content": "x" * 9000}, metadata={"task": "triage"}),
+            ("balanced", "default"),
+        ),
+        (chat(USER_SHORT), ("fast", "short")),
+        (chat(USER_LONG), ("balanced", "default")),
+        (chat(USER_LONG, model="reasoning"), ("reasoning", "forced")),
+    ],
+)
+def test_classify(config: Any, request_: ChatRequest, decision: tuple[str, str]) -> None:
+    got = classify(request_, config)
+    assert (got.tier, got.rule) == decision
+
+
+def test_unknown_model(config: Any) -> None:
+    with pytest.raises(UnknownModel, match="unknown model 'gpt-9'"):
+        classify(chat(USER_SHORT, model="gpt-9"), config)
+
+
+def test_features_are_what_the_condition_language_documents() -> None:
+    request = chat(
+        {"role": "system", "content": "be brief"},
+        IMAGE,
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "and now?"},
+        max_tokens=64,
+        metadata={"tenant": "t1", "task": "chat", "priority": 3, "tags": {"team": "eng"}},
+    )
+    prompt = "be brief\nwhat is it?\n\nand now?"
+    assert features(request) == {
+        "prompt": prompt,
+        "last_user": "and now?",
+        "system": "be brief",
+        "prompt_chars": len(prompt),
+        "prompt_tokens": -(-len(prompt) // 4),
+        "message_count": 4,
+        "image_count": 1,
+        "has_images": True,
+        "requires_reasoning": False,
+        "priority": 3,
+        "task": "chat",
+        "tenant": "t1",
+        "model": "switchboard/auto",
+        "max_tokens": 64,
+        "tags.team": "eng",
+    }
+    assert {k for k in features(request) if not k.startswith("tags.")} == set(FIELDS)
+    lazy = Features(request)
+    assert lazy.get("tags.missing") is None and lazy.get("nope", "dflt") == "dflt"
+    with pytest.raises(KeyError):
+        lazy["tags.missing"]
