@@ -15,6 +15,7 @@ cores. After each step the target is probed until it answers promptly again, for
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -27,6 +28,7 @@ from typing import Any
 
 import httpx
 import psutil
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bench.common import (
     ROOT,
@@ -35,12 +37,16 @@ from bench.common import (
     RunningStack,
     Section,
     base_env,
+    percentile,
     python,
     routing_config,
     start_stack,
+    unique_prefix,
 )
 from bench.litellm_proxy import LiteLLMProxy, start_proxy
 from schemas.v1 import AUTO_MODEL
+from services.common.kafka import ensure_topics
+from services.common.settings import CommonSettings
 from switchboard.embedded import Child
 
 MODEL = "sim-fixed50"
@@ -316,6 +322,7 @@ def run(bench: Bench) -> Section:
         watched = {"simulator": sim.pid, **by_name["switchboard"].procs, "litellm-proxy": proxy.pid}
         samplers = {name: ProcSampler([pid]).start() for name, pid in watched.items()}
         idle = idle_load(watched, plan.idle_s)
+        hop = asyncio.run(kafka_hop(bootstrap, bench.scale(300, 50)))
         t0 = time.perf_counter()
         try:
             rates, primed = sweep(by_name, plan, watched)
@@ -327,6 +334,7 @@ def run(bench: Bench) -> Section:
             for name, u in usage.items()
         }
         data.update(
+            kafka_hop=hop,
             idle=idle,
             sweep_s=round(time.perf_counter() - t0, 1),
             processes=processes,
@@ -346,6 +354,55 @@ def run(bench: Bench) -> Section:
             },
         )
     return Section(key="sync", data=data, markdown=markdown(data))
+
+
+async def kafka_hop(bootstrap: str, samples: int) -> dict[str, Any]:
+    """One Kafka hop on this broker, alone: produce (acks=all, linger 1 ms, as the services
+    publish) and consume in a group with the interactive fetch wait the services use.
+
+    A sync request crosses two such hops (tier topic, reply topic); this is what the broker
+    alone puts under Switchboard's overhead, measured in the same run.
+    """
+    wait_ms = CommonSettings.model_fields["fetch_wait_interactive_ms"].default
+    topic = unique_prefix("hop")
+    await ensure_topics(bootstrap, [topic], 4)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=1)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=topic,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=wait_ms,
+    )
+    await producer.start()
+    await consumer.start()
+    acks: list[float] = []
+    hops: list[float] = []
+    try:
+        async with asyncio.timeout(120):
+            await producer.send_and_wait(topic, b"join")  # the first one waits for the group join
+            await consumer.getone()
+            for i in range(samples):
+                t0 = time.perf_counter()
+                await producer.send_and_wait(topic, b"x" * 512, key=str(i).encode())
+                t1 = time.perf_counter()
+                await consumer.getone()
+                t2 = time.perf_counter()
+                acks.append((t1 - t0) * 1000)
+                hops.append((t2 - t0) * 1000)
+                await asyncio.sleep(0.01)  # a fresh fetch cycle each time, not a backlog
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    acks.sort()
+    hops.sort()
+    return {
+        "samples": samples,
+        "fetch_wait_ms": wait_ms,
+        "produce_ack_p50_ms": round(percentile(acks, 50), 2),
+        "hop_p50_ms": round(percentile(hops, 50), 2),
+        "hop_p99_ms": round(percentile(hops, 99), 2),
+    }
 
 
 def sweep(
@@ -541,6 +598,16 @@ def markdown(data: Mapping[str, Any]) -> str:
             f"| {rate} | {_f(sb['p50_ms'])} | {_f(sb['p99_ms'])} "
             f"| {_f(ll['p50_ms'])} | {_f(ll['p99_ms'])} |"
         )
+    hop = data["kafka_hop"]
+    lines += [
+        "",
+        f"One Kafka hop on this broker, measured alone before the sweep ({hop['samples']} "
+        f"messages one at a time; acks=all, linger 1 ms, consumer fetch wait "
+        f"{hop['fetch_wait_ms']} ms, as the services use): produce acknowledged at p50 "
+        f"{hop['produce_ack_p50_ms']} ms, produce to consume p50 {hop['hop_p50_ms']} ms, p99 "
+        f"{hop['hop_p99_ms']} ms. A sync request crosses two hops (tier topic, then reply "
+        "topic), so the broker alone accounts for about twice that of the overhead.",
+    ]
     sustained = data["max_sustained_rps"]
     lines += [
         "",

@@ -39,10 +39,23 @@ def _ceiling(cpu_ms: float) -> str:
 
 def _sync_limit(d: dict[str, Any]) -> str:
     detail = d["sync"]["detail"]
-    cpu = detail.get("cpu_ms_per_request", {})
-    parts = [f"{k} {v} ms" for k, v in cpu.items()] if isinstance(cpu, dict) else []
-    hops = "two Kafka hops (tier topic, reply topic) with the embedded broker's fetch wait"
-    return f"{hops}; CPU per request: {', '.join(parts) or 'see the sync section'}"
+    cpu = detail.get("cpu_ms_per_request") or {}
+    total = sum(cpu.values())
+    parts = ", ".join(f"{k} {v}" for k, v in cpu.items())
+    hop = detail.get("kafka_hop") or {}
+    floor = (
+        f"two Kafka hops at p50 {hop['hop_p50_ms']} ms each on this broker (measured alone)"
+        if hop
+        else "two Kafka hops"
+    )
+    rate = detail.get("cpu_ms_per_request_rps")
+    cpu_part = (
+        f"; {total:.1f} ms CPU per request at {rate} RPS ({parts}) on {CORES} cores shared with "
+        f"the simulator and the load generator → at most {CORES * 1000 / total:,.0f} RPS"
+        if total
+        else ""
+    )
+    return floor + cpu_part
 
 
 def _worker_limit(d: dict[str, Any]) -> str:

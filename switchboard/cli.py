@@ -12,7 +12,6 @@ switchboard check-config [PATH]      validate a routing config and print its has
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from collections.abc import Sequence
 
 def _run_service(name: str, tier: str | None = None) -> int:
     from services.common.routing_config import ConfigError
-    from services.common.runtime import PortInUse, setup_logging
+    from services.common.runtime import PortInUse, run_service, setup_logging
 
     try:
         if name == "router":
@@ -29,7 +28,7 @@ def _run_service(name: str, tier: str | None = None) -> int:
 
             rs = RouterSettings()
             setup_logging(rs.log_level, "router")
-            asyncio.run(run_router(rs))
+            run_service(run_router(rs))
         elif name == "worker":
             from services.workers.app import run as run_worker
             from services.workers.config import WorkerSettings
@@ -39,14 +38,14 @@ def _run_service(name: str, tier: str | None = None) -> int:
                 print("worker: name a tier with --tier or SWITCHBOARD_TIER", file=sys.stderr)
                 return 2
             setup_logging(ws.log_level, f"worker[{ws.tier}]")
-            asyncio.run(run_worker(ws))
+            run_service(run_worker(ws))
         elif name == "metrics":
             from services.metrics.app import run as run_metrics
             from services.metrics.config import MetricsSettings
 
             ms = MetricsSettings()
             setup_logging(ms.log_level, "metrics")
-            asyncio.run(run_metrics(ms))
+            run_service(run_metrics(ms))
     except (ConfigError, PortInUse) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 2

@@ -219,6 +219,9 @@ class BatchConsumer:
     time, the router's event loop sat idle 12-15% of the time waiting for them). Commits still
     follow batch order: a batch is committed only when it and every batch before it are done.
 
+    With ``linger_ms`` a batch collects what arrives over that long (up to ``max_records``)
+    before it is handed out, so a trickle of records still makes few, large handler calls.
+
     On a rebalance the batches in progress are finished and committed before the partitions go
     (``drain_timeout_s`` at most); a commit refused because they went anyway is dropped, and the
     new owner redelivers those records.
@@ -236,11 +239,15 @@ class BatchConsumer:
         client_id: str,
         max_in_flight: int = 1,
         drain_timeout_s: float = 30.0,
+        linger_ms: int = 0,
     ) -> None:
         self._consumer = _consumer(bootstrap, topics, group_id, fetch_max_wait_ms, client_id)
         self._topics = list(topics)
         self._handler = handler
         self._max_records = max_records
+        self._linger_s = linger_ms / 1000
+        self._flush = asyncio.Event()  # a rebalance began: hand out what has been gathered
+        self._gathering = False  # records fetched, not yet handed to the handler
         self._drain_timeout_s = drain_timeout_s
         self._slots = asyncio.Semaphore(max_in_flight)
         self._batches: deque[_Batch] = deque()
@@ -262,20 +269,49 @@ class BatchConsumer:
         while not self._stopping.is_set():
             await self._slots.acquire()
             try:
-                batches = await self._consumer.getmany(
-                    timeout_ms=200, max_records=self._max_records
-                )
+                records, points = await self._gather()
             except BaseException:
                 self._slots.release()
                 raise
-            records = [r for recs in batches.values() for r in recs]
             if not records:
                 self._slots.release()
                 continue
-            self._idle.clear()
-            points = {tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs}
             self._batches.append(_Batch(asyncio.create_task(self._handle(records)), points))
+            self._gathering = False
             self._queued.set()
+
+    async def _gather(self) -> tuple[list[ConsumerRecord], dict[TopicPartition, int]]:
+        """One batch: what one poll returns, or with ``linger_ms``, what arrives until then.
+
+        Lingering turns many small polls into one handler call (one ClickHouse insert instead
+        of dozens); it ends early at ``max_records``, on shutdown, and on a rebalance, so a
+        partition is never given up with records of it still waiting here.
+        """
+        records: list[ConsumerRecord] = []
+        points: dict[TopicPartition, int] = {}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._linger_s
+        self._flush.clear()
+        while True:
+            left_ms = max(int((deadline - loop.time()) * 1000), 0) if records else 200
+            batches = await self._consumer.getmany(
+                timeout_ms=min(left_ms, 200), max_records=self._max_records - len(records)
+            )
+            for tp, recs in batches.items():
+                if recs:
+                    records.extend(recs)
+                    points[tp] = recs[-1].offset + 1
+            if records:
+                self._gathering = True
+                self._idle.clear()  # a rebalance now waits for this batch to be committed
+            if (
+                not records
+                or len(records) >= self._max_records
+                or loop.time() >= deadline
+                or self._flush.is_set()
+                or self._stopping.is_set()
+            ):
+                return records, points
 
     async def _handle(self, records: list[ConsumerRecord]) -> bool:
         try:
@@ -290,7 +326,8 @@ class BatchConsumer:
     async def _commit_loop(self) -> None:
         while True:
             if not self._batches:
-                self._idle.set()
+                if not self._gathering:
+                    self._idle.set()
                 self._queued.clear()
                 await self._queued.wait()
                 continue
@@ -331,6 +368,7 @@ class BatchConsumer:
 
     async def release(self) -> None:
         """Partitions are being taken away: let the batches in progress finish and commit."""
+        self._flush.set()
         await self._drained()
 
     async def stop(self) -> None:
@@ -339,6 +377,9 @@ class BatchConsumer:
             self._fetch_task.cancel()  # records fetched but not handed out are redelivered
             with contextlib.suppress(asyncio.CancelledError):
                 await self._fetch_task
+            self._gathering = False  # records gathered but not handed out are redelivered
+            if not self._batches:
+                self._idle.set()
         if self._commit_task:
             await self._drained()
             for batch in self._batches:

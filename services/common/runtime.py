@@ -8,10 +8,11 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import uvicorn
+import uvloop
 
 
 def setup_logging(level: str, name: str) -> None:
@@ -45,6 +46,16 @@ class HttpServer(uvicorn.Server):
         yield
 
 
+def run_service(main: Coroutine[Any, Any, None]) -> None:
+    """Run a service's main coroutine on uvloop, the event loop every service uses.
+
+    uvloop's socket and timer handling in C cut the per-request CPU of the router and the
+    workers (many small Kafka, Redis and HTTP exchanges); it is what uvicorn picks by default.
+    """
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
 def bind(host: str, port: int) -> socket.socket:
     """Bind now, so a busy port fails at once with ``PortInUse`` (port 0 picks a free one).
 
@@ -70,7 +81,11 @@ async def start_http(
     """Serve ``app`` on ``host:port``; returns once it accepts connections."""
     sock = bind(host, port)
     config = uvicorn.Config(
-        app, log_level="warning", lifespan="on" if lifespan else "off", access_log=False
+        app,
+        log_level="warning",
+        lifespan="on" if lifespan else "off",
+        access_log=False,
+        http="httptools",  # the C parser: h11 (pure Python) cost ~10% of the router's CPU
     )
     server = HttpServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

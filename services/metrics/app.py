@@ -76,6 +76,7 @@ class MetricsApp:
             client_id=name,
             # the next batch is decoded while the previous one is being inserted
             max_in_flight=2,
+            linger_ms=settings.insert_linger_ms,
         )
         self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
 

@@ -31,6 +31,16 @@ class MetricsSettings(CommonSettings):
         le=100_000,
         description="Events per insert, at most: bigger inserts make fewer parts for ClickHouse to merge.",
     )
+    insert_linger_ms: int = Field(
+        default=1000,
+        ge=0,
+        le=60_000,
+        description=(
+            "How long a batch collects events before it is inserted (ends early at batch_size): "
+            "every insert is a new part for ClickHouse to merge, so a trickle of events is "
+            "written once a second rather than on every poll. Rows are queryable that much later."
+        ),
+    )
     metrics_host: str = Field(
         default="127.0.0.1", description="Bind address of the query endpoint."
     )

@@ -72,7 +72,9 @@ def create_app(settings: RouterSettings) -> FastAPI:
             group_id=topics.router_group,
             handler=ingress,
             max_records=settings.ingress_batch,
-            fetch_max_wait_ms=settings.fetch_wait_interactive_ms,
+            # throughput topic: a short wait only buys idle polling (Tansu holds every fetch
+            # for the full wait; a real Kafka broker answers as soon as records arrive)
+            fetch_max_wait_ms=settings.fetch_wait_batch_ms,
             client_id=f"{name}-ingress",
             max_in_flight=INGRESS_IN_FLIGHT,
         )

@@ -198,15 +198,32 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
         param = param_path(tuple(first["loc"])) or None
         return JSONResponse(invalid(f"'{param}': {first['msg']}", param).body(), status_code=400)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            err = ApiError(
-                413,
-                f"request body over {max_body_bytes} bytes",
-                type="invalid_request_error",
-                code="request_too_large",
-            )
-            return JSONResponse(err.body(), status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
+
+
+class BodyLimit:
+    """Refuses a request whose declared body is over the limit with an OpenAI-shaped 413.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` runs
+    every request through an extra task and memory stream, a cost paid by every call.
+    """
+
+    def __init__(self, app: Any, max_body_bytes: int) -> None:
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"content-length":
+                    if value.isdigit() and int(value) > self.max_body_bytes:
+                        err = ApiError(
+                            413,
+                            f"request body over {self.max_body_bytes} bytes",
+                            type="invalid_request_error",
+                            code="request_too_large",
+                        )
+                        response = JSONResponse(err.body(), status_code=413)
+                        await response(scope, receive, send)
+                        return
+                    break
+        await self.app(scope, receive, send)

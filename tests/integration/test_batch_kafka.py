@@ -99,6 +99,63 @@ async def test_batches_are_committed_in_order_and_only_once_handled(
         await consumer.stop()
 
 
+async def test_a_trickle_of_records_lingers_into_one_batch_and_stop_leaves_none_behind(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    topic, group = f"{topic_prefix}.trickle", f"{topic_prefix}-trickle"
+    await ensure_topics(kafka_bootstrap, [topic], 2)
+    handled: list[list[bytes]] = []
+
+    async def handler(records: Sequence[ConsumerRecord]) -> None:
+        handled.append(sorted(r.value for r in records))
+
+    def lingering(max_records: int, linger_ms: int) -> BatchConsumer:
+        return BatchConsumer(
+            bootstrap=kafka_bootstrap,
+            topics=[topic],
+            group_id=group,
+            handler=handler,
+            max_records=max_records,
+            fetch_max_wait_ms=10,
+            client_id="linger-test",
+            linger_ms=linger_ms,
+        )
+
+    # Five records produced one by one (many polls apart) make one batch, which ends as soon
+    # as it is full rather than when the long linger runs out.
+    consumer = lingering(5, 600_000)
+    await consumer.start()
+    try:
+        await asyncio.wait_for(consumer.assigned.wait(), 60)
+        for i in range(5):
+            await produce(kafka_bootstrap, topic, str(i).encode())
+        await wait_until(lambda: committed_is(kafka_bootstrap, group, topic, 2, 5))
+    finally:
+        await consumer.stop()
+    assert handled == [[b"0", b"1", b"2", b"3", b"4"]]
+
+    # Stopped while a record lingers: it is neither handled nor committed, so it comes again.
+    consumer = lingering(100, 600_000)
+    await consumer.start()
+    try:
+        await produce(kafka_bootstrap, topic, b"5")
+
+        async def gathering() -> bool:
+            return consumer._gathering
+
+        await wait_until(gathering)
+    finally:
+        await consumer.stop()
+    assert len(handled) == 1 and await committed(kafka_bootstrap, group, topic, 2) == 5
+    consumer = lingering(100, 0)
+    await consumer.start()
+    try:
+        await wait_until(lambda: committed_is(kafka_bootstrap, group, topic, 2, 6))
+    finally:
+        await consumer.stop()
+    assert handled[1:] == [[b"5"]]
+
+
 async def test_batch_publisher_puts_keys_where_the_default_partitioner_does(
     kafka_bootstrap: str, topic_prefix: str
 ) -> None:
