@@ -27,7 +27,7 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from bench.common import Bench, Section, service_env, unique_prefix
+from bench.common import ROOT, Bench, Section, service_env, unique_prefix
 from bench.decisions import (
     CONFIG,
     NO_REDIS,
@@ -126,6 +126,47 @@ def count_rows(data_dir: Path) -> int:
     return int(out.stdout.strip())
 
 
+_STORE_ALONE = """
+import asyncio, itertools, json, sys
+import psutil
+from services.metrics.adapters.store import ClickHouseStore
+from services.metrics.domain.columns import decode, dedup_token
+
+values_file, data_dir, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+proc = psutil.Process()
+async def main():
+    store = ClickHouseStore("chdb://" + data_dir, "switchboard")
+    await store.migrate()
+    opened = peak = proc.memory_info().rss
+    with open(values_file, "rb") as lines:  # one batch in memory at a time, as the writer
+        while chunk := [line.rstrip(b"\\n") for line in itertools.islice(lines, batch)]:
+            decoded = decode(chunk)
+            await store.insert_table(decoded.table, dedup_token(decoded.event_ids()))
+            peak = max(peak, proc.memory_info().rss)
+    await store.close()
+    print(json.dumps({"opened_mb": opened / 2**20, "peak_mb": peak / 2**20}))
+asyncio.run(main())
+"""
+
+
+def store_alone_rss(bench: Bench, values: Sequence[bytes], batch: int) -> dict[str, float]:
+    """RSS of a bare process that only decodes the same events and inserts them into a fresh
+    chDB store, batch by batch as the writer does (no Kafka): what the embedded engine holds."""
+    values_file = bench.work_dir / "ingest-values.jsonl"
+    values_file.write_bytes(b"".join(v + b"\n" for v in values))
+    store_dir = Path(tempfile.mkdtemp(prefix="store-alone-", dir=bench.work_dir))
+    out = subprocess.run(
+        [sys.executable, "-c", _STORE_ALONE, str(values_file), str(store_dir), str(batch)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    return {k: round(v, 1) for k, v in figures.items()}
+
+
 async def _ingest_all(
     bench: Bench, values: Sequence[bytes], keys: Sequence[bytes], data_dir: Path
 ) -> tuple[Window, tuple[float, float]]:
@@ -183,6 +224,7 @@ def run(bench: Bench) -> Section:
     with bench.scope():
         window, (fetch_rate, fetch_us) = asyncio.run(_ingest_all(bench, values, keys, data_dir))
     rows = count_rows(data_dir)
+    store_rss = store_alone_rss(bench, values, BATCH)
     counted = window.last_count - window.first_count
     per_event = {
         k: round(v * 1e6 / counted, 2) for k, v in window.threads_cpu_s.items() if v and counted
@@ -195,6 +237,7 @@ def run(bench: Bench) -> Section:
         "window_s": round(window.seconds, 2),
         "startup_s": round(window.startup_s, 2),
         "rss_mb": round(window.rss_mb, 1),
+        "store_alone_rss_mb": store_rss,
         "cpu_us_per_event": round(window.cpu_s * 1e6 / counted, 2) if counted else None,
         "cpu_us_per_event_by_thread": per_event,
         "writer_cores_busy": round(window.cpu_s / window.seconds, 2) if counted else None,
@@ -227,7 +270,9 @@ def _markdown(d: dict[str, Any]) -> str:
         f"| rows in ClickHouse / events sent | {d['rows']:,} / {d['events']:,} | equal |",
         f"| writer CPU per event | {d['cpu_us_per_event']} µs ({d['writer_cores_busy']} cores "
         "busy) | |",
-        f"| writer peak RSS | {d['rss_mb']} MB | |",
+        f"| writer peak RSS | {d['rss_mb']} MB | ≤ 500 MB |",
+        f"| the same inserts into chDB from a bare process (no Kafka): RSS once opened / peak "
+        f"| {d['store_alone_rss_mb']['opened_mb']} / {d['store_alone_rss_mb']['peak_mb']} MB | |",
         f"| aiokafka `getmany` alone, same records | {d['fetch_alone_per_s']:,}/s, "
         f"{d['fetch_alone_cpu_us']} µs CPU each | |",
         "",

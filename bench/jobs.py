@@ -139,7 +139,10 @@ def run(bench: Bench) -> Section:
     wall = outcome["wall_s"]
     data = {
         "count": count,
-        "completed": int(outcome["distinct"]),
+        # completed = answered with a model's result; an error answer is accounted for but
+        # is not a completed job
+        "completed": kinds.get("result", 0),
+        "answered": int(outcome["distinct"]),
         "answers": kinds.get("result", 0),
         "errors": kinds.get("error", 0),
         "error_codes": codes,
@@ -161,8 +164,8 @@ def _markdown(d: dict) -> str:  # type: ignore[type-arg]
         [
             "## Async jobs through the Kafka ingress (simulator answering at once)",
             "",
-            f"{d['count']} jobs: {d['completed']} answered ({d['answers']} results, "
-            f"{d['errors']} errors), {d['duplicates']} duplicate results, in {d['wall_s']} s: "
+            f"{d['count']:,} jobs: {d['answered']:,} answered ({d['answers']:,} results, "
+            f"{d['errors']:,} errors), {d['duplicates']:,} duplicate results, in {d['wall_s']} s: "
             f"**{d['jobs_per_s']} jobs/s** (one router, one worker, metrics writing every "
             "attempt).",
             "",

@@ -92,6 +92,17 @@ def _rss_limit(name: str) -> Callable[[dict[str, Any]], str]:
     return lambda d: f"{name} RSS measured under load"
 
 
+def _metrics_rss_limit(d: dict[str, Any]) -> str:
+    alone = d["metrics"].get("store_alone_rss_mb")
+    if not alone:
+        return "metrics RSS measured under load"
+    return (
+        f"the embedded ClickHouse: a bare process doing the same inserts into chDB, no Kafka, "
+        f"holds {alone['opened_mb']} MB once the store is open and {alone['peak_mb']} MB at "
+        "peak; with a ClickHouse server that memory is the server's"
+    )
+
+
 TARGETS = [
     Target(
         "sync overhead p50 at 200 RPS",
@@ -169,7 +180,11 @@ TARGETS = [
         "100%",
         lambda d: 100 * _get(d, "jobs", "completed") / _get(d, "jobs", "count"),
         lambda v: v >= 100,
-        lambda d: f"{d['jobs']['count'] - d['jobs']['completed']} jobs unanswered",
+        lambda d: (
+            f"{d['jobs']['count'] - d['jobs']['completed']} jobs without a result "
+            f"(errors by code: {d['jobs']['error_codes']}; unanswered: "
+            f"{d['jobs']['count'] - d['jobs']['answered']})"
+        ),
         "%",
     ),
     Target(
@@ -193,7 +208,7 @@ TARGETS = [
         "≤ 500 MB",
         lambda d: _get(d, "rss_mb", "metrics"),
         lambda v: v <= 500,
-        _rss_limit("metrics"),
+        _metrics_rss_limit,
         " MB",
     ),
 ]

@@ -199,6 +199,9 @@ def make_broker(bootstrap: str, client_id: str) -> KafkaBroker:
         # No idempotent producer: Tansu answers InitProducerId with an error. Duplicates from
         # producer retries are absorbed downstream (outcome cache, insert de-duplication).
         linger_ms=1,
+        # aiokafka's default 16 KB batch holds ~15 results: under load, publishers queued
+        # behind full batches (wait_drain took ~12% of a busy worker's CPU in py-spy)
+        max_batch_size=BATCH_BYTES,
         max_request_size=MAX_MESSAGE_BYTES,
         partitioner=KeyPartitioner(),
         logger=logging.getLogger(f"switchboard.kafka.{client_id}"),

@@ -58,7 +58,8 @@ class IngressHandler:
         payload: bytes | None = record.value
         try:
             request = ChatRequest.model_validate_json(payload or b"")
-            out.append(self.router.encode(self.router.route(request, topics.results), payload))
+            routed = self.router.route(request, topics.results, caller_waits=False)
+            out.append(self.router.encode(routed, payload))
             return True
         except (ValidationError, UnknownModel) as exc:
             letter = from_record(record, self.name, exc)

@@ -27,22 +27,31 @@ class Router:
         self.topics = topics
         self.publisher = publisher
 
-    def route(self, request: ChatRequest, reply_to: str) -> RoutedRequest:
+    def route(
+        self, request: ChatRequest, reply_to: str, *, caller_waits: bool = True
+    ) -> RoutedRequest:
+        """Classify ``request`` and stamp what a worker needs: tier, rule, config, deadline.
+
+        The deadline is the request's own ``deadline_ms`` when it names one. Otherwise a caller
+        that waits (HTTP) gets the tier's ``request_timeout_s``, while a job from the Kafka
+        ingress gets none: it waits in its tier's queue as long as the backlog takes, and only
+        each model attempt is timed (``timeout_s``). A queued job is never dropped for age.
+        """
         decision = classify(request, self.config)
         tier = self.config.tier(decision.tier)
-        budget_s = (
-            request.metadata.deadline_ms / 1000
-            if request.metadata.deadline_ms
-            else tier.request_timeout_s
-        )
         now = datetime.now(UTC)
+        budget_s: float | None = None
+        if request.metadata.deadline_ms:
+            budget_s = request.metadata.deadline_ms / 1000
+        elif caller_waits:
+            budget_s = tier.request_timeout_s
         return RoutedRequest(
             request=request,
             tier=decision.tier,
             rule=decision.rule,
             config_hash=self.config.hash,
             routed_at=now,
-            deadline_at=now + timedelta(seconds=budget_s),
+            deadline_at=None if budget_s is None else now + timedelta(seconds=budget_s),
             reply_to=reply_to,
         )
 

@@ -89,6 +89,27 @@ async def test_a_poison_message_amid_a_batch_is_dead_lettered_and_the_rest_route
     assert (handler.routed, handler.dead_letters) == (3, 3)
 
 
+async def test_a_queued_job_has_no_deadline_unless_it_names_one(router: Router) -> None:
+    """A backlog must not expire ingress jobs; an HTTP caller, who waits, gets the tier's budget."""
+    publisher = RecordingPublisher()
+    handler = IngressHandler(router, publisher, "router-test")
+    await handler(
+        [record(0, request("job-1")), record(1, request("job-2", metadata={"deadline_ms": 90_000}))]
+    )
+    routed = {
+        r.request_id: r
+        for r in (RoutedRequest.model_validate_json(m.value) for m in publisher.calls[0])
+    }
+    assert routed["job-1"].deadline_at is None
+    job2 = routed["job-2"]
+    assert job2.deadline_at is not None
+    assert (job2.deadline_at - job2.routed_at).total_seconds() == 90
+    waited = router.route(ChatRequest.model_validate_json(request("http-1")), "replies")
+    tier = router.config.tier(waited.tier)
+    assert waited.deadline_at is not None
+    assert (waited.deadline_at - waited.routed_at).total_seconds() == tier.request_timeout_s
+
+
 async def test_a_failed_publish_raises_and_counts_nothing(router: Router) -> None:
     """The consumer retries a batch whose publish failed and commits only after it succeeds."""
     publisher = RecordingPublisher(fail=1)
