@@ -358,6 +358,31 @@ async def count_records(bootstrap: str, topics: Sequence[str]) -> dict[str, int]
     return counts
 
 
+async def run_until_committed(
+    bench: Bench,
+    name: str,
+    args: Sequence[str],
+    env: dict[str, str],
+    group: str,
+    topic: str,
+    total: int,
+    poll_s: float = 0.05,
+) -> Window:
+    """Start ``switchboard <args>``, watch its group commit ``total`` records of ``topic``,
+    stop it; the window is what ``watch`` saw."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=env["SWITCHBOARD_KAFKA_BOOTSTRAP"])
+    await admin.start()
+    try:
+        child = bench.service(name, args, env)
+        window = await watch(
+            child, lambda: committed_count(admin, group, topic), total, poll_s=poll_s
+        )
+    finally:
+        await admin.close()
+    bench.stop(child)
+    return window
+
+
 async def _route_all(
     bench: Bench, payloads: Sequence[bytes], config: LoadedConfig
 ) -> tuple[Window, dict[str, int], tuple[float, float]]:
@@ -382,18 +407,15 @@ async def _route_all(
         SWITCHBOARD_API_KEY=API_KEY,
         SWITCHBOARD_PARTITIONS=str(PARTITIONS),
     )
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        child = bench.service(f"router-{prefix}", ["router"], env)
-        window = await watch(
-            child,
-            lambda: committed_count(admin, topics.router_group, topics.ingress),
-            len(payloads),
-        )
-    finally:
-        await admin.close()
-    bench.stop(child)
+    window = await run_until_committed(
+        bench,
+        f"router-{prefix}",
+        ["router"],
+        env,
+        topics.router_group,
+        topics.ingress,
+        len(payloads),
+    )
     return window, await count_records(bootstrap, [*tier_topics, topics.dead_letter]), fetch
 
 

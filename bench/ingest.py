@@ -25,19 +25,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from aiokafka.admin import AIOKafkaAdminClient
-
 from bench.common import ROOT, Bench, Section, service_env, unique_prefix
 from bench.decisions import (
     CONFIG,
     NO_REDIS,
     PARTITIONS,
     Window,
-    committed_count,
     create_topics,
     fetch_alone,
     fill_topic,
-    watch,
+    run_until_committed,
 )
 from schemas.topics import EVENTS_TABLE, Topics
 from schemas.v1 import AttemptEvent
@@ -186,19 +183,16 @@ async def _ingest_all(
         SWITCHBOARD_METRICS_PORT="0",
         SWITCHBOARD_PARTITIONS=str(PARTITIONS),
     )
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        child = bench.service(f"metrics-{prefix}", ["metrics"], env)
-        window = await watch(
-            child,
-            lambda: committed_count(admin, topics.metrics_group, topics.events),
-            len(values),
-            poll_s=0.1,
-        )
-    finally:
-        await admin.close()
-    bench.stop(child)
+    window = await run_until_committed(
+        bench,
+        f"metrics-{prefix}",
+        ["metrics"],
+        env,
+        topics.metrics_group,
+        topics.events,
+        len(values),
+        poll_s=0.1,
+    )
     return window, fetch
 
 
