@@ -1,5 +1,6 @@
 # The README's two commands: `make up` and `make test`. Both set the project up first.
 # `make bench` runs the benchmark suite (bench/README.md) and writes bench/results/.
+# `make faults` runs the fault and abuse scenarios (docs/reliability.md); `make test` ends with it.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: setup up test bench check format clean
+.PHONY: setup up test faults bench check format clean
 
 setup: $(STAMP)
 
@@ -22,6 +23,10 @@ up: setup
 
 test: setup
 	$(PY) -m pytest
+	$(PY) -m faults
+
+faults: setup
+	$(PY) -m faults
 
 bench: setup
 	$(PY) -m bench
@@ -29,7 +34,7 @@ bench: setup
 check: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy schemas services switchboard bench
+	$(VENV)/bin/mypy schemas services switchboard bench faults
 
 format: setup
 	$(VENV)/bin/ruff format .

@@ -12,6 +12,7 @@ from faststream.kafka.annotations import KafkaMessage
 
 from services.common.consumer import BatchConsumer
 from services.common.kafka import (
+    MAX_MESSAGE_BYTES,
     BrokerPublisher,
     KafkaBatchPublisher,
     delete_topics,
@@ -41,16 +42,17 @@ def create_app(settings: RouterSettings) -> FastAPI:
     router = Router(config, topics, publisher)
     replies = PendingReplies()
     batch_publisher = KafkaBatchPublisher(settings.kafka_bootstrap, f"{name}-ingress")
-    ingress = IngressHandler(router, batch_publisher, name)
-    on_reply = ReplyHandler(replies)
+    ingress = IngressHandler(router, batch_publisher, name, settings.max_body_bytes)
+    on_reply = ReplyHandler(replies, publisher, topics.dead_letter, name)
 
     @broker.subscriber(
         reply_topic,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=settings.fetch_wait_interactive_ms,
+        max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
     )
     async def on_reply_msg(msg: KafkaMessage) -> None:
-        await on_reply(msg.body)
+        await on_reply(msg.raw_message)  # type: ignore[arg-type]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

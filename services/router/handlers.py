@@ -11,7 +11,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from schemas.v1 import ChatError, ChatRequest, Outcome
 from services.common.deadletter import describe, from_record
-from services.common.kafka import BatchPublisher, Outgoing
+from services.common.kafka import BatchPublisher, Outgoing, Publisher
 from services.router.domain.classify import UnknownModel
 from services.router.service import PendingReplies, Router
 
@@ -28,6 +28,10 @@ def _request_id_of(payload: bytes | None) -> str | None:
     return value if isinstance(value, str) and 0 < len(value) <= 200 else None
 
 
+class TooLarge(ValueError):
+    """A request over the size the router accepts."""
+
+
 class IngressHandler:
     """A batch of ChatRequests from producers → classified → tier topics, published together.
 
@@ -37,8 +41,11 @@ class IngressHandler:
     the whole batch; the duplicates that may leave are answered from the workers' outcome cache.
     """
 
-    def __init__(self, router: Router, publisher: BatchPublisher, name: str) -> None:
+    def __init__(
+        self, router: Router, publisher: BatchPublisher, name: str, max_bytes: int | None = None
+    ) -> None:
         self.router, self.publisher, self.name = router, publisher, name
+        self.max_bytes = max_bytes  # the HTTP body limit holds for the ingress too
         self.routed = 0
         self.dead_letters = 0
 
@@ -57,11 +64,13 @@ class IngressHandler:
         topics = self.router.topics
         payload: bytes | None = record.value
         try:
+            if self.max_bytes is not None and len(payload or b"") > self.max_bytes:
+                raise TooLarge(f"request of {len(payload or b'')} bytes, over {self.max_bytes}")
             request = ChatRequest.model_validate_json(payload or b"")
             routed = self.router.route(request, topics.results, caller_waits=False)
             out.append(self.router.encode(routed, payload))
             return True
-        except (ValidationError, UnknownModel) as exc:
+        except (ValidationError, UnknownModel, TooLarge) as exc:
             letter = from_record(record, self.name, exc)
             out.append(Outgoing(topics.dead_letter, letter.model_dump_json().encode()))
             if request_id := _request_id_of(payload):
@@ -75,15 +84,23 @@ class IngressHandler:
 
 
 class ReplyHandler:
-    """Outcomes on this router's reply topic → the HTTP callers waiting for them."""
+    """Outcomes on this router's reply topic → the HTTP callers waiting for them.
 
-    def __init__(self, replies: PendingReplies) -> None:
+    An unreadable reply goes to the dead-letter topic with its reason; the caller it was meant
+    for (if any) gets its 504 when the deadline passes.
+    """
+
+    def __init__(self, replies: PendingReplies, publisher: Publisher, dead_letter: str, name: str):
         self.replies = replies
+        self.publisher, self.dead_letter, self.name = publisher, dead_letter, name
+        self.dead_letters = 0
 
-    async def __call__(self, payload: bytes | None) -> None:
+    async def __call__(self, record: ConsumerRecord) -> None:
         try:
-            outcome = _OUTCOME.validate_json(payload or b"")
+            outcome = _OUTCOME.validate_json(record.value or b"")
         except ValidationError as exc:
-            log.error("unreadable reply dropped: %s", describe(exc))
+            log.error("unreadable reply dead-lettered: %s", describe(exc))
+            await self.publisher.publish(self.dead_letter, from_record(record, self.name, exc))
+            self.dead_letters += 1
             return
         self.replies.resolve(outcome)

@@ -6,7 +6,7 @@ import asyncio
 import secrets
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -110,9 +110,13 @@ def _headers(result: ChatResult) -> dict[str, str]:
 def api(ctx: HttpContext) -> APIRouter:
     routes = APIRouter()
 
-    @routes.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionBody, request: Request) -> JSONResponse:
+    async def require_key(request: Request) -> None:
+        # A dependency, so it runs before the body is validated: a caller without the key
+        # learns nothing about what a valid request looks like.
         _check_key(ctx, request)
+
+    @routes.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+    async def chat_completions(body: ChatCompletionBody, request: Request) -> JSONResponse:
         chat = to_chat_request(body, request.headers.get("idempotency-key"))
         try:
             routed = ctx.router.route(chat, ctx.reply_topic)
@@ -143,9 +147,8 @@ def api(ctx: HttpContext) -> APIRouter:
         completion = {**outcome.completion, "id": outcome.request_id}
         return JSONResponse(completion, headers=_headers(outcome))
 
-    @routes.get("/v1/models")
+    @routes.get("/v1/models", dependencies=[Depends(require_key)])
     async def models(request: Request) -> JSONResponse:
-        _check_key(ctx, request)
         spec = ctx.router.config.spec
         data: list[dict[str, Any]] = [
             {

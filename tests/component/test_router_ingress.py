@@ -164,3 +164,19 @@ def test_a_request_without_its_own_id_is_serialised_in_full(router: Router) -> N
     routed = router.route(ChatRequest.model_validate_json(raw), TOPICS.results)
     message = router.encode(routed, raw)
     assert RoutedRequest.model_validate_json(message.value).request_id == routed.request_id
+
+
+async def test_a_request_over_the_size_limit_is_a_dead_letter_naming_the_limit(
+    router: Router,
+) -> None:
+    publisher = RecordingPublisher()
+    handler = IngressHandler(router, publisher, "router-test", max_bytes=2048)
+    big = request("big-1", messages=[{"role": "user", "content": "x" * 4096}])
+    await handler([record(0, big), record(1, request("small-1"))])
+    out = publisher.calls[0]
+    letters = [json.loads(m.value) for m in out if m.topic == TOPICS.dead_letter]
+    assert len(letters) == 1 and "over 2048" in letters[0]["reason"]
+    assert letters[0]["truncated"] is False and letters[0]["payload_bytes"] == len(big)
+    errors = [json.loads(m.value) for m in out if m.topic == TOPICS.results]
+    assert [(e["request_id"], e["code"]) for e in errors] == [("big-1", "invalid_request")]
+    assert handler.routed == 1
