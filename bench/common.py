@@ -327,15 +327,15 @@ API_KEY = "sk-bench-" + uuid.uuid4().hex
 def service_env(
     bootstrap: str, redis_url: str, prefix: str, config: Path, run_dir: Path, **extra: str
 ) -> dict[str, str]:
-    return base_env(
-        SWITCHBOARD_KAFKA_BOOTSTRAP=bootstrap,
-        SWITCHBOARD_REDIS_URL=redis_url,
-        SWITCHBOARD_TOPIC_PREFIX=prefix,
-        SWITCHBOARD_CONFIG=str(config),
-        SWITCHBOARD_RUN_DIR=str(run_dir),
-        SWITCHBOARD_LOG_LEVEL="WARNING",
-        **extra,
-    )
+    settings = {
+        "SWITCHBOARD_KAFKA_BOOTSTRAP": bootstrap,
+        "SWITCHBOARD_REDIS_URL": redis_url,
+        "SWITCHBOARD_TOPIC_PREFIX": prefix,
+        "SWITCHBOARD_CONFIG": str(config),
+        "SWITCHBOARD_RUN_DIR": str(run_dir),
+        "SWITCHBOARD_LOG_LEVEL": "WARNING",
+    }
+    return base_env(**{**settings, **extra})  # ``extra`` may override any of them
 
 
 def start_stack(
@@ -349,6 +349,7 @@ def start_stack(
     router: bool = True,
     worker_env: dict[str, str] | None = None,
     timeout_s: float = 120.0,
+    extra_env: dict[str, str] | None = None,
 ) -> RunningStack:
     """Start metrics, one worker per tier and the router; return once each says it is ready.
 
@@ -361,7 +362,9 @@ def start_stack(
     children: dict[str, Child] = {}
 
     def env(**extra: str) -> dict[str, str]:
-        return service_env(bootstrap, redis_url, prefix, config, run_dir, **extra)
+        return service_env(
+            bootstrap, redis_url, prefix, config, run_dir, **{**(extra_env or {}), **extra}
+        )
 
     def wait(name: str, marker: str) -> None:
         child = children[name]

@@ -205,6 +205,9 @@ def make_broker(bootstrap: str, client_id: str) -> KafkaBroker:
         max_request_size=MAX_MESSAGE_BYTES,
         partitioner=KeyPartitioner(),
         logger=logging.getLogger(f"switchboard.kafka.{client_id}"),
+        # FastStream logs "Received"/"Processed" per message at this level: two lines per
+        # answered request at INFO, so they are kept for DEBUG
+        log_level=logging.DEBUG,
     )
 
 
