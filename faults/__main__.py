@@ -21,13 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import Bench
-from faults import auth, poison, secrets
+from faults import auth, poison, secrets, shutdown
 from faults.common import Tally, leaked_processes
 
 SCENARIOS: dict[str, Callable[[Bench], Tally]] = {
     "poison": poison.run,
     "auth": auth.run,
     "secrets": secrets.run,
+    "shutdown": shutdown.run,
 }
 
 
