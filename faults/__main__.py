@@ -21,10 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import Bench
-from faults import auth, poison, secrets, shutdown
+from faults import auth, poison, redis_down, secrets, shutdown
 from faults.common import Tally, leaked_processes
 
 SCENARIOS: dict[str, Callable[[Bench], Tally]] = {
+    "redis": redis_down.run,
     "poison": poison.run,
     "auth": auth.run,
     "secrets": secrets.run,
