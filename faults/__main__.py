@@ -21,11 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import Bench
-from faults import auth, poison, redis_down, secrets, shutdown
+from faults import auth, broker, crash, poison, redis_down, secrets, shutdown
 from faults.common import Tally, leaked_processes
 
 SCENARIOS: dict[str, Callable[[Bench], Tally]] = {
+    "crash": crash.run,
     "redis": redis_down.run,
+    "broker": broker.run,
     "poison": poison.run,
     "auth": auth.run,
     "secrets": secrets.run,

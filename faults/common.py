@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import psutil
+from aiokafka import AIOKafkaConsumer
 
 
 @dataclass
@@ -53,3 +57,38 @@ def leaked_processes(pids: Iterable[int]) -> int:
         except psutil.NoSuchProcess:
             pass
     return alive
+
+
+async def count_by(
+    bootstrap: str,
+    topic: str,
+    by: str,
+    expect: Collection[str] = (),
+    wait_s: float = 180.0,
+    at_least: int = 0,
+) -> Counter[str]:
+    """Records of ``topic`` (JSON) counted by their ``by`` field, read from the start: until every
+    value in ``expect`` and ``at_least`` distinct values have been seen (or ``wait_s`` passed),
+    then on until the topic has been quiet for three polls, so late repeats are counted too."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", fetch_max_wait_ms=50
+    )
+    await consumer.start()
+    seen: Counter[str] = Counter()
+    missing = set(expect)
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        quiet = 0
+        while quiet < 3 and loop.time() < deadline:
+            batches = await consumer.getmany(timeout_ms=300)
+            for records in batches.values():
+                for record in records:
+                    value = json.loads(record.value)[by]
+                    seen[value] += 1
+                    missing.discard(value)
+            enough = not missing and len(seen) >= at_least
+            quiet = quiet + 1 if not batches and enough else 0
+    finally:
+        await consumer.stop()
+    return seen

@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from bench.common import Bench, RunningStack, routing_config, service_env, start_stack
-from faults.common import Tally
+from faults.common import Tally, count_by
 from schemas.topics import Topics
 from schemas.v1 import AUTO_MODEL
 from switchboard.embedded import wait_for
@@ -52,28 +52,6 @@ async def _produce_jobs(stack: RunningStack) -> set[str]:
     return ids
 
 
-async def _read(bootstrap: str, topic: str, until: int, by: str) -> Counter[str]:
-    """Count records of ``topic`` per ``by`` field: until ``until`` distinct values (or the
-    timeout), then on until the topic has been quiet for three polls, so late repeats count."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", fetch_max_wait_ms=50
-    )
-    await consumer.start()
-    seen: Counter[str] = Counter()
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT_S
-        quiet = 0
-        while quiet < 3 and loop.time() < deadline:
-            batches = await consumer.getmany(timeout_ms=300)
-            for records in batches.values():
-                seen.update(json.loads(r.value)[by] for r in records)
-            quiet = quiet + 1 if not batches and len(seen) >= until else 0
-    finally:
-        await consumer.stop()
-    return seen
-
-
 def _call(stack: RunningStack, i: int) -> int:
     response = httpx.post(
         f"{stack.base_url}/v1/chat/completions",
@@ -95,7 +73,7 @@ def run(bench: Bench) -> Tally:
     with ThreadPoolExecutor(CALLS) as pool:
         calls = [pool.submit(_call, stack, i) for i in range(CALLS)]
         ids = asyncio.run(_produce_jobs(stack))
-        asyncio.run(_read(bootstrap, topics.results, 20, "request_id"))  # answers are flowing
+        asyncio.run(count_by(bootstrap, topics.results, "request_id", at_least=20))  # flowing
         run_dir = bench.work_dir / f"run-{stack.prefix}"
         second = bench.service(
             f"worker-bench-2-{stack.prefix}",
@@ -109,13 +87,15 @@ def run(bench: Bench) -> Tally:
             120,
             second.alive,
         )
-        before = len(asyncio.run(_read(bootstrap, topics.results, 0, "request_id")))
+        before = len(asyncio.run(count_by(bootstrap, topics.results, "request_id")))
         if before >= JOBS:
             raise RuntimeError("every job was answered before the SIGTERM: nothing to drain")
         exit_code = first.stop(timeout_s=60)  # SIGTERM: drain, then exit
         statuses = Counter(c.result() for c in calls)
-    results = asyncio.run(_read(bootstrap, topics.results, JOBS, "request_id"))
-    events = asyncio.run(_read(bootstrap, topics.events, JOBS + CALLS, "request_id"))
+    results = asyncio.run(count_by(bootstrap, topics.results, "request_id", ids, WAIT_S))
+    events = asyncio.run(
+        count_by(bootstrap, topics.events, "request_id", ids, WAIT_S, at_least=JOBS + CALLS)
+    )
     jobs = {i: results[i] for i in ids}
     lost = sum(1 for n in jobs.values() if n == 0) + (CALLS - statuses[200])
     duplicated = sum(n - 1 for n in jobs.values() if n > 1)

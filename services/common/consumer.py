@@ -34,16 +34,26 @@ RecordHandler = Callable[[ConsumerRecord], Awaitable[None]]
 BatchHandler = Callable[[Sequence[ConsumerRecord]], Awaitable[None]]
 
 _BACKOFF_MAX_S = 5.0
+SESSION_TIMEOUT_MS = 6_000  # the least a Kafka broker accepts by default
 
 
 def _consumer(
-    bootstrap: str, topics: Sequence[str], group_id: str, fetch_max_wait_ms: int, client_id: str
+    bootstrap: str,
+    topics: Sequence[str],
+    group_id: str,
+    fetch_max_wait_ms: int,
+    client_id: str,
+    session_timeout_ms: int,
 ) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=group_id,
         client_id=client_id,
         enable_auto_commit=False,
+        # a member that stops heartbeating (crashed) loses its partitions after this long; a
+        # short heartbeat also makes the living members notice a rebalance sooner
+        session_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=max(250, session_timeout_ms // 6),
         auto_offset_reset="earliest",
         fetch_max_wait_ms=fetch_max_wait_ms,
         max_partition_fetch_bytes=16 * 1024 * 1024,
@@ -94,8 +104,11 @@ class ConcurrentConsumer:
         fetch_max_wait_ms: int,
         client_id: str,
         drain_timeout_s: float = 30.0,
+        session_timeout_ms: int = SESSION_TIMEOUT_MS,
     ) -> None:
-        self._consumer = _consumer(bootstrap, topics, group_id, fetch_max_wait_ms, client_id)
+        self._consumer = _consumer(
+            bootstrap, topics, group_id, fetch_max_wait_ms, client_id, session_timeout_ms
+        )
         self._topics = list(topics)
         self._handler = handler
         self._concurrency = concurrency
@@ -240,8 +253,11 @@ class BatchConsumer:
         max_in_flight: int = 1,
         drain_timeout_s: float = 30.0,
         linger_ms: int = 0,
+        session_timeout_ms: int = SESSION_TIMEOUT_MS,
     ) -> None:
-        self._consumer = _consumer(bootstrap, topics, group_id, fetch_max_wait_ms, client_id)
+        self._consumer = _consumer(
+            bootstrap, topics, group_id, fetch_max_wait_ms, client_id, session_timeout_ms
+        )
         self._topics = list(topics)
         self._handler = handler
         self._max_records = max_records

@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import logging
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -173,7 +173,13 @@ async def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
 class Publisher(Protocol):
     """What handlers need from Kafka: send one message and know it was stored."""
 
-    async def publish(self, topic: str, message: BaseModel, key: str | None = None) -> None: ...
+    async def publish(
+        self,
+        topic: str,
+        message: BaseModel,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None: ...
 
 
 class BrokerPublisher:
@@ -182,12 +188,18 @@ class BrokerPublisher:
     def __init__(self, broker: KafkaBroker) -> None:
         self._broker = broker
 
-    async def publish(self, topic: str, message: BaseModel, key: str | None = None) -> None:
+    async def publish(
+        self,
+        topic: str,
+        message: BaseModel,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         await self._broker.publish(
             message.model_dump_json().encode(),
             topic=topic,
             key=key.encode() if key else None,
-            headers=JSON_HEADERS,
+            headers={**JSON_HEADERS, **headers} if headers else JSON_HEADERS,
         )
 
 

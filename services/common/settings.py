@@ -43,6 +43,16 @@ class CommonSettings(BaseSettings):
     fetch_wait_batch_ms: int = Field(
         default=100, ge=0, le=5000, description="Consumer fetch wait for throughput topics."
     )
+    kafka_session_timeout_ms: int = Field(
+        default=6_000,
+        ge=1_000,
+        le=300_000,
+        description=(
+            "How long a consumer-group member may go without a heartbeat before its partitions "
+            "go to the others: how long a crashed worker's queue waits. Kafka brokers refuse "
+            "values outside group.min/max.session.timeout.ms (6 s to 30 min by default)."
+        ),
+    )
     run_dir: Path | None = Field(
         default=None,
         description="Directory where a service writes its ready marker (set by `switchboard up`).",

@@ -77,6 +77,7 @@ class MetricsApp:
             # the next batch is decoded while the previous one is being inserted
             max_in_flight=2,
             linger_ms=settings.insert_linger_ms,
+            session_timeout_ms=settings.kafka_session_timeout_ms,
         )
         self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
 

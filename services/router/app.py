@@ -79,6 +79,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
             fetch_max_wait_ms=settings.fetch_wait_batch_ms,
             client_id=f"{name}-ingress",
             max_in_flight=INGRESS_IN_FLIGHT,
+            session_timeout_ms=settings.kafka_session_timeout_ms,
         )
         await consumer.start()
         log.info("router %s: config %s (hash %s)", settings.instance_id, config.path, config.hash)

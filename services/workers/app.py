@@ -12,6 +12,7 @@ from services.common.routing_config import load_config
 from services.common.runtime import serve_until_signal
 from services.workers.adapters.llm import LiteLLMClient, missing_keys
 from services.workers.adapters.outcomes import RedisOutcomeStore
+from services.workers.adapters.sent import SentCheck
 from services.workers.config import WorkerSettings
 from services.workers.handlers import RecordHandler
 from services.workers.service import TierService
@@ -38,6 +39,7 @@ class WorkerApp:
         concurrency = settings.concurrency or tier.concurrency
         self.client = LiteLLMClient(max_connections=concurrency)
         self.outcomes = RedisOutcomeStore(settings.redis_url, settings.topic_prefix)
+        self.sent = SentCheck(settings.kafka_bootstrap, f"{name}-sent")
         self.service = TierService(
             tier=settings.tier,
             config=config,
@@ -45,6 +47,7 @@ class WorkerApp:
             publisher=publisher,
             client=self.client,
             outcomes=self.outcomes,
+            sent=self.sent,
         )
         self.handler = RecordHandler(self.service, publisher, topics, name)
         wait = (
@@ -59,6 +62,7 @@ class WorkerApp:
             fetch_max_wait_ms=wait,
             client_id=name,
             drain_timeout_s=settings.drain_timeout_s,
+            session_timeout_ms=settings.kafka_session_timeout_ms,
         )
 
     async def start(self) -> None:
@@ -78,6 +82,7 @@ class WorkerApp:
         await self.consumer.stop()
         await self.broker.stop()
         await self.outcomes.close()
+        await self.sent.close()
         await self.client.aclose()
 
 

@@ -42,4 +42,4 @@ class RecordHandler:
             await self.publisher.publish(self.topics.dead_letter, letter)
             self.dead_letters += 1
             return
-        await self.service.process(routed)
+        await self.service.process(routed, f"{record.topic}:{record.partition}:{record.offset}")

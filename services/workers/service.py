@@ -1,13 +1,18 @@
 """What a tier worker does with one routed request.
 
-1. Answered before (a redelivery)? Publish the stored outcome again; no model call.
-2. Try the tier's models in order, with retries on transient errors, inside the deadline;
+1. This very record handled before, its answer already on the reply topic (a redelivery after a
+   crash)? Nothing to do.
+2. Answered before (a redelivery, or a repeat with the same idempotency key)? Publish the stored
+   outcome again; no model call.
+3. Try the tier's models in order, with retries on transient errors, inside the deadline;
    publish an ``AttemptEvent`` per call.
-3. Every model failed transiently and a fallback tier exists? Re-route there once.
-4. Otherwise store the outcome, then publish it to the request's reply topic.
+4. Every model failed transiently and a fallback tier exists? Re-route there once.
+5. Otherwise store the outcome, then publish it to the request's reply topic.
 
 The caller (the consumer) commits the offset only after this returns, so a crash anywhere
-above means redelivery, never loss.
+above means redelivery, never loss. Every publish of an answer carries the record it answers
+(``delivery``) in a header and is noted in Redis first, which is what step 1 checks: a crash
+between publishing and committing does not answer the client twice.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from schemas.v1 import AttemptEvent, AttemptStatus, ChatError, ChatResult, Outco
 from services.common.kafka import Publisher
 from services.common.routing_config import LoadedConfig
 from services.workers.adapters.llm import Completion, ModelClient
-from services.workers.adapters.outcomes import OutcomeStore
+from services.workers.adapters.outcomes import OutcomeStore, Sending
+from services.workers.adapters.sent import DELIVERY_HEADER, SentCheck
 from services.workers.domain import policy
 from services.workers.errors import ModelCallError, RateLimited
 
@@ -32,6 +38,10 @@ log = logging.getLogger(__name__)
 
 _OUTCOME = TypeAdapter(Outcome)
 _STATUS: dict[str, AttemptStatus] = {"timeout": "timeout", "rate_limited": "rate_limited"}
+# How long a publish may still be under way after its note was written (it is a single acked
+# send, normally milliseconds); a redelivery searching for the answer waits until the note is
+# this old, so it does not miss an answer another owner of the record is sending right now.
+SETTLE_S = 2.0
 
 
 class TierService:
@@ -44,6 +54,7 @@ class TierService:
         publisher: Publisher,
         client: ModelClient,
         outcomes: OutcomeStore,
+        sent: SentCheck,
     ) -> None:
         self.tier = tier
         self.spec = config.tier(tier)
@@ -52,32 +63,63 @@ class TierService:
         self.publisher = publisher
         self.client = client
         self.outcomes = outcomes
-        self.replayed = 0
+        self.sent = sent
+        self.replayed = 0  # answered again from the stored outcome
+        self.already_sent = 0  # redeliveries whose answer was found on the reply topic
 
-    async def process(self, routed: RoutedRequest) -> None:
-        cached = await self.outcomes.get(routed.request_id)
+    async def process(self, routed: RoutedRequest, delivery: str) -> None:
+        """Answer ``routed``, which arrived as ``delivery`` (``topic:partition:offset``)."""
+        request_id = routed.request_id
+        cached, sending = await self.outcomes.lookup(request_id, delivery)
+        if sending is not None and await self._sent_before(request_id, delivery, sending):
+            return
         if cached is not None:
             self.replayed += 1
-            await self.publisher.publish(
-                routed.reply_to, _OUTCOME.validate_json(cached), key=routed.request_id
-            )
+            # (a note found above was searched for already: the answer is not out)
+            earlier = None
+            if sending is None:
+                earlier = await self.outcomes.sending(request_id, delivery, routed.reply_to)
+            await self._send_once(routed, _OUTCOME.validate_json(cached), delivery, earlier)
             return
-        # The successful attempt's event is published while the outcome is stored and sent:
-        # the caller is not kept waiting on the metrics topic, and the offset is still
-        # committed only once the event is stored too (the ``finally``).
+        # The successful attempt's event is published, then the outcome stored, then the answer
+        # sent. A redelivery after a crash finds the outcome stored (and then answers from it)
+        # only if the event is already on the events topic, so a crash cannot lose the event.
         events: list[asyncio.Task[None]] = []
         try:
-            outcome = await self._answer(routed, events)
+            outcome = await self._answer(routed, events, delivery)
             if outcome is None:
                 return  # re-routed to the fallback tier, which answers
-            await self.outcomes.put(routed.request_id, outcome.model_dump_json().encode())
-            await self.publisher.publish(routed.reply_to, outcome, key=routed.request_id)
+            payload = outcome.model_dump_json().encode()
+            await asyncio.gather(*events)
+            earlier = await self.outcomes.put(request_id, payload, delivery, routed.reply_to)
+            await self._send_once(routed, outcome, delivery, earlier)
         finally:
             if events:
                 await asyncio.gather(*events)
 
+    async def _send_once(
+        self, routed: RoutedRequest, outcome: Outcome, delivery: str, earlier: Sending | None
+    ) -> None:
+        """Publish the answer, unless another owner of this record noted and sent it first (a
+        worker the group gave up on while it was still working: both had the record at once)."""
+        if earlier is not None and await self._sent_before(routed.request_id, delivery, earlier):
+            return
+        headers = {DELIVERY_HEADER: delivery}
+        await self.publisher.publish(routed.reply_to, outcome, routed.request_id, headers)
+
+    async def _sent_before(self, request_id: str, delivery: str, sending: Sending) -> bool:
+        """Is the answer that ``sending`` announced on its topic? A note younger than
+        ``SETTLE_S`` may belong to a publish still under way, so the search waits until then."""
+        age_s = time.time() - sending.at_ms / 1000
+        if age_s < SETTLE_S:
+            await asyncio.sleep(SETTLE_S - age_s)
+        if await self.sent.was_sent(sending.topic, request_id, delivery, sending.at_ms):
+            self.already_sent += 1
+            return True
+        return False
+
     async def _answer(
-        self, routed: RoutedRequest, events: list[asyncio.Task[None]]
+        self, routed: RoutedRequest, events: list[asyncio.Task[None]], delivery: str
     ) -> Outcome | None:
         request = routed.request
         errors: list[ModelCallError] = []
@@ -125,9 +167,12 @@ class TierService:
             rerouted = routed.model_copy(
                 update={"tier": fallback, "rule": f"fallback:{self.tier}", "attempt": 1}
             )
-            await self.publisher.publish(
-                self.topics.tier(fallback), rerouted, key=routed.request_id
-            )
+            topic = self.topics.tier(fallback)
+            earlier = await self.outcomes.sending(routed.request_id, delivery, topic)
+            if earlier is None or not await self._sent_before(routed.request_id, delivery, earlier):
+                await self.publisher.publish(
+                    topic, rerouted, routed.request_id, {DELIVERY_HEADER: delivery}
+                )
             return None
         last = errors[-1] if errors else None
         code = "rate_limited" if last and isinstance(last, RateLimited) else "all_models_failed"

@@ -1,0 +1,137 @@
+"""A tier-topic record handled again after a crash: answered once, whatever the crash cut short.
+
+The worker's handler gets the same record twice, as the partition's next owner does when the
+first one died before committing. Real broker, Redis and provider simulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from schemas.v1 import ChatRequest, ChatResult, Usage
+from tests.integration.stack import Stack, running_stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+def routed_record(stack: Stack, request_id: str, offset: int) -> ConsumerRecord:
+    job = ChatRequest(
+        request_id=request_id, model="fast", messages=[{"role": "user", "content": "once"}]
+    )
+    routed = stack.router_app.state.ctx.router.route(job, stack.topics.results)
+    value = routed.model_dump_json().encode()
+    return ConsumerRecord(
+        stack.topics.tier("fast"), 0, offset, 0, 0, None, value, None, 0, len(value), ()
+    )
+
+
+async def answers(stack: Stack, request_id: str) -> list[dict[str, object]]:
+    """Every answer to ``request_id`` on the results topic, read to its current end."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=stack.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        partitions = consumer.partitions_for_topic(stack.topics.results) or set()
+        tps = [TopicPartition(stack.topics.results, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        found: list[dict[str, object]] = []
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                messages = [json.loads(r.value) for r in records]
+                found += [m for m in messages if m["request_id"] == request_id]
+        return found
+    finally:
+        await consumer.stop()
+
+
+async def test_a_record_redelivered_after_its_answer_went_out_is_not_answered_again(
+    kafka_bootstrap: str,
+    redis_url: str,
+    topic_prefix: str,
+    routing_config: Path,
+    chdb_data_dir: Path,
+) -> None:
+    async with running_stack(
+        kafka_bootstrap, redis_url, topic_prefix, routing_config, chdb_data_dir, ["fast"]
+    ) as stack:
+        worker = stack.workers["fast"]
+        record = routed_record(stack, f"redeliver-{uuid.uuid4().hex}", offset=424_242)
+        request_id = json.loads(record.value)["request"]["request_id"]
+
+        await worker.handler(record)  # answered; then "the worker dies before committing"
+        await worker.handler(record)  # the next owner gets the same record
+
+        assert len(await answers(stack, request_id)) == 1
+        assert worker.service.already_sent == 1
+        assert worker.service.replayed == 0  # not even the stored answer was sent again
+        assert worker.sent.searches == 1
+
+
+async def test_a_record_whose_answer_was_noted_but_never_sent_is_answered(
+    kafka_bootstrap: str,
+    redis_url: str,
+    topic_prefix: str,
+    routing_config: Path,
+    chdb_data_dir: Path,
+) -> None:
+    async with running_stack(
+        kafka_bootstrap, redis_url, topic_prefix, routing_config, chdb_data_dir, ["fast"]
+    ) as stack:
+        worker = stack.workers["fast"]
+        record = routed_record(stack, f"cut-{uuid.uuid4().hex}", offset=7)
+        request_id = json.loads(record.value)["request"]["request_id"]
+        delivery = f"{record.topic}:{record.partition}:{record.offset}"
+        stored = ChatResult(
+            request_id=request_id,
+            tier="fast",
+            model="sim-light",
+            provider="openai",
+            rule="forced",
+            config_hash="x",
+            attempts=1,
+            latency_ms=1.0,
+            completion={"choices": []},
+            usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2),
+        )
+        # what a worker killed between storing its answer and publishing it leaves behind
+        await worker.outcomes.put(
+            request_id, stored.model_dump_json().encode(), delivery, stack.topics.results
+        )
+
+        await worker.handler(record)
+
+        sent = await answers(stack, request_id)
+        assert len(sent) == 1 and sent[0]["model"] == "sim-light"
+        assert worker.service.already_sent == 0
+        assert worker.service.replayed == 1  # from the store: no model call
+        assert worker.sent.searches == 1
+
+
+async def test_two_owners_handling_one_record_at_once_send_one_answer(
+    kafka_bootstrap: str,
+    redis_url: str,
+    topic_prefix: str,
+    routing_config: Path,
+    chdb_data_dir: Path,
+) -> None:
+    """A worker the group gave up on (it missed its heartbeats) still works on a record while
+    the partition's new owner starts on it: both call the model, one answer goes out."""
+    async with running_stack(
+        kafka_bootstrap, redis_url, topic_prefix, routing_config, chdb_data_dir, ["fast"]
+    ) as stack:
+        worker = stack.workers["fast"]
+        record = routed_record(stack, f"zombie-{uuid.uuid4().hex}", offset=99)
+        request_id = json.loads(record.value)["request"]["request_id"]
+
+        await asyncio.gather(worker.handler(record), worker.handler(record))
+
+        assert len(await answers(stack, request_id)) == 1
+        assert worker.service.already_sent == 1
