@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
+from services.common.kafka import METADATA_MAX_AGE_MS
 from services.common.offsets import OffsetTracker
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def _consumer(
         fetch_max_wait_ms=fetch_max_wait_ms,
         max_partition_fetch_bytes=16 * 1024 * 1024,
         fetch_max_bytes=64 * 1024 * 1024,
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
     )
 
 

@@ -32,6 +32,9 @@ JSON_HEADERS = {"content-type": "application/json"}
 _JSON_HEADER_LIST = [("content-type", b"application/json")]
 # Largest message a producer sends; oversized requests are refused at the door instead.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# How often clients refresh topic metadata (aiokafka's default is 5 minutes): a consumer notices
+# a topic's new or re-created partitions this soon.
+METADATA_MAX_AGE_MS = 5_000
 # Record batch size of the batch publisher: a consumed batch leaves as one request per partition.
 BATCH_BYTES = 4 * 1024 * 1024
 
@@ -216,6 +219,7 @@ def make_broker(bootstrap: str, client_id: str) -> KafkaBroker:
         max_batch_size=BATCH_BYTES,
         max_request_size=MAX_MESSAGE_BYTES,
         partitioner=KeyPartitioner(),
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
         logger=logging.getLogger(f"switchboard.kafka.{client_id}"),
         # FastStream logs "Received"/"Processed" per message at this level: two lines per
         # answered request at INFO, so they are kept for DEBUG

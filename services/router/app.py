@@ -26,6 +26,7 @@ from services.router.errors import ApiError
 from services.router.handlers import IngressHandler, ReplyHandler
 from services.router.http import HttpContext, api, install_error_handlers
 from services.router.service import PendingReplies, Router
+from services.router.watch import BrokerWatch
 
 log = logging.getLogger("switchboard.router")
 # Ingress batches routed while earlier ones wait for the broker to store their output.
@@ -63,6 +64,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
             settings.partitions,
         )
         await ensure_topics(settings.kafka_bootstrap, [reply_topic], 1)
+        watch = BrokerWatch(settings.kafka_bootstrap, reply_topic, replies)
         await broker.start()
         await batch_publisher.start()
         # The ingress is a batch consumer: a fetched batch is routed, published in one go, and
@@ -82,10 +84,12 @@ def create_app(settings: RouterSettings) -> FastAPI:
             session_timeout_ms=settings.kafka_session_timeout_ms,
         )
         await consumer.start()
+        await watch.start()
         log.info("router %s: config %s (hash %s)", settings.instance_id, config.path, config.hash)
         try:
             yield
         finally:
+            await watch.stop()
             await consumer.stop()
             await batch_publisher.stop()
             replies.fail_all(

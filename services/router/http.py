@@ -6,16 +6,26 @@ import asyncio
 import secrets
 from typing import Any
 
+from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from schemas.v1 import AUTO_MODEL, ChatMessage, ChatRequest, ChatResult, RequestMetadata
+from schemas.v1 import (
+    AUTO_MODEL,
+    ChatMessage,
+    ChatRequest,
+    ChatResult,
+    RequestMetadata,
+    RoutedRequest,
+)
 from services.router.domain.classify import UnknownModel
 from services.router.errors import ApiError, from_outcome, invalid, param_path
 from services.router.service import PendingReplies, Router, idempotent_request_id
 
+# How long a request may wait for the broker to take it (a broker that is up takes it in ms).
+PUBLISH_TIMEOUT_S = 10.0
 # OpenAI request fields Switchboard does not implement yet: refused by name rather than dropped.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "audio")
 
@@ -107,6 +117,21 @@ def _headers(result: ChatResult) -> dict[str, str]:
     }
 
 
+async def _publish(ctx: HttpContext, routed: RoutedRequest) -> None:
+    """Hand the request to its tier topic; a broker that cannot take it within
+    ``PUBLISH_TIMEOUT_S`` is a 503, not a caller left waiting."""
+    try:
+        await asyncio.wait_for(ctx.router.publish(routed), PUBLISH_TIMEOUT_S)
+    except (TimeoutError, KafkaError) as exc:
+        raise ApiError(
+            503,
+            f"Kafka did not take the request within {PUBLISH_TIMEOUT_S:g} s; it may still be "
+            "answered. Send it again with the same Idempotency-Key: it is answered once.",
+            type="service_unavailable",
+            code="broker_unavailable",
+        ) from exc
+
+
 def api(ctx: HttpContext) -> APIRouter:
     routes = APIRouter()
 
@@ -125,7 +150,7 @@ def api(ctx: HttpContext) -> APIRouter:
         future, first = ctx.replies.expect(chat.request_id)
         try:
             if first:
-                await ctx.router.publish(routed)
+                await _publish(ctx, routed)
             wait_s = (
                 (routed.deadline_at - routed.routed_at).total_seconds()
                 if routed.deadline_at

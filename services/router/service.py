@@ -80,6 +80,9 @@ class PendingReplies:
     def __init__(self) -> None:
         self._waiting: dict[str, asyncio.Future[Outcome]] = {}
 
+    def __len__(self) -> int:
+        return len(self._waiting)
+
     def expect(self, request_id: str) -> tuple[asyncio.Future[Outcome], bool]:
         """The future for ``request_id``, and whether this caller created it (must publish)."""
         existing = self._waiting.get(request_id)
