@@ -15,7 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from schemas.v1 import ChatRequest, ChatResult, Usage
-from tests.integration.stack import Stack, running_stack
+from tests.integration.stack import Stack, collect, running_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -32,7 +32,13 @@ def routed_record(stack: Stack, request_id: str, offset: int) -> ConsumerRecord:
 
 
 async def answers(stack: Stack, request_id: str) -> list[dict[str, object]]:
-    """Every answer to ``request_id`` on the results topic, read to its current end."""
+    """Every answer to ``request_id`` on the results topic: once the first is readable, all of
+    them up to the topic's end."""
+    await collect(
+        stack.bootstrap,
+        stack.topics.results,
+        lambda ms: any(m["request_id"] == request_id for m in ms),
+    )
     consumer = AIOKafkaConsumer(bootstrap_servers=stack.bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
