@@ -230,7 +230,9 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
 
 
 class BodyLimit:
-    """Refuses a request whose declared body is over the limit with an OpenAI-shaped 413.
+    """Refuses a request body over the limit with an OpenAI-shaped 413: at once when its declared
+    length is over, and as soon as the bytes received pass it when there is no declared length
+    (a chunked upload), without reading the rest.
 
     Plain ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` runs
     every request through an extra task and memory stream, a cost paid by every call.
@@ -239,19 +241,50 @@ class BodyLimit:
     def __init__(self, app: Any, max_body_bytes: int) -> None:
         self.app, self.max_body_bytes = app, max_body_bytes
 
+    def _refuse(self) -> JSONResponse:
+        err = ApiError(
+            413,
+            f"request body over {self.max_body_bytes} bytes",
+            type="invalid_request_error",
+            code="request_too_large",
+        )
+        return JSONResponse(err.body(), status_code=413)
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name == b"content-length":
-                    if value.isdigit() and int(value) > self.max_body_bytes:
-                        err = ApiError(
-                            413,
-                            f"request body over {self.max_body_bytes} bytes",
-                            type="invalid_request_error",
-                            code="request_too_large",
-                        )
-                        response = JSONResponse(err.body(), status_code=413)
-                        await response(scope, receive, send)
-                        return
-                    break
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if value.isdigit() and int(value) > self.max_body_bytes:
+                    await self._refuse()(scope, receive, send)
+                    return
+                break
+        received = 0
+        over = False
+        started = False
+
+        async def counted() -> Any:
+            # past the limit the app is told the client went away: it stops reading, and
+            # whatever it answers to the cut body is dropped for the 413 below
+            nonlocal received, over
+            if over:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    over = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            if over:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, counted, tracked)
+        if over and not started:
+            await self._refuse()(scope, receive, send)

@@ -164,3 +164,42 @@ async def test_oversized_body_is_413(wired: Any) -> None:
     resp = await client.post("/v1/chat/completions", json=chat("x" * (9 * 1024 * 1024)))
     assert resp.status_code == 413
     assert resp.json()["error"]["code"] == "request_too_large"
+
+
+async def test_oversized_chunked_body_is_413_without_reading_it_all(wired: Any) -> None:
+    """No content-length (a chunked upload): the limit holds on the bytes as they arrive."""
+    client, routed, _ = wired
+    chunk = b"x" * (1024 * 1024)
+    sent = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal sent
+        yield b'{"model": "switchboard/auto", "messages": [{"role": "user", "content": "'
+        for _ in range(64):  # 64 MiB offered, far over the 8 MiB limit
+            sent += 1
+            yield chunk
+        yield b'"}]}'
+
+    resp = await client.post(
+        "/v1/chat/completions", content=body(), headers={"content-type": "application/json"}
+    )
+    assert resp.status_code == 413
+    error = resp.json()["error"]
+    assert error["code"] == "request_too_large" and str(8 * 1024 * 1024) in error["message"]
+    assert routed == []  # nothing was routed
+    assert sent < 64  # the rest of the upload was never read
+
+
+async def test_a_chunked_body_under_the_limit_is_served(wired: Any) -> None:
+    client, routed, _ = wired
+
+    async def body() -> AsyncIterator[bytes]:
+        raw = json.dumps(chat("hello in pieces")).encode()
+        for i in range(0, len(raw), 7):
+            yield raw[i : i + 7]
+
+    resp = await client.post(
+        "/v1/chat/completions", content=body(), headers={"content-type": "application/json"}
+    )
+    assert resp.status_code == 200, resp.text
+    assert len(routed) == 1
