@@ -21,13 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import Bench
-from faults import auth, broker, crash, poison, redis_down, secrets, shutdown
+from faults import auth, broker, crash, fuzz, poison, redis_down, secrets, shutdown
 from faults.common import Tally, leaked_processes
 
 SCENARIOS: dict[str, Callable[[Bench], Tally]] = {
     "crash": crash.run,
     "redis": redis_down.run,
     "poison": poison.run,
+    "fuzz": fuzz.run,
     "auth": auth.run,
     "secrets": secrets.run,
     "shutdown": shutdown.run,

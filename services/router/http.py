@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.v1 import (
     AUTO_MODEL,
@@ -202,10 +203,34 @@ def api(ctx: HttpContext) -> APIRouter:
     return routes
 
 
+# Framework errors (unknown path, wrong method, a body that cannot be read) in OpenAI's shape.
+_HTTP_CODES = {
+    400: "invalid_body",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
+
+
 def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.__cause__ is not None:  # e.g. the body is not UTF-8: say what was wrong
+            message = f"{message}: {type(exc.__cause__).__name__}: {exc.__cause__}"[:500]
+        if exc.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        err = ApiError(exc.status_code, message, type=kind, code=code)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

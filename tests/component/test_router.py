@@ -203,3 +203,22 @@ async def test_a_chunked_body_under_the_limit_is_served(wired: Any) -> None:
     )
     assert resp.status_code == 200, resp.text
     assert len(routed) == 1
+
+
+async def test_framework_errors_are_openai_shaped_and_say_what_was_wrong(wired: Any) -> None:
+    """Found by the fuzzer: a body that is not UTF-8 got FastAPI's {"detail": ...}."""
+    client, routed, _ = wired
+    resp = await client.post(
+        "/v1/chat/completions",
+        content=b'{"model": "switchboard/auto", "messages": "\xff\xfe"}',
+        headers={"content-type": "application/json"},
+    )
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["code"] == "invalid_body" and "UnicodeDecodeError" in error["message"]
+    resp = await client.get("/v1/nothing-here")
+    assert resp.status_code == 404
+    assert resp.json()["error"]["message"] == "no such endpoint: GET /v1/nothing-here"
+    resp = await client.delete("/v1/chat/completions")
+    assert resp.status_code == 405 and resp.json()["error"]["code"] == "method_not_allowed"
+    assert routed == []
