@@ -21,11 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import Bench
-from faults import auth, broker, crash, fuzz, poison, redis_down, secrets, shutdown
+from faults import auth, broker, clickhouse, crash, fuzz, poison, redis_down, secrets, shutdown
 from faults.common import Tally, leaked_processes
 
 SCENARIOS: dict[str, Callable[[Bench], Tally]] = {
     "crash": crash.run,
+    "clickhouse": clickhouse.run,
     "redis": redis_down.run,
     "poison": poison.run,
     "fuzz": fuzz.run,

@@ -217,6 +217,8 @@ class _BatchRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.owner.release()
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        if self.owner.on_assign is not None:
+            self.owner.on_assign()
         self.owner.assigned.set()
 
 
@@ -256,7 +258,9 @@ class BatchConsumer:
         drain_timeout_s: float = 30.0,
         linger_ms: int = 0,
         session_timeout_ms: int = SESSION_TIMEOUT_MS,
+        on_assign: Callable[[], None] | None = None,
     ) -> None:
+        self.on_assign = on_assign  # called when partitions are assigned, before any is read
         self._consumer = _consumer(
             bootstrap, topics, group_id, fetch_max_wait_ms, client_id, session_timeout_ms
         )

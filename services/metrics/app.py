@@ -78,6 +78,9 @@ class MetricsApp:
             max_in_flight=2,
             linger_ms=settings.insert_linger_ms,
             session_timeout_ms=settings.kafka_session_timeout_ms,
+            # the first batches after an assignment may repeat what a crashed owner inserted:
+            # up to two batches (max_in_flight) were inserted and not committed
+            on_assign=lambda: self.handler.recheck(2 * settings.batch_size),
         )
         self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
 

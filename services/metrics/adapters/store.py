@@ -58,6 +58,8 @@ class EventStore(Protocol):
 
     async def insert_table(self, table: pa.Table, token: str) -> None: ...
 
+    async def stored(self, event_ids: Sequence[str]) -> set[str]: ...
+
     async def query(self, sql: str) -> tuple[list[str], list[list[Any]]]: ...
 
     async def close(self) -> None: ...
@@ -115,6 +117,19 @@ class ClickHouseStore:
     async def insert(self, events: Sequence[AttemptEvent]) -> None:
         table = events_table(events)
         await self.insert_table(table, dedup_token(table.column("event_id").combine_chunks()))
+
+    def _stored(self, event_ids: tuple[str, ...]) -> set[str]:
+        result = self._connect().query(
+            f"SELECT event_id FROM {self._table} WHERE event_id IN %(ids)s",
+            parameters={"ids": event_ids},
+        )
+        return {row[0] for row in result.result_rows}
+
+    async def stored(self, event_ids: Sequence[str]) -> set[str]:
+        """Which of these events have a row already (a batch read again after a crash)."""
+        if not event_ids:
+            return set()
+        return set(await self._run(self._stored, tuple(event_ids)))
 
     def _query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
         result = self._connect().query(sql, settings={"readonly": 1})
