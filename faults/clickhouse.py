@@ -11,8 +11,6 @@ none stored twice because its last batches were inserted and never committed.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,8 +19,8 @@ import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from bench.common import ROOT, Bench, RunningStack, routing_config, service_env, start_stack
-from faults.common import Tally, count_by
+from bench.common import Bench, RunningStack, routing_config, service_env, start_stack
+from faults.common import Tally, chdb_rows, count_by
 from schemas.topics import EVENTS_TABLE, Topics
 from schemas.v1 import AUTO_MODEL
 from switchboard.embedded import wait_for
@@ -33,13 +31,6 @@ BEFORE_S = 10.0
 DOWN_S = 60.0
 AFTER_S = 5.0
 WAIT_S = 180.0
-
-_EVENT_IDS = """
-import sys, clickhouse_connect
-client = clickhouse_connect.get_client(dsn="chdb://" + sys.argv[1])
-for (event_id,) in client.query("SELECT event_id FROM switchboard.{table}").result_rows:
-    print(event_id)
-"""
 
 
 def _for(client: httpx.Client, stack: RunningStack, seconds: float, codes: Counter[int]) -> None:
@@ -84,19 +75,6 @@ async def _caught_up(bootstrap: str, group: str, topic: str) -> int:
         await asyncio.sleep(0.5)
 
 
-def _rows(data_dir: Path) -> Counter[str]:
-    """Rows per event id, read with chDB in a process of its own (one process per directory)."""
-    done = subprocess.run(
-        [sys.executable, "-c", _EVENT_IDS.format(table=EVENTS_TABLE), str(data_dir / "chdb")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    return Counter(done.stdout.split())
-
-
 def run(bench: Bench) -> Tally:
     sim_url = bench.simulator(profiles={MODEL: PROFILE})
     bootstrap = bench.broker()
@@ -131,7 +109,7 @@ def run(bench: Bench) -> Tally:
     behind = asyncio.run(_caught_up(bootstrap, topics.metrics_group, topics.events))
     writer.stop()  # SIGTERM: it commits and closes chDB, so the directory can be read
     events = asyncio.run(count_by(bootstrap, topics.events, "event_id"))
-    rows = _rows(data_dir)
+    rows = Counter(chdb_rows(data_dir / "chdb", f"SELECT event_id FROM switchboard.{EVENTS_TABLE}"))
     again = sum(
         int(line.split(" events read again")[0].rsplit(" ", 1)[-1])
         for line in writer.log_path.read_text(errors="replace").splitlines()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 from aiokafka import AIOKafkaConsumer
@@ -92,3 +95,27 @@ async def count_by(
     finally:
         await consumer.stop()
     return seen
+
+
+_CHDB_DUMP = """
+import sys, clickhouse_connect
+client = clickhouse_connect.get_client(dsn="chdb://" + sys.argv[1])
+for row in client.query(sys.argv[2]).result_rows:
+    print("\\t".join(map(str, row)))
+"""
+
+
+def chdb_rows(chdb_dir: Path, sql: str) -> list[str]:
+    """The rows of ``sql`` on the chDB directory ``chdb_dir``, tab-separated, one per line.
+
+    In a process of its own: chDB opens one directory per process, and only one process at a
+    time may hold a directory (the metrics writer must have stopped)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CHDB_DUMP, str(chdb_dir), sql],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return done.stdout.splitlines()

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from bench.common import ROOT, Bench, RunningStack, start_stack, tier_spec, write_config
-from faults.common import Tally
+from bench.common import Bench, RunningStack, start_stack, tier_spec, write_config
+from faults.common import Tally, chdb_rows
 from schemas.topics import EVENTS_TABLE, Topics
 from schemas.v1 import AUTO_MODEL
 
@@ -30,14 +28,6 @@ PROFILE = {"ttft_s": 0.01, "tokens_per_s": 4000.0, "output_tokens": 24, "jitter"
 KEY_ENV = "FAULTS_PROVIDER_KEY"
 REQUESTS = 20  # per way in
 WAIT_S = 120.0
-
-_DUMP_ROWS = """
-import sys, clickhouse_connect
-client = clickhouse_connect.get_client(dsn="chdb://" + sys.argv[1])
-result = client.query("SELECT * FROM switchboard.{table}")
-for row in result.result_rows:
-    print("\\t".join(map(str, row)))
-"""
 
 
 def _config(bench: Bench, sim_url: str) -> Path:
@@ -114,18 +104,6 @@ async def _events(stack: RunningStack) -> list[bytes]:
     return out
 
 
-def _rows(data_dir: Path) -> list[str]:
-    done = subprocess.run(
-        [sys.executable, "-c", _DUMP_ROWS.format(table=EVENTS_TABLE), str(data_dir / "chdb")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    return done.stdout.splitlines()
-
-
 def _inject_errors(sim_url: str) -> None:
     httpx.post(
         f"{sim_url}/simulator/faults",
@@ -150,7 +128,7 @@ def run(bench: Bench) -> Tally:
     for name in ("router", "worker-bench", "metrics"):  # metrics inserts what it holds first
         bench.stop(stack.children[name])
     data_dir = bench.work_dir / f"data-{stack.prefix}"
-    rows = _rows(data_dir)
+    rows = chdb_rows(data_dir / "chdb", f"SELECT * FROM switchboard.{EVENTS_TABLE}")
     logs = {p.name: p.read_text(errors="replace") for p in bench.log_dir.glob("*") if p.is_file()}
 
     places: list[str] = []

@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from schemas.v1 import ChatRequest, ChatResult, Usage
-from tests.integration.stack import Stack, collect, running_stack
+from tests.integration.stack import Stack, collect
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -59,85 +58,65 @@ async def answers(stack: Stack, request_id: str) -> list[dict[str, object]]:
 
 
 async def test_a_record_redelivered_after_its_answer_went_out_is_not_answered_again(
-    kafka_bootstrap: str,
-    redis_url: str,
-    topic_prefix: str,
-    routing_config: Path,
-    chdb_data_dir: Path,
+    fast_stack: Stack,
 ) -> None:
-    async with running_stack(
-        kafka_bootstrap, redis_url, topic_prefix, routing_config, chdb_data_dir, ["fast"]
-    ) as stack:
-        worker = stack.workers["fast"]
-        record = routed_record(stack, f"redeliver-{uuid.uuid4().hex}", offset=424_242)
-        request_id = json.loads(record.value)["request"]["request_id"]
+    stack = fast_stack
+    worker = stack.workers["fast"]
+    record = routed_record(stack, f"redeliver-{uuid.uuid4().hex}", offset=424_242)
+    request_id = json.loads(record.value)["request"]["request_id"]
 
-        await worker.handler(record)  # answered; then "the worker dies before committing"
-        await worker.handler(record)  # the next owner gets the same record
+    await worker.handler(record)  # answered; then "the worker dies before committing"
+    await worker.handler(record)  # the next owner gets the same record
 
-        assert len(await answers(stack, request_id)) == 1
-        assert worker.service.already_sent == 1
-        assert worker.service.replayed == 0  # not even the stored answer was sent again
-        assert worker.sent.searches == 1
+    assert len(await answers(stack, request_id)) == 1
+    assert worker.service.already_sent == 1
+    assert worker.service.replayed == 0  # not even the stored answer was sent again
+    assert worker.sent.searches == 1
 
 
 async def test_a_record_whose_answer_was_noted_but_never_sent_is_answered(
-    kafka_bootstrap: str,
-    redis_url: str,
-    topic_prefix: str,
-    routing_config: Path,
-    chdb_data_dir: Path,
+    fast_stack: Stack,
 ) -> None:
-    async with running_stack(
-        kafka_bootstrap, redis_url, topic_prefix, routing_config, chdb_data_dir, ["fast"]
-    ) as stack:
-        worker = stack.workers["fast"]
-        record = routed_record(stack, f"cut-{uuid.uuid4().hex}", offset=7)
-        request_id = json.loads(record.value)["request"]["request_id"]
-        delivery = f"{record.topic}:{record.partition}:{record.offset}"
-        stored = ChatResult(
-            request_id=request_id,
-            tier="fast",
-            model="sim-light",
-            provider="openai",
-            rule="forced",
-            config_hash="x",
-            attempts=1,
-            latency_ms=1.0,
-            completion={"choices": []},
-            usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2),
-        )
-        # what a worker killed between storing its answer and publishing it leaves behind
-        await worker.outcomes.put(
-            request_id, stored.model_dump_json().encode(), delivery, stack.topics.results
-        )
+    stack = fast_stack
+    worker = stack.workers["fast"]
+    record = routed_record(stack, f"cut-{uuid.uuid4().hex}", offset=7)
+    request_id = json.loads(record.value)["request"]["request_id"]
+    delivery = f"{record.topic}:{record.partition}:{record.offset}"
+    stored = ChatResult(
+        request_id=request_id,
+        tier="fast",
+        model="sim-light",
+        provider="openai",
+        rule="forced",
+        config_hash="x",
+        attempts=1,
+        latency_ms=1.0,
+        completion={"choices": []},
+        usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2),
+    )
+    # what a worker killed between storing its answer and publishing it leaves behind
+    await worker.outcomes.put(
+        request_id, stored.model_dump_json().encode(), delivery, stack.topics.results
+    )
 
-        await worker.handler(record)
+    await worker.handler(record)
 
-        sent = await answers(stack, request_id)
-        assert len(sent) == 1 and sent[0]["model"] == "sim-light"
-        assert worker.service.already_sent == 0
-        assert worker.service.replayed == 1  # from the store: no model call
-        assert worker.sent.searches == 1
+    sent = await answers(stack, request_id)
+    assert len(sent) == 1 and sent[0]["model"] == "sim-light"
+    assert worker.service.already_sent == 0
+    assert worker.service.replayed == 1  # from the store: no model call
+    assert worker.sent.searches == 1
 
 
-async def test_two_owners_handling_one_record_at_once_send_one_answer(
-    kafka_bootstrap: str,
-    redis_url: str,
-    topic_prefix: str,
-    routing_config: Path,
-    chdb_data_dir: Path,
-) -> None:
+async def test_two_owners_handling_one_record_at_once_send_one_answer(fast_stack: Stack) -> None:
     """A worker the group gave up on (it missed its heartbeats) still works on a record while
     the partition's new owner starts on it: both call the model, one answer goes out."""
-    async with running_stack(
-        kafka_bootstrap, redis_url, topic_prefix, routing_config, chdb_data_dir, ["fast"]
-    ) as stack:
-        worker = stack.workers["fast"]
-        record = routed_record(stack, f"zombie-{uuid.uuid4().hex}", offset=99)
-        request_id = json.loads(record.value)["request"]["request_id"]
+    stack = fast_stack
+    worker = stack.workers["fast"]
+    record = routed_record(stack, f"zombie-{uuid.uuid4().hex}", offset=99)
+    request_id = json.loads(record.value)["request"]["request_id"]
 
-        await asyncio.gather(worker.handler(record), worker.handler(record))
+    await asyncio.gather(worker.handler(record), worker.handler(record))
 
-        assert len(await answers(stack, request_id)) == 1
-        assert worker.service.already_sent == 1
+    assert len(await answers(stack, request_id)) == 1
+    assert worker.service.already_sent == 1

@@ -1,0 +1,25 @@
+"""Fixtures shared by the integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.stack import Stack, running_stack
+
+
+@pytest.fixture
+async def fast_stack(
+    kafka_bootstrap: str,
+    redis_url: str,
+    topic_prefix: str,
+    routing_config: Path,
+    chdb_data_dir: Path,
+) -> AsyncIterator[Stack]:
+    """The services in this process with one worker, for tier ``fast``."""
+    async with running_stack(
+        kafka_bootstrap, redis_url, topic_prefix, routing_config, chdb_data_dir, ["fast"]
+    ) as stack:
+        yield stack
