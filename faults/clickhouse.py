@@ -23,6 +23,7 @@ from bench.common import Bench, RunningStack, routing_config, service_env, start
 from faults.common import Tally, chdb_rows, count_by
 from schemas.topics import EVENTS_TABLE, Topics
 from schemas.v1 import AUTO_MODEL
+from services.common.kafka import log_ends
 from switchboard.embedded import wait_for
 
 MODEL = "faults-clickhouse"
@@ -54,7 +55,7 @@ async def _behind(bootstrap: str, group: str, topic: str) -> int:
     try:
         await consumer.topics()
         tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        ends = await consumer.end_offsets(tps)
+        ends = await log_ends(consumer, tps)
         committed = await admin.list_consumer_group_offsets(group, partitions=tps)
         return sum(
             end - max(committed[tp].offset if tp in committed else 0, 0) for tp, end in ends.items()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
@@ -171,6 +171,34 @@ async def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
         await admin.delete_topics(list(names))
     finally:
         await admin.close()
+
+
+async def log_ends(
+    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], timeout_s: float = 30.0
+) -> dict[TopicPartition, int]:
+    """The offset after the last record of each partition (what ``end_offsets`` should say).
+
+    Tansu 0.6 answers ListOffsets(latest) with the base offset of the partition's last record
+    *batch* plus one, so a partition whose last batch holds several records looks shorter than it
+    is, and a reader that stops there misses its newest records. A fetch's high watermark is
+    right: this fetches each partition's last batch and reads it there. Works the same on Kafka.
+    ``consumer`` (group-less) is left assigned to ``tps``.
+    """
+    reported = await consumer.end_offsets(list(tps))
+    consumer.assign(list(tps))
+    ends = {tp: end for tp, end in reported.items() if end == 0}
+    for tp, end in reported.items():
+        if end > 0:
+            consumer.seek(tp, end - 1)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while len(ends) < len(reported):
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"no fetch answer for {sorted(set(reported) - set(ends))}")
+        pending = [tp for tp in reported if tp not in ends]
+        for tp, records in (await consumer.getmany(*pending, timeout_ms=500)).items():
+            if records:
+                ends[tp] = max(consumer.highwater(tp) or 0, records[-1].offset + 1, reported[tp])
+    return ends
 
 
 class Publisher(Protocol):

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 
 import pytest
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from schemas.v1 import ChatRequest, ChatResult, Usage
+from services.common.kafka import log_ends, partition_for_key
+from services.workers.adapters.sent import DELIVERY_HEADER
 from tests.integration.stack import Stack, collect
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -27,6 +30,21 @@ def routed_record(stack: Stack, request_id: str, offset: int) -> ConsumerRecord:
     value = routed.model_dump_json().encode()
     return ConsumerRecord(
         stack.topics.tier("fast"), 0, offset, 0, 0, None, value, None, 0, len(value), ()
+    )
+
+
+def stored_result(request_id: str) -> ChatResult:
+    return ChatResult(
+        request_id=request_id,
+        tier="fast",
+        model="sim-light",
+        provider="openai",
+        rule="forced",
+        config_hash="x",
+        attempts=1,
+        latency_ms=1.0,
+        completion={"choices": []},
+        usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2),
     )
 
 
@@ -44,8 +62,7 @@ async def answers(stack: Stack, request_id: str) -> list[dict[str, object]]:
         await consumer.topics()
         partitions = consumer.partitions_for_topic(stack.topics.results) or set()
         tps = [TopicPartition(stack.topics.results, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
+        ends = await log_ends(consumer, tps)
         await consumer.seek_to_beginning(*tps)
         found: list[dict[str, object]] = []
         while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
@@ -82,18 +99,7 @@ async def test_a_record_whose_answer_was_noted_but_never_sent_is_answered(
     record = routed_record(stack, f"cut-{uuid.uuid4().hex}", offset=7)
     request_id = json.loads(record.value)["request"]["request_id"]
     delivery = f"{record.topic}:{record.partition}:{record.offset}"
-    stored = ChatResult(
-        request_id=request_id,
-        tier="fast",
-        model="sim-light",
-        provider="openai",
-        rule="forced",
-        config_hash="x",
-        attempts=1,
-        latency_ms=1.0,
-        completion={"choices": []},
-        usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2),
-    )
+    stored = stored_result(request_id)
     # what a worker killed between storing its answer and publishing it leaves behind
     await worker.outcomes.put(
         request_id, stored.model_dump_json().encode(), delivery, stack.topics.results
@@ -120,3 +126,41 @@ async def test_two_owners_handling_one_record_at_once_send_one_answer(fast_stack
 
     assert len(await answers(stack, request_id)) == 1
     assert worker.service.already_sent == 1
+
+
+async def test_an_answer_inside_the_partitions_last_record_batch_is_found(
+    fast_stack: Stack,
+) -> None:
+    """A busy worker's producer sends answers in record batches of several; the search reads to
+    the partition's true end, also when the answer sits inside its last batch (Tansu reports
+    the end of a partition as its last batch's first offset + 1)."""
+    stack = fast_stack
+    topic = stack.topics.results
+    request_id = f"batched-{uuid.uuid4().hex}"
+    delivery = f"{stack.topics.tier('fast')}:0:31337"
+    since_ms = int(time.time() * 1000)
+    producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, linger_ms=200)
+    await producer.start()
+    try:
+        partitions = sorted(await producer.partitions_for(topic))
+        partition = partitions[partition_for_key(request_id.encode(), len(partitions))]
+        headers = [("content-type", b"application/json"), (DELIVERY_HEADER, delivery.encode())]
+        sent = [
+            await producer.send(
+                topic,
+                stored_result(rid).model_dump_json().encode(),
+                key=rid.encode(),
+                partition=partition,
+                headers=headers if rid == request_id else headers[:1],
+            )
+            for rid in (f"before-{request_id}", request_id, f"after-{request_id}")
+        ]
+        offsets = [(await future).offset for future in sent]
+    finally:
+        await producer.stop()
+    assert offsets == [offsets[0], offsets[0] + 1, offsets[0] + 2]
+
+    assert await stack.workers["fast"].sent.was_sent(topic, request_id, delivery, since_ms)
+    assert not await stack.workers["fast"].sent.was_sent(
+        topic, request_id, f"{delivery}0", since_ms
+    )

@@ -16,7 +16,7 @@ import asyncio
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from services.common.kafka import partition_for_key
+from services.common.kafka import log_ends, partition_for_key
 
 DELIVERY_HEADER = "switchboard-delivery"
 # the note is written just before the publish, by the same process, so the record's timestamp
@@ -66,10 +66,10 @@ class SentCheck:
         tp = TopicPartition(topic, ordered[partition_for_key(key, len(ordered))])
         consumer.assign([tp])
         found = (await consumer.offsets_for_times({tp: max(0, since_ms - _MARGIN_MS)}))[tp]
-        end = (await consumer.end_offsets([tp]))[tp]
         # no record that late: None (Kafka) or timestamp -1 with offset 0 (Tansu, then read all)
         if found is None:
             return False
+        end = (await log_ends(consumer, [tp]))[tp]
         consumer.seek(tp, found.offset)
         while await consumer.position(tp) < end:
             for record in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
