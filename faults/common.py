@@ -7,9 +7,10 @@ import json
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 from aiokafka import AIOKafkaConsumer
@@ -65,14 +66,17 @@ def leaked_processes(pids: Iterable[int]) -> int:
 async def count_by(
     bootstrap: str,
     topic: str,
-    by: str,
+    by: str | Callable[[Any], str],
     expect: Collection[str] = (),
     wait_s: float = 180.0,
     at_least: int = 0,
+    quiet_polls: int = 3,
 ) -> Counter[str]:
-    """Records of ``topic`` (JSON) counted by their ``by`` field, read from the start: until every
-    value in ``expect`` and ``at_least`` distinct values have been seen (or ``wait_s`` passed),
-    then on until the topic has been quiet for three polls, so late repeats are counted too."""
+    """Records of ``topic`` (JSON) counted by their ``by`` field (or what ``by`` returns for one),
+    read from the start: until every value in ``expect`` and ``at_least`` distinct values have
+    been seen (or ``wait_s`` passed), then on until the topic has been quiet for ``quiet_polls``
+    polls, so late repeats are counted too."""
+    key = (lambda message: message[by]) if isinstance(by, str) else by
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", fetch_max_wait_ms=50
     )
@@ -83,15 +87,17 @@ async def count_by(
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         quiet = 0
-        while quiet < 3 and loop.time() < deadline:
+        while loop.time() < deadline:
             batches = await consumer.getmany(timeout_ms=300)
             for records in batches.values():
                 for record in records:
-                    value = json.loads(record.value)[by]
+                    value = key(json.loads(record.value))
                     seen[value] += 1
                     missing.discard(value)
             enough = not missing and len(seen) >= at_least
             quiet = quiet + 1 if not batches and enough else 0
+            if enough and quiet >= quiet_polls:
+                break
     finally:
         await consumer.stop()
     return seen

@@ -6,11 +6,13 @@ Every answer is judged: a status of 500 or more, or a 4xx whose body is not Open
 (``{"error": {"message", "type", "param", "code"}}`` with a message and a code), counts as lost;
 a 2xx to a call without the key counts as leaked; a call with no answer within 30 s counts as
 stuck. Then the size limit is checked with real requests: a body declared over
-``SWITCHBOARD_MAX_BODY_BYTES`` and a chunked one that passes it must both get a 413.
+``SWITCHBOARD_MAX_BODY_BYTES`` and a chunked one that passes it must both get a 413, and an inline
+image over ``SWITCHBOARD_MAX_IMAGE_BYTES`` or with broken data a 400 naming it.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -25,12 +27,14 @@ from schemathesis.core.result import Ok
 
 from bench.common import Bench, RunningStack, routing_config, start_stack
 from faults.common import Tally
+from services.router.domain.images import MAX_IMAGE_BYTES
 
 MODEL = "faults-fuzz"
 PROFILE = {"ttft_s": 0.005, "tokens_per_s": 20000.0, "output_tokens": 8, "jitter": 0.0}
 EXAMPLES = 120  # per operation, generation mode and key (with or without)
 TIMEOUT_S = 30.0
 LIMIT = 8 * 1024 * 1024  # the router's default SWITCHBOARD_MAX_BODY_BYTES
+IMAGE_LIMIT = MAX_IMAGE_BYTES  # the router's default SWITCHBOARD_MAX_IMAGE_BYTES
 
 
 class Judge:
@@ -158,6 +162,28 @@ def _limits(stack: RunningStack, judge: Judge) -> list[str]:
             judge(f"POST {label} body over the limit", response.status_code, body, True)
             if response.status_code != 413 or str(LIMIT) not in str(body):
                 failures.append(f"{label}: {response.status_code}")
+        over = base64.b64encode(bytes(IMAGE_LIMIT + 1)).decode()
+        for label, url, code in (
+            ("inline image over the limit", f"data:image/png;base64,{over}", "image_too_large"),
+            ("inline image not base64", "data:image/png;base64,%%%%", "invalid_image_url"),
+        ):
+            parts = [{"type": "image_url", "image_url": {"url": url}}]
+            request = {
+                "model": "switchboard/auto",
+                "messages": [{"role": "user", "content": parts}],
+            }
+            response = client.post(
+                url=f"{stack.base_url}/v1/chat/completions", json=request, headers=headers
+            )
+            body = _json(response.content)
+            judge(f"POST {label}", response.status_code, body, True)
+            error = body.get("error") if isinstance(body, dict) else None
+            if (
+                response.status_code != 400
+                or not isinstance(error, dict)
+                or error.get("code") != code
+            ):
+                failures.append(f"{label}: {response.status_code}")
     return failures
 
 
@@ -176,8 +202,12 @@ def run(bench: Bench) -> Tally:
         f"{judge.sent} requests on {operations} operations (schemathesis "
         f"{schemathesis.SCHEMATHESIS_VERSION}, {EXAMPLES} examples per operation, mode and key), "
         f"statuses {dict(sorted(judge.statuses.items()))}, error codes "
-        f"{dict(judge.codes.most_common())}; body limit: "
-        f"{'413 declared and chunked' if not failures else failures}"
+        f"{dict(judge.codes.most_common())}; limits: "
+        + (
+            "413 for bodies over (declared and chunked), 400 for inline images over or broken"
+            if not failures
+            else f"FAILED {failures}"
+        )
         + (f"; e.g. {' | '.join(judge.examples)}" if judge.examples else "")
     )
     return tally

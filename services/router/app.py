@@ -40,7 +40,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
     reply_topic = topics.replies(settings.instance_id)
     broker = make_broker(settings.kafka_bootstrap, name)
     publisher = BrokerPublisher(broker)
-    router = Router(config, topics, publisher)
+    router = Router(config, topics, publisher, settings.max_image_bytes)
     replies = PendingReplies()
     batch_publisher = KafkaBatchPublisher(settings.kafka_bootstrap, f"{name}-ingress")
     ingress = IngressHandler(router, batch_publisher, name, settings.max_body_bytes)

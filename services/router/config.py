@@ -7,6 +7,7 @@ import uuid
 from pydantic import Field, SecretStr
 
 from services.common.settings import CommonSettings
+from services.router.domain.images import MAX_IMAGE_BYTES
 
 
 class RouterSettings(CommonSettings):
@@ -23,6 +24,11 @@ class RouterSettings(CommonSettings):
     )
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted."
+    )
+    max_image_bytes: int = Field(
+        default=MAX_IMAGE_BYTES,
+        ge=1024,
+        description="Largest inline (data URL) image accepted, in decoded bytes; HTTP and ingress.",
     )
     ingress_batch: int = Field(
         default=2000,

@@ -13,6 +13,7 @@ from schemas.v1 import ChatError, ChatRequest, Outcome
 from services.common.deadletter import describe, from_record
 from services.common.kafka import BatchPublisher, Outgoing, Publisher
 from services.router.domain.classify import UnknownModel
+from services.router.domain.images import BadImage
 from services.router.service import PendingReplies, Router
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class IngressHandler:
             routed = self.router.route(request, topics.results, caller_waits=False)
             out.append(self.router.encode(routed, payload))
             return True
-        except (ValidationError, UnknownModel, TooLarge) as exc:
+        except (ValidationError, UnknownModel, BadImage, TooLarge) as exc:
             letter = from_record(record, self.name, exc)
             out.append(Outgoing(topics.dead_letter, letter.model_dump_json().encode()))
             if request_id := _request_id_of(payload):

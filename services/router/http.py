@@ -22,6 +22,7 @@ from schemas.v1 import (
     RoutedRequest,
 )
 from services.router.domain.classify import UnknownModel
+from services.router.domain.images import BadImage
 from services.router.errors import ApiError, from_outcome, invalid, param_path
 from services.router.service import PendingReplies, Router, idempotent_request_id
 
@@ -148,6 +149,8 @@ def api(ctx: HttpContext) -> APIRouter:
             routed = ctx.router.route(chat, ctx.reply_topic)
         except UnknownModel as exc:
             raise invalid(str(exc), "model", "model_not_found") from exc
+        except BadImage as exc:
+            raise invalid(f"'{exc.param}': {exc.message}", exc.param, exc.code) from exc
         future, first = ctx.replies.expect(chat.request_id)
         try:
             if first:

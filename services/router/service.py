@@ -11,6 +11,7 @@ from schemas.v1 import ChatRequest, Outcome, RoutedRequest
 from services.common.kafka import Outgoing, Publisher
 from services.common.routing_config import LoadedConfig
 from services.router.domain.classify import classify
+from services.router.domain.images import MAX_IMAGE_BYTES, check_images
 
 _ENVELOPE = set(RoutedRequest.model_fields) - {"request"}  # every field but the request
 
@@ -22,10 +23,17 @@ def idempotent_request_id(tenant: str | None, key: str) -> str:
 
 
 class Router:
-    def __init__(self, config: LoadedConfig, topics: Topics, publisher: Publisher) -> None:
+    def __init__(
+        self,
+        config: LoadedConfig,
+        topics: Topics,
+        publisher: Publisher,
+        max_image_bytes: int = MAX_IMAGE_BYTES,
+    ) -> None:
         self.config = config
         self.topics = topics
         self.publisher = publisher
+        self.max_image_bytes = max_image_bytes
 
     def route(
         self, request: ChatRequest, reply_to: str, *, caller_waits: bool = True
@@ -36,7 +44,10 @@ class Router:
         that waits (HTTP) gets the tier's ``request_timeout_s``, while a job from the Kafka
         ingress gets none: it waits in its tier's queue as long as the backlog takes, and only
         each model attempt is timed (``timeout_s``). A queued job is never dropped for age.
+
+        Raises ``UnknownModel`` or ``BadImage`` for a request no tier can take.
         """
+        check_images(request, self.max_image_bytes)
         decision = classify(request, self.config)
         tier = self.config.tier(decision.tier)
         now = datetime.now(UTC)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -222,3 +223,38 @@ async def test_framework_errors_are_openai_shaped_and_say_what_was_wrong(wired: 
     resp = await client.delete("/v1/chat/completions")
     assert resp.status_code == 405 and resp.json()["error"]["code"] == "method_not_allowed"
     assert routed == []
+
+
+def image(url: str) -> list[dict[str, Any]]:
+    text = {"type": "text", "text": "what is this?"}
+    return [text, {"type": "image_url", "image_url": {"url": url}}]
+
+
+def data_url(size: int, kind: str = "png") -> str:
+    return f"data:image/{kind};base64," + base64.b64encode(b"\x89" * size).decode()
+
+
+async def test_image_parts_over_the_limit_or_malformed_are_400s_naming_the_part(
+    wired: Any,
+) -> None:
+    client, routed, _ = wired
+    limit = settings().max_image_bytes
+    refused = {
+        data_url(limit + 1): "image_too_large",
+        "data:image/png;base64,%%%%": "invalid_image_url",
+        data_url(10, "bmp"): "invalid_image_format",
+        "ftp://example.com/cat.png": "invalid_image_url",
+    }
+    for url, code in refused.items():
+        resp = await client.post("/v1/chat/completions", json=chat(image(url)))
+        assert resp.status_code == 400, (url[:40], resp.text)
+        error = resp.json()["error"]
+        assert (error["code"], error["param"]) == (code, "messages[0].content[1].image_url.url")
+        assert error["param"] in error["message"]
+        if code == "image_too_large":
+            assert f"{limit + 1} bytes is over the limit of {limit} bytes" in error["message"]
+    assert routed == []
+    for url in (data_url(limit), "https://example.com/cat.png"):
+        resp = await client.post("/v1/chat/completions", json=chat(image(url)))
+        assert resp.status_code == 200, resp.text
+    assert len(routed) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -180,3 +181,20 @@ async def test_a_request_over_the_size_limit_is_a_dead_letter_naming_the_limit(
     errors = [json.loads(m.value) for m in out if m.topic == TOPICS.results]
     assert [(e["request_id"], e["code"]) for e in errors] == [("big-1", "invalid_request")]
     assert handler.routed == 1
+
+
+async def test_an_image_over_the_limit_is_a_dead_letter_naming_the_part() -> None:
+    config = load_config(ROOT / "config" / "simulated.yaml")
+    router = Router(config, TOPICS, publisher=None, max_image_bytes=1024)  # type: ignore[arg-type]
+    publisher = RecordingPublisher()
+    handler = IngressHandler(router, publisher, "router-test")
+    url = "data:image/jpeg;base64," + base64.b64encode(bytes(1025)).decode()
+    parts = [{"type": "image_url", "image_url": {"url": url}}]
+    await handler([record(0, request("img-1", messages=[{"role": "user", "content": parts}]))])
+
+    out = publisher.calls[0]
+    [letter] = [json.loads(m.value) for m in out if m.topic == TOPICS.dead_letter]
+    assert letter["reason"].startswith("messages[0].content[0].image_url.url: inline image of 1025")
+    [error] = [json.loads(m.value) for m in out if m.topic == TOPICS.results]
+    assert (error["request_id"], error["code"]) == ("img-1", "invalid_request")
+    assert (handler.routed, handler.dead_letters) == (0, 1)
