@@ -35,6 +35,7 @@ RecordHandler = Callable[[ConsumerRecord], Awaitable[None]]
 BatchHandler = Callable[[Sequence[ConsumerRecord]], Awaitable[None]]
 
 _BACKOFF_MAX_S = 5.0
+REWIND_CHECK_S = 1.0  # how often a consumer looks for partitions that ended before its position
 SESSION_TIMEOUT_MS = 6_000  # the least a Kafka broker accepts by default
 
 
@@ -61,6 +62,36 @@ def _consumer(
         fetch_max_bytes=64 * 1024 * 1024,
         metadata_max_age_ms=METADATA_MAX_AGE_MS,
     )
+
+
+async def rewind_lost(consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+    """Read again from the start the assigned partitions that now end before ``consumer``'s
+    position: the broker lost them and began them anew (the embedded broker restarts empty).
+
+    A Kafka broker answers a fetch past a partition's end with OFFSET_OUT_OF_RANGE, and aiokafka
+    then applies ``auto_offset_reset``. Tansu answers it with no records, so a consumer would wait
+    at its old position and never read what the new partition holds below it; after a restart
+    the group's first commit even stores those old positions. A fetch's high watermark shows it.
+    """
+    lost = []
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        if highwater is None:
+            continue
+        try:
+            position = await asyncio.wait_for(consumer.position(tp), 1.0)
+        except (TimeoutError, IllegalStateError):
+            continue  # no position yet, or the partition is being reassigned
+        if position > highwater:
+            lost.append(tp)
+    if lost:
+        log.warning(
+            "partitions %s end before this consumer's position: the broker lost them; "
+            "reading them again from the start",
+            ", ".join(f"{tp.topic}[{tp.partition}]" for tp in lost),
+        )
+        await consumer.seek_to_beginning(*lost)
+    return lost
 
 
 async def _retry_until_done(
@@ -135,6 +166,7 @@ class ConcurrentConsumer:
         return len(self._tasks)
 
     async def _fetch_loop(self) -> None:
+        next_check = 0.0
         while not self._stopping.is_set():
             free = self._concurrency - len(self._tasks)
             if free <= 0:
@@ -147,6 +179,10 @@ class ConcurrentConsumer:
                     self._tracker.started(tp, record.offset)
                     task = asyncio.create_task(self._process(tp, record))
                     self._tasks[task] = tp
+            if (now := asyncio.get_running_loop().time()) >= next_check:
+                next_check = now + REWIND_CHECK_S
+                for tp in await rewind_lost(self._consumer):
+                    self._tracker.forget(tp)  # its offsets start again at the beginning
 
     async def _process(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         what = f"handling {tp.topic}[{tp.partition}]@{record.offset}"
@@ -288,7 +324,11 @@ class BatchConsumer:
         self._commit_task = asyncio.create_task(self._commit_loop(), name="commit-batch")
 
     async def _fetch_loop(self) -> None:
+        next_check = 0.0
         while not self._stopping.is_set():
+            if (now := asyncio.get_running_loop().time()) >= next_check:
+                next_check = now + REWIND_CHECK_S
+                await rewind_lost(self._consumer)
             await self._slots.acquire()
             try:
                 records, points = await self._gather()

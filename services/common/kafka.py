@@ -15,18 +15,19 @@ import asyncio
 import itertools
 import logging
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError, UnknownError
 from faststream.kafka import KafkaBroker
 from pydantic import BaseModel
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 JSON_HEADERS = {"content-type": "application/json"}
 _JSON_HEADER_LIST = [("content-type", b"application/json")]
@@ -37,6 +38,28 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 METADATA_MAX_AGE_MS = 5_000
 # Record batch size of the batch publisher: a consumed batch leaves as one request per partition.
 BATCH_BYTES = 4 * 1024 * 1024
+# How long a produce the broker fails with UnknownError is sent again. Tansu 0.6 stores produce
+# requests for a topic its restart wiped out (clients still have the old metadata) without
+# creating it; when a metadata request then creates the topic, its partitions start again at
+# offset 0, and each produce fails with UnknownError (the broker logs AlreadyExists) until the
+# partition has moved past the batches stored before, one per failure. Sent again at once, a
+# publish gets through in milliseconds; left to the callers' backoff, a partition took minutes.
+UNKNOWN_ERROR_RETRY_S = 10.0
+_UNKNOWN_ERROR_PAUSE_S = 0.005
+
+
+async def _past_unknown_errors(send: Callable[[], Awaitable[T]]) -> T:
+    """``send()``, again while it fails with UnknownError, for up to ``UNKNOWN_ERROR_RETRY_S``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + UNKNOWN_ERROR_RETRY_S
+    while True:
+        try:
+            return await send()
+        except UnknownError:
+            if loop.time() > deadline:
+                raise
+        await asyncio.sleep(_UNKNOWN_ERROR_PAUSE_S)
+
 
 # --- key → partition, as every Kafka client computes it -------------------------------------------
 #
@@ -226,11 +249,14 @@ class BrokerPublisher:
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        await self._broker.publish(
-            message.model_dump_json().encode(),
-            topic=topic,
-            key=key.encode() if key else None,
-            headers={**JSON_HEADERS, **headers} if headers else JSON_HEADERS,
+        body = message.model_dump_json().encode()
+        await _past_unknown_errors(
+            lambda: self._broker.publish(
+                body,
+                topic=topic,
+                key=key.encode() if key else None,
+                headers={**JSON_HEADERS, **headers} if headers else JSON_HEADERS,
+            )
         )
 
 
@@ -326,26 +352,50 @@ class KafkaBatchPublisher:
         if not messages:
             return
         targets = await self._targets(messages)
-        open_batches: dict[tuple[str, int], Any] = {}
-        sent: list[asyncio.Future[Any]] = []
+        open_batches: dict[tuple[str, int], tuple[Any, list[Outgoing]]] = {}
+        sent: list[Awaitable[None]] = []
         for message, partition in zip(messages, targets, strict=True):
             where = (message.topic, partition)
-            batch = open_batches.get(where)
-            if batch is None:
-                batch = open_batches[where] = producer.create_batch()
-            if (
-                batch.append(
-                    key=message.key, value=message.value, timestamp=None, headers=_JSON_HEADER_LIST
-                )
-                is None
-            ):
-                batch.close()
-                sent.append(await producer.send_batch(batch, message.topic, partition=partition))
-                batch = open_batches[where] = producer.create_batch()
-                batch.append(
-                    key=message.key, value=message.value, timestamp=None, headers=_JSON_HEADER_LIST
-                )
-        for (topic, partition), batch in open_batches.items():
-            batch.close()
-            sent.append(await producer.send_batch(batch, topic, partition=partition))
+            entry = open_batches.get(where)
+            if entry is None:
+                entry = open_batches[where] = (producer.create_batch(), [])
+            if _append(entry[0], message) is None:
+                sent.append(await self._close_and_send(where, *entry))
+                entry = open_batches[where] = (producer.create_batch(), [])
+                _append(entry[0], message)
+            entry[1].append(message)
+        for where, entry in open_batches.items():
+            sent.append(await self._close_and_send(where, *entry))
         await asyncio.gather(*sent)
+
+    async def _close_and_send(
+        self, where: tuple[str, int], batch: Any, members: list[Outgoing]
+    ) -> Awaitable[None]:
+        """Send ``batch`` (holding ``members``); what to await for it to be stored."""
+        assert self._producer is not None, "start() first"
+        batch.close()
+        future = await self._producer.send_batch(batch, where[0], partition=where[1])
+        return self._stored(where, members, future)
+
+    async def _stored(
+        self, where: tuple[str, int], members: list[Outgoing], future: Awaitable[Any]
+    ) -> None:
+        """Wait for a sent batch; one the broker failed with UnknownError is built and sent again."""
+        try:
+            await future
+        except UnknownError:
+            await _past_unknown_errors(lambda: self._send_again(where, members))
+
+    async def _send_again(self, where: tuple[str, int], members: list[Outgoing]) -> None:
+        assert self._producer is not None, "start() first"
+        batch = self._producer.create_batch()
+        for message in members:
+            _append(batch, message)
+        batch.close()
+        await (await self._producer.send_batch(batch, where[0], partition=where[1]))
+
+
+def _append(batch: Any, message: Outgoing) -> Any:
+    return batch.append(
+        key=message.key, value=message.value, timestamp=None, headers=_JSON_HEADER_LIST
+    )

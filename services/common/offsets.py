@@ -24,9 +24,10 @@ class OffsetTracker:
             self._next[partition] = offset
 
     def finished(self, partition: Hashable, offset: int) -> None:
-        if partition not in self._pending:
-            return  # finished after its partition was revoked; the new owner redoes it
-        self._pending[partition].discard(offset)
+        pending = self._pending.get(partition)
+        if pending is None or offset not in pending:
+            return  # finished after its partition was revoked or started again: not ours
+        pending.discard(offset)
         self._done[partition].add(offset)
         nxt = self._next[partition]
         done = self._done[partition]

@@ -46,12 +46,14 @@ def create_app(settings: RouterSettings) -> FastAPI:
     ingress = IngressHandler(router, batch_publisher, name, settings.max_body_bytes)
     on_reply = ReplyHandler(replies, publisher, topics.dead_letter, name)
 
-    @broker.subscriber(
+    reply_subscriber = broker.subscriber(
         reply_topic,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=settings.fetch_wait_interactive_ms,
         max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
     )
+
+    @reply_subscriber
     async def on_reply_msg(msg: KafkaMessage) -> None:
         await on_reply(msg.raw_message)  # type: ignore[arg-type]
 
@@ -64,7 +66,9 @@ def create_app(settings: RouterSettings) -> FastAPI:
             settings.partitions,
         )
         await ensure_topics(settings.kafka_bootstrap, [reply_topic], 1)
-        watch = BrokerWatch(settings.kafka_bootstrap, reply_topic, replies)
+        watch = BrokerWatch(
+            settings.kafka_bootstrap, reply_topic, replies, lambda: reply_subscriber.consumer
+        )
         await broker.start()
         await batch_publisher.start()
         # The ingress is a batch consumer: a fetched batch is routed, published in one go, and

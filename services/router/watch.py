@@ -10,7 +10,8 @@ that did answer stored the outcome in Redis).
 Lost topics come back by themselves: the embedded broker creates a topic (with its default of 4
 partitions) when a client asks for it, and every client refreshes its metadata every
 ``METADATA_MAX_AGE_MS``, so consumers find the new partitions. Creating them here as well raced
-with that and left the broker failing produce requests to them.
+with that and left the broker failing produce requests to them. The reply consumer, whose position
+is past the new reply topic's end, is sent back to its start on the next probe (``rewind_lost``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
+from services.common.consumer import rewind_lost
 from services.router.errors import ApiError
 from services.router.service import PendingReplies
 
@@ -37,10 +40,12 @@ class BrokerWatch:
         bootstrap: str,
         reply_topic: str,
         replies: PendingReplies,
+        reply_consumer: Callable[[], AIOKafkaConsumer | None] = lambda: None,
     ) -> None:
         self._bootstrap = bootstrap
         self._reply_topic = reply_topic
         self._replies = replies
+        self._reply_consumer = reply_consumer  # the reply topic's consumer, once it runs
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self.failed_callers = 0
@@ -72,6 +77,11 @@ class BrokerWatch:
                 continue
             if problem is not None:
                 self._fail_waiting(problem)
+            elif (consumer := self._reply_consumer()) is not None:
+                try:
+                    await rewind_lost(consumer)
+                except Exception:
+                    log.exception("broker watch: could not check the reply consumer's position")
 
     async def _probe(self) -> str | None:
         assert self._consumer is not None
