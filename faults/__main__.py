@@ -28,25 +28,22 @@ SCENARIOS: dict[str, Callable[[Bench], Tally]] = {
     "crash": crash.run,
     "clickhouse": clickhouse.run,
     "redis": redis_down.run,
+    "broker": broker.run,
     "poison": poison.run,
     "fuzz": fuzz.run,
     "auth": auth.run,
     "secrets": secrets.run,
     "shutdown": shutdown.run,
 }
-# Scenarios that still fail: run them by name (``--only broker``); docs/reliability.md says why.
-OPEN: dict[str, Callable[[Bench], Tally]] = {
-    "broker": broker.run,
-}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m faults", description=__doc__)
-    parser.add_argument("--only", help=f"comma-separated subset of {','.join([*SCENARIOS, *OPEN])}")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     parser.add_argument("--keep", action="store_true", help="keep the scratch dir and logs")
     args = parser.parse_args(argv)
     chosen = list(SCENARIOS) if not args.only else [k.strip() for k in args.only.split(",")]
-    runnable = {**SCENARIOS, **OPEN}
+    runnable = SCENARIOS
     unknown = [k for k in chosen if k not in runnable]
     if unknown:
         parser.error(f"unknown scenario(s) {unknown}; choose from {list(runnable)}")
@@ -81,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"faults: scratch dir and logs kept in {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
-    if not args.only:
-        print(f"faults: not run (still failing, see docs/reliability.md): {', '.join(OPEN)}")
     print(f"faults: {len(chosen)} scenarios, {total.counts()}", flush=True)
     return 1 if failed or not total.clean else 0
 

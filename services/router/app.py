@@ -60,15 +60,18 @@ def create_app(settings: RouterSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tier_topics = [topics.tier(t) for t in config.tier_names]
-        await ensure_topics(
-            settings.kafka_bootstrap,
-            [*tier_topics, topics.ingress, topics.results, topics.dead_letter, topics.events],
-            settings.partitions,
-        )
+        shared = [*tier_topics, topics.ingress, topics.results, topics.dead_letter, topics.events]
+        await ensure_topics(settings.kafka_bootstrap, shared, settings.partitions)
         await ensure_topics(settings.kafka_bootstrap, [reply_topic], 1)
         watch = BrokerWatch(
-            settings.kafka_bootstrap, reply_topic, replies, lambda: reply_subscriber.consumer
+            settings.kafka_bootstrap,
+            reply_topic,
+            replies,
+            lambda: reply_subscriber.consumer,
+            shared,
+            settings.partitions,
         )
+        ctx.broker_ready = lambda: watch.ready
         await broker.start()
         await batch_publisher.start()
         # The ingress is a batch consumer: a fetched batch is routed, published in one go, and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka.errors import KafkaError
@@ -60,6 +61,7 @@ class HttpContext:
     ) -> None:
         self.router, self.replies, self.reply_topic = router, replies, reply_topic
         self.api_key, self.reply_grace_s = api_key, reply_grace_s
+        self.broker_ready: Callable[[], bool] = lambda: True  # the broker watch's verdict
 
 
 def _check_key(ctx: HttpContext, request: Request) -> None:
@@ -121,7 +123,16 @@ def _headers(result: ChatResult) -> dict[str, str]:
 
 async def _publish(ctx: HttpContext, routed: RoutedRequest) -> None:
     """Hand the request to its tier topic; a broker that cannot take it within
-    ``PUBLISH_TIMEOUT_S`` is a 503, not a caller left waiting."""
+    ``PUBLISH_TIMEOUT_S``, or that the broker watch says is away, is a 503, not a caller left
+    waiting."""
+    if not ctx.broker_ready():
+        raise ApiError(
+            503,
+            "Kafka is unreachable or coming back from a restart; the request was not sent. "
+            "Send it again shortly (with an Idempotency-Key it is answered once).",
+            type="service_unavailable",
+            code="broker_unavailable",
+        )
     try:
         await asyncio.wait_for(ctx.router.publish(routed), PUBLISH_TIMEOUT_S)
     except (TimeoutError, KafkaError) as exc:

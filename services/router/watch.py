@@ -1,17 +1,23 @@
-"""The router's watch on Kafka: HTTP callers waiting for answers get a clear error, not a long
-wait, when the broker goes away or comes back without its data.
+"""The router's watch on Kafka: HTTP callers get a clear error, not a long wait, when the broker
+goes away or comes back without its data, and nothing is published until it is usable again.
 
 Every second the watch asks the broker for its topics. No answer within 2 s, or this router's reply
 topic gone (an embedded broker keeps everything in memory, so a restart loses every topic), and
 the callers waiting at that moment get a 503 ``broker_unavailable`` at once: their requests may be
 lost, and sending them again with the same ``Idempotency-Key`` gets each answered once (a worker
-that did answer stored the outcome in Redis).
+that did answer stored the outcome in Redis). Until the broker answers with every topic again
+(``ready``), new requests get that 503 without being published: a publish queued for a broker that
+is away goes out when it is back, to a topic that may not exist yet, and such writes are what an
+embedded broker loses (below).
 
-Lost topics come back by themselves: the embedded broker creates a topic (with its default of 4
-partitions) when a client asks for it, and every client refreshes its metadata every
-``METADATA_MAX_AGE_MS``, so consumers find the new partitions. Creating them here as well raced
-with that and left the broker failing produce requests to them. The reply consumer, whose position
-is past the new reply topic's end, is sent back to its start on the next probe (``rewind_lost``).
+Lost topics are created again by the watch at once, every probe 0.2 s apart while Kafka is not
+usable. The broker keeps what producers that still have the old metadata write to a topic before
+anything creates it again, and a topic created over those writes starts at offset 0 under them:
+it refuses produce requests for a while (the publishers send them again) and may lose records
+written meanwhile. Creating the topics early keeps that window short. The reply topic, which only
+this router reads, is renewed completely: created, deleted with what it holds, created again (one
+partition); the reply consumer is sent back to its start, and only then are the callers waiting
+failed, whose answers may have gone with it.
 """
 
 from __future__ import annotations
@@ -19,19 +25,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from services.common.consumer import rewind_lost
+from services.common.kafka import delete_topics, ensure_topics
 from services.router.errors import ApiError
 from services.router.service import PendingReplies
 
 log = logging.getLogger(__name__)
 
 INTERVAL_S = 1.0
+INTERVAL_DOWN_S = 0.2
 PROBE_TIMEOUT_S = 2.0
+_REPLY_TOPIC_LOST = "Kafka lost this router's reply topic (restarted without its data?)"
 
 
 class BrokerWatch:
@@ -41,15 +50,21 @@ class BrokerWatch:
         reply_topic: str,
         replies: PendingReplies,
         reply_consumer: Callable[[], AIOKafkaConsumer | None] = lambda: None,
+        topics: Sequence[str] = (),
+        partitions: int = 4,
     ) -> None:
         self._bootstrap = bootstrap
         self._reply_topic = reply_topic
+        self._topics = list(topics)  # the shared topics the router creates at start
+        self._partitions = partitions
+        self.ready = True  # Kafka answers and has every topic: requests may be published
         self._replies = replies
         self._reply_consumer = reply_consumer  # the reply topic's consumer, once it runs
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self.failed_callers = 0
         self.probes = 0
+        self.renewed = 0  # times the reply topic was found lost and created again
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -68,7 +83,8 @@ class BrokerWatch:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(INTERVAL_S)  # a probe interval, not a wait for something
+            # a probe interval, not a wait for something; quicker while Kafka is not usable
+            await asyncio.sleep(INTERVAL_S if self.ready else INTERVAL_DOWN_S)
             try:
                 problem = await self._probe()
                 self.probes += 1
@@ -84,14 +100,64 @@ class BrokerWatch:
                     log.exception("broker watch: could not check the reply consumer's position")
 
     async def _probe(self) -> str | None:
+        """What is wrong with Kafka, if anything; lost topics are created again on the way."""
         assert self._consumer is not None
         try:
             existing = await asyncio.wait_for(self._consumer.topics(), PROBE_TIMEOUT_S)
         except (TimeoutError, KafkaError, OSError):
+            self._set_ready(False, "the connection to Kafka is lost")
             return "the router lost its connection to Kafka"
-        if self._reply_topic in existing:
-            return None
-        return "Kafka lost this router's reply topic (restarted without its data?)"
+        missing = [t for t in self._topics if t not in existing]
+        if self._reply_topic not in existing:
+            self._set_ready(False, "Kafka lost this router's reply topic")
+            if missing:
+                await self._create(missing)
+            await self._renew_reply_topic()
+            return _REPLY_TOPIC_LOST
+        if missing:
+            self._set_ready(False, f"Kafka lost topics {missing}")
+            if not await self._create(missing):
+                return f"Kafka lost topics {missing}"
+        self._set_ready(True, "Kafka is back with every topic")
+        return None
+
+    def _set_ready(self, ready: bool, why: str) -> None:
+        if ready != self.ready:
+            self.ready = ready
+            if ready:
+                log.info("broker watch: %s; taking requests again", why)
+            else:
+                log.warning("broker watch: %s; new requests get a 503 until it is back", why)
+
+    async def _create(self, missing: list[str]) -> bool:
+        """Create lost topics at once, before producers that still have their metadata write to
+        them (the broker keeps such writes and a topic created over them refuses produce
+        requests for a while; see ``services.common.kafka.UNKNOWN_ERROR_RETRY_S``)."""
+        try:
+            await ensure_topics(self._bootstrap, missing, self._partitions, PROBE_TIMEOUT_S)
+        except Exception:
+            log.exception("broker watch: could not create %s again", missing)
+            return False
+        return True
+
+    async def _renew_reply_topic(self) -> None:
+        """Delete what the broker holds of the reply topic, create it again, read it from the
+        start. A failure is logged; the next probe finds the topic missing and tries again."""
+        topic = [self._reply_topic]
+        try:
+            # The broker keeps what was written to a topic it does not know, and deletes it only
+            # with the topic: create it, delete it, create it again.
+            await ensure_topics(self._bootstrap, topic, 1, PROBE_TIMEOUT_S)
+            await delete_topics(self._bootstrap, topic)
+            await ensure_topics(self._bootstrap, topic, 1, PROBE_TIMEOUT_S)
+            consumer = self._reply_consumer()
+            if consumer is not None and (assigned := consumer.assignment()):
+                await consumer.seek_to_beginning(*assigned)
+        except Exception:
+            log.exception("broker watch: could not create the reply topic again")
+            return
+        self.renewed += 1
+        log.warning("broker watch: reply topic %s was lost; created it again", self._reply_topic)
 
     def _fail_waiting(self, problem: str) -> None:
         waiting = len(self._replies)

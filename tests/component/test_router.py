@@ -258,3 +258,14 @@ async def test_image_parts_over_the_limit_or_malformed_are_400s_naming_the_part(
         resp = await client.post("/v1/chat/completions", json=chat(image(url)))
         assert resp.status_code == 200, resp.text
     assert len(routed) == 2
+
+
+async def test_while_the_broker_watch_says_kafka_is_away_requests_get_a_503_unsent(
+    wired: Any,
+) -> None:
+    client, routed, _ = wired
+    client.app.state.ctx.broker_ready = lambda: False
+    resp = await client.post("/v1/chat/completions", json=chat())
+    assert resp.status_code == 503
+    assert resp.json()["error"]["code"] == "broker_unavailable"
+    assert "not sent" in resp.json()["error"]["message"] and routed == []

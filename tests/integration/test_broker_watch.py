@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from services.common.kafka import ensure_topics
+from services.common.kafka import delete_topics, ensure_topics, log_ends
 from services.router.errors import ApiError
 from services.router.service import PendingReplies
 from services.router.watch import BrokerWatch
@@ -91,3 +92,90 @@ async def test_nothing_fails_while_the_broker_is_healthy(
         assert not future.done() and watch.failed_callers == 0
     finally:
         await watch.stop()
+
+
+async def test_a_lost_reply_topic_is_created_again_without_what_was_written_to_it_meanwhile(
+    own_broker: tuple[Child, str], topic_prefix: str
+) -> None:
+    """Workers still answering requests from before a restart write to the reply topic while it
+    does not exist; the broker stores those writes, and a topic created over them would lose
+    later answers. The watch deletes them and creates the topic empty."""
+    _, bootstrap = own_broker
+    reply_topic = f"{topic_prefix}.replies.renewed"
+    await ensure_topics(bootstrap, [reply_topic], 1)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=50)
+    await producer.start()
+    replies = PendingReplies()
+    watch = BrokerWatch(bootstrap, reply_topic, replies)
+    try:
+        await producer.send_and_wait(reply_topic, b"before")  # the producer knows the topic
+        await delete_topics(bootstrap, [reply_topic])  # what a restart does to it
+        late = [await producer.send(reply_topic, b"late", partition=0) for _ in range(3)]
+        await asyncio.gather(*late)  # stored, though the topic is gone
+
+        await watch.start()
+        future, _ = replies.expect("req-4")
+        error = await failure(future)  # type: ignore[arg-type]
+        assert error.status == 503 and watch.renewed == 1
+
+        answer = await producer.send_and_wait(reply_topic, b"answer", partition=0)
+        assert answer.offset == 0
+        assert await read_all(bootstrap, reply_topic) == [b"answer"]
+    finally:
+        await watch.stop()
+        await producer.stop()
+
+
+async def read_all(bootstrap: str, topic: str) -> list[bytes]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=50)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        end = (await log_ends(consumer, [tp]))[tp]
+        await consumer.seek_to_beginning(tp)
+        values: list[bytes] = []
+        while await consumer.position(tp) < end:
+            values += [r.value for r in (await consumer.getmany(tp, timeout_ms=200)).get(tp, [])]
+        return values
+    finally:
+        await consumer.stop()
+
+
+async def test_while_the_broker_is_away_requests_are_held_back_and_lost_topics_come_back(
+    own_broker: tuple[Child, str], topic_prefix: str, logs_dir: Path
+) -> None:
+    broker, bootstrap = own_broker
+    reply_topic = f"{topic_prefix}.replies.back"
+    shared = [f"{topic_prefix}.tier.a", f"{topic_prefix}.events"]
+    await ensure_topics(bootstrap, [reply_topic, *shared], 1)
+    watch = BrokerWatch(bootstrap, reply_topic, PendingReplies(), topics=shared, partitions=3)
+    await watch.start()
+    restarted: Child | None = None
+    try:
+        assert watch.ready
+        broker.proc.kill()
+        broker.proc.wait()
+
+        async def away() -> bool:
+            return not watch.ready
+
+        await wait_until(away, 30)
+        restarted = start_broker(int(bootstrap.rsplit(":", 1)[1]), logs_dir)  # empty
+
+        async def back() -> bool:
+            return watch.ready
+
+        await wait_until(back, 30)
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+        await consumer.start()
+        try:
+            assert {reply_topic, *shared} <= await consumer.topics()
+            assert len(consumer.partitions_for_topic(shared[0]) or ()) == 3
+            assert consumer.partitions_for_topic(reply_topic) == {0}
+        finally:
+            await consumer.stop()
+        assert watch.renewed == 1
+    finally:
+        await watch.stop()
+        if restarted is not None:
+            restarted.stop()
