@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 _OUTCOME = TypeAdapter(Outcome)
 _STATUS: dict[str, AttemptStatus] = {"timeout": "timeout", "rate_limited": "rate_limited"}
 # How long a publish may still be under way after its note was written (it is a single acked
-# send, normally milliseconds); a redelivery searching for the answer waits until the note is
-# this old, so it does not miss an answer another owner of the record is sending right now.
-SETTLE_S = 2.0
+# send, normally milliseconds): a redelivery that does not find the answer searches again once
+# the note is this old, so it does not miss an answer another owner of the record (one the group
+# gave up on, still working) is sending right now.
+SETTLE_S = 5.0
 
 
 class TierService:
@@ -108,14 +109,17 @@ class TierService:
         await self.publisher.publish(routed.reply_to, outcome, routed.request_id, headers)
 
     async def _sent_before(self, request_id: str, delivery: str, sending: Sending) -> bool:
-        """Is the answer that ``sending`` announced on its topic? A note younger than
-        ``SETTLE_S`` may belong to a publish still under way, so the search waits until then."""
-        age_s = time.time() - sending.at_ms / 1000
-        if age_s < SETTLE_S:
+        """Is the answer that ``sending`` announced on its topic? Not found while the note is
+        younger than ``SETTLE_S``: it may belong to a publish still under way, so the search is
+        made again when the note is that old."""
+        for attempt in range(2):
+            if await self.sent.was_sent(sending.topic, request_id, delivery, sending.at_ms):
+                self.already_sent += 1
+                return True
+            age_s = time.time() - sending.at_ms / 1000
+            if attempt or age_s >= SETTLE_S:
+                break
             await asyncio.sleep(SETTLE_S - age_s)
-        if await self.sent.was_sent(sending.topic, request_id, delivery, sending.at_ms):
-            self.already_sent += 1
-            return True
         return False
 
     async def _answer(

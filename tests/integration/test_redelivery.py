@@ -111,7 +111,7 @@ async def test_a_record_whose_answer_was_noted_but_never_sent_is_answered(
     assert len(sent) == 1 and sent[0]["model"] == "sim-light"
     assert worker.service.already_sent == 0
     assert worker.service.replayed == 1  # from the store: no model call
-    assert worker.sent.searches == 1
+    assert worker.sent.searches == 2  # not found, and not found again once the note settled
 
 
 async def test_two_owners_handling_one_record_at_once_send_one_answer(fast_stack: Stack) -> None:
