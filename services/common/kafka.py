@@ -302,8 +302,10 @@ class KafkaBatchPublisher:
     aiokafka's per-message ``send()`` costs ~25 µs (hashing the key in pure Python, accumulator
     bookkeeping, a future per message); appending to a record batch costs ~1.6 µs. Keys go to the
     partition Kafka's default partitioner picks, so a request id lands where the HTTP path
-    (``BrokerPublisher``) would put it. A failure raises: the caller retries the whole call, and
-    the duplicates it may leave are absorbed downstream, like any at-least-once redelivery.
+    (``BrokerPublisher``) would put it. A batch the broker refuses with UnknownError is built and
+    sent again (``UNKNOWN_ERROR_RETRY_S``); any other failure raises: the caller retries the whole
+    call, and the duplicates it may leave are absorbed downstream, like any at-least-once
+    redelivery.
     """
 
     def __init__(self, bootstrap: str, client_id: str) -> None:
