@@ -34,7 +34,6 @@ PROFILE = {"ttft_s": 0.005, "tokens_per_s": 20000.0, "output_tokens": 8, "jitter
 EXAMPLES = 120  # per operation, generation mode and key (with or without)
 TIMEOUT_S = 30.0
 LIMIT = 8 * 1024 * 1024  # the router's default SWITCHBOARD_MAX_BODY_BYTES
-IMAGE_LIMIT = MAX_IMAGE_BYTES  # the router's default SWITCHBOARD_MAX_IMAGE_BYTES
 
 
 class Judge:
@@ -162,7 +161,7 @@ def _limits(stack: RunningStack, judge: Judge) -> list[str]:
             judge(f"POST {label} body over the limit", response.status_code, body, True)
             if response.status_code != 413 or str(LIMIT) not in str(body):
                 failures.append(f"{label}: {response.status_code}")
-        over = base64.b64encode(bytes(IMAGE_LIMIT + 1)).decode()
+        over = base64.b64encode(bytes(MAX_IMAGE_BYTES + 1)).decode()
         for label, url, code in (
             ("inline image over the limit", f"data:image/png;base64,{over}", "image_too_large"),
             ("inline image not base64", "data:image/png;base64,%%%%", "invalid_image_url"),

@@ -94,6 +94,20 @@ async def rewind_lost(consumer: AIOKafkaConsumer) -> list[TopicPartition]:
     return lost
 
 
+class _LostPartitionCheck:
+    """``rewind_lost`` at most once every ``REWIND_CHECK_S``, from a consumer's fetch loop."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+
+    async def __call__(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        now = asyncio.get_running_loop().time()
+        if now < self._next:
+            return []
+        self._next = now + REWIND_CHECK_S
+        return await rewind_lost(consumer)
+
+
 async def _retry_until_done(
     what: str, call: Callable[[], Awaitable[None]], stopping: asyncio.Event
 ) -> bool:
@@ -147,6 +161,7 @@ class ConcurrentConsumer:
         self._concurrency = concurrency
         self._drain_timeout_s = drain_timeout_s
         self._tracker = OffsetTracker()
+        self._lost_partitions = _LostPartitionCheck()
         self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
         self._slot_free = asyncio.Event()
         self._finished = asyncio.Event()
@@ -166,7 +181,6 @@ class ConcurrentConsumer:
         return len(self._tasks)
 
     async def _fetch_loop(self) -> None:
-        next_check = 0.0
         while not self._stopping.is_set():
             free = self._concurrency - len(self._tasks)
             if free <= 0:
@@ -179,10 +193,8 @@ class ConcurrentConsumer:
                     self._tracker.started(tp, record.offset)
                     task = asyncio.create_task(self._process(tp, record))
                     self._tasks[task] = tp
-            if (now := asyncio.get_running_loop().time()) >= next_check:
-                next_check = now + REWIND_CHECK_S
-                for tp in await rewind_lost(self._consumer):
-                    self._tracker.forget(tp)  # its offsets start again at the beginning
+            for tp in await self._lost_partitions(self._consumer):
+                self._tracker.forget(tp)  # its offsets start again at the beginning
 
     async def _process(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         what = f"handling {tp.topic}[{tp.partition}]@{record.offset}"
@@ -309,6 +321,7 @@ class BatchConsumer:
         self._drain_timeout_s = drain_timeout_s
         self._slots = asyncio.Semaphore(max_in_flight)
         self._batches: deque[_Batch] = deque()
+        self._lost_partitions = _LostPartitionCheck()
         self._queued = asyncio.Event()
         self._idle = asyncio.Event()  # nothing handled and not yet committed
         self._idle.set()
@@ -324,11 +337,8 @@ class BatchConsumer:
         self._commit_task = asyncio.create_task(self._commit_loop(), name="commit-batch")
 
     async def _fetch_loop(self) -> None:
-        next_check = 0.0
         while not self._stopping.is_set():
-            if (now := asyncio.get_running_loop().time()) >= next_check:
-                next_check = now + REWIND_CHECK_S
-                await rewind_lost(self._consumer)
+            await self._lost_partitions(self._consumer)
             await self._slots.acquire()
             try:
                 records, points = await self._gather()

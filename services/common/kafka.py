@@ -374,10 +374,12 @@ class KafkaBatchPublisher:
         self, where: tuple[str, int], batch: Any, members: list[Outgoing]
     ) -> Awaitable[None]:
         """Send ``batch`` (holding ``members``); what to await for it to be stored."""
+        return self._stored(where, members, await self._send(where, batch))
+
+    async def _send(self, where: tuple[str, int], batch: Any) -> Awaitable[Any]:
         assert self._producer is not None, "start() first"
         batch.close()
-        future = await self._producer.send_batch(batch, where[0], partition=where[1])
-        return self._stored(where, members, future)
+        return await self._producer.send_batch(batch, where[0], partition=where[1])
 
     async def _stored(
         self, where: tuple[str, int], members: list[Outgoing], future: Awaitable[Any]
@@ -393,8 +395,7 @@ class KafkaBatchPublisher:
         batch = self._producer.create_batch()
         for message in members:
             _append(batch, message)
-        batch.close()
-        await (await self._producer.send_batch(batch, where[0], partition=where[1]))
+        await (await self._send(where, batch))
 
 
 def _append(batch: Any, message: Outgoing) -> Any:

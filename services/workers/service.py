@@ -112,14 +112,18 @@ class TierService:
         """Is the answer that ``sending`` announced on its topic? Not found while the note is
         younger than ``SETTLE_S``: it may belong to a publish still under way, so the search is
         made again when the note is that old."""
-        for attempt in range(2):
-            if await self.sent.was_sent(sending.topic, request_id, delivery, sending.at_ms):
-                self.already_sent += 1
-                return True
-            age_s = time.time() - sending.at_ms / 1000
-            if attempt or age_s >= SETTLE_S:
-                break
-            await asyncio.sleep(SETTLE_S - age_s)
+        if await self._found(request_id, delivery, sending):
+            return True
+        wait_s = SETTLE_S - (time.time() - sending.at_ms / 1000)
+        if wait_s <= 0:
+            return False
+        await asyncio.sleep(wait_s)
+        return await self._found(request_id, delivery, sending)
+
+    async def _found(self, request_id: str, delivery: str, sending: Sending) -> bool:
+        if await self.sent.was_sent(sending.topic, request_id, delivery, sending.at_ms):
+            self.already_sent += 1
+            return True
         return False
 
     async def _answer(
