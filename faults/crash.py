@@ -228,7 +228,10 @@ def run(bench: Bench) -> Tally:
     redis_url = bench.redis()
     tiers = {tier: tier_spec(sim_url, MODEL) for tier in TIERS}
     config = write_config(bench.work_dir / "crash.yaml", tiers, TIERS[0])
-    worker_env = {"SWITCHBOARD_KAFKA_SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS)}
+    worker_env = {
+        "SWITCHBOARD_KAFKA_SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS),
+        "SWITCHBOARD_LOG_LEVEL": "INFO",  # a worker logs each answer it waits for or takes over
+    }
     stack = start_stack(
         bench,
         config,
@@ -252,10 +255,20 @@ def run(bench: Bench) -> Tally:
     http_ok = statuses[200]
     lost = sum(1 for i in ids if results[i] == 0) + (REQUESTS // 2 - http_ok)
     duplicated = sum(results[i] - 1 for i in ids if results[i] > 1)
+    worker_logs = [
+        line
+        for path in sorted(bench.log_dir.glob("worker-*.log"))
+        for line in path.read_text(errors="replace").splitlines()
+    ]
     if duplicated:
         twice = {i for i in ids if results[i] > 1}
         for request_id, where in asyncio.run(_deliveries(bootstrap, topics.results, twice)).items():
             print(f"crash: {request_id} answered {len(where)} times: {'; '.join(where)}")
+            for line in worker_logs:
+                if request_id in line:
+                    print(f"crash:   {line}")
+    held = sum(1 for line in worker_logs if "which is alive; waiting for it" in line)
+    taken = sum(1 for line in worker_logs if "which is gone and whose answer" in line)
     repeated = sum(n - 1 for n in events.values() if n > 1)
     over_target = repeated > REPEAT_TARGET * REQUESTS
     tally = Tally(lost=lost, duplicated=duplicated)
@@ -265,6 +278,8 @@ def run(bench: Bench) -> Tally:
         f"{percentile(waited, 50):.1f} s, p99 {percentile(waited, 99):.1f} s; "
         f"{sum(1 for i in ids if results[i])} jobs answered; {len(events)} requests made model "
         f"calls, {repeated} calls repeated ({100 * repeated / REQUESTS:.2f} %, "
-        f"{'OVER the' if over_target else 'within the'} target of {100 * REPEAT_TARGET:g} %)"
+        f"{'OVER the' if over_target else 'within the'} target of {100 * REPEAT_TARGET:g} %); "
+        f"answers noted by another worker: {held} waited for it (alive), {taken} taken over "
+        f"(killed, answer not out)"
     )
     return tally

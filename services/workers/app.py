@@ -38,7 +38,7 @@ class WorkerApp:
         publisher = BrokerPublisher(self.broker)
         concurrency = settings.concurrency or tier.concurrency
         self.client = LiteLLMClient(max_connections=concurrency)
-        self.outcomes = RedisOutcomeStore(settings.redis_url, settings.topic_prefix)
+        self.outcomes = RedisOutcomeStore(settings.redis_url, settings.topic_prefix, name)
         self.sent = SentCheck(settings.kafka_bootstrap, f"{name}-sent")
         self.service = TierService(
             tier=settings.tier,
@@ -72,6 +72,7 @@ class WorkerApp:
             [topics.tier(self.settings.tier), topics.events, topics.dead_letter, topics.results],
             self.settings.partitions,
         )
+        await self.outcomes.start()
         await self.broker.start()
         await self.consumer.start()
 

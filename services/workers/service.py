@@ -1,7 +1,8 @@
 """What a tier worker does with one routed request.
 
-1. This very record handled before, its answer already on the reply topic (a redelivery after a
-   crash)? Nothing to do.
+1. This very record's answer already sent, or being sent by a worker that is alive (a redelivery
+   after a crash, or a record the group gave it while its last owner still works on it)? Nothing
+   to do.
 2. Answered before (a redelivery, or a repeat with the same idempotency key)? Publish the stored
    outcome again; no model call.
 3. Try the tier's models in order, with retries on transient errors, inside the deadline;
@@ -11,15 +12,18 @@
 
 The caller (the consumer) commits the offset only after this returns, so a crash anywhere
 above means redelivery, never loss. Every publish of an answer carries the record it answers
-(``delivery``) in a header and is noted in Redis first, which is what step 1 checks: a crash
-between publishing and committing does not answer the client twice.
+(``delivery``) in a header and is noted in Redis first, with the worker that sends it; step 1
+reads that note (``adapters/outcomes.py`` has the protocol), so a crash between publishing and
+committing, or two owners of one record, do not answer the client twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from pydantic import TypeAdapter
@@ -38,11 +42,12 @@ log = logging.getLogger(__name__)
 
 _OUTCOME = TypeAdapter(Outcome)
 _STATUS: dict[str, AttemptStatus] = {"timeout": "timeout", "rate_limited": "rate_limited"}
-# How long a publish may still be under way after its note was written (it is a single acked
-# send, normally milliseconds): a redelivery that does not find the answer searches again once
-# the note is this old, so it does not miss an answer another owner of the record (one the group
-# gave up on, still working) is sending right now.
-SETTLE_S = 5.0
+# While the owner of a delivery's note is alive: how often to look whether it has sent the answer
+# (Redis), and how often to look for the answer on its topic as well (in case the owner's "sent"
+# mark was lost to a Redis blip).
+WAIT_POLL_S = 0.2
+SEARCH_EVERY_S = 2.0
+_WAIT_WARN_S = 60.0
 
 
 class TierService:
@@ -66,22 +71,24 @@ class TierService:
         self.outcomes = outcomes
         self.sent = sent
         self.replayed = 0  # answered again from the stored outcome
-        self.already_sent = 0  # redeliveries whose answer was found on the reply topic
+        self.already_sent = 0  # deliveries whose answer another send had put out already
+        self.waited = 0  # deliveries that waited for a living owner to send their answer
+        self.taken_over = 0  # deliveries whose note was taken from an owner that was gone
+        self._exclusive: dict[str, tuple[asyncio.Lock, int]] = {}
 
     async def process(self, routed: RoutedRequest, delivery: str) -> None:
         """Answer ``routed``, which arrived as ``delivery`` (``topic:partition:offset``)."""
         request_id = routed.request_id
-        cached, sending = await self.outcomes.lookup(request_id, delivery)
-        if sending is not None and await self._sent_before(request_id, delivery, sending):
-            return
-        if cached is not None:
-            self.replayed += 1
-            # (a note found above was searched for already: the answer is not out)
-            earlier = None
-            if sending is None:
-                earlier = await self.outcomes.sending(request_id, delivery, routed.reply_to)
-            await self._send_once(routed, _OUTCOME.validate_json(cached), delivery, earlier)
-            return
+        async with self._one_sender(delivery):
+            cached, note = await self.outcomes.lookup(request_id, delivery)
+            if note is not None and await self._answered(request_id, delivery, note):
+                return
+            if cached is not None:
+                self.replayed += 1
+                stored = _OUTCOME.validate_json(cached)
+                # a note read above is this worker's now (its own, or taken over)
+                await self._send_once(routed, stored, delivery, noted=note is not None)
+                return
         # The successful attempt's event is published, then the outcome stored, then the answer
         # sent. A redelivery after a crash finds the outcome stored (and then answers from it)
         # only if the event is already on the events topic, so a crash cannot lose the event.
@@ -92,37 +99,115 @@ class TierService:
                 return  # re-routed to the fallback tier, which answers
             payload = outcome.model_dump_json().encode()
             await asyncio.gather(*events)
-            earlier = await self.outcomes.put(request_id, payload, delivery, routed.reply_to)
-            await self._send_once(routed, outcome, delivery, earlier)
+            async with self._one_sender(delivery):
+                earlier = await self.outcomes.put(request_id, payload, delivery, routed.reply_to)
+                if earlier is not None and await self._answered(request_id, delivery, earlier):
+                    return
+                await self._publish(routed.reply_to, outcome, request_id, delivery)
         finally:
             if events:
                 await asyncio.gather(*events)
 
-    async def _send_once(
-        self, routed: RoutedRequest, outcome: Outcome, delivery: str, earlier: Sending | None
-    ) -> None:
-        """Publish the answer, unless another owner of this record noted and sent it first (a
-        worker the group gave up on while it was still working: both had the record at once)."""
-        if earlier is not None and await self._sent_before(routed.request_id, delivery, earlier):
-            return
-        headers = {DELIVERY_HEADER: delivery}
-        await self.publisher.publish(routed.reply_to, outcome, routed.request_id, headers)
+    @contextlib.asynccontextmanager
+    async def _one_sender(self, delivery: str) -> AsyncIterator[None]:
+        """Within this process, one task at a time notes and sends a delivery's answer (the
+        group can hand a partition back to the worker still finishing it): a note of this worker
+        that is not being sent right now is one whose send failed."""
+        lock, users = self._exclusive.get(delivery) or (asyncio.Lock(), 0)
+        self._exclusive[delivery] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._exclusive[delivery]
+            if users == 1:
+                del self._exclusive[delivery]
+            else:
+                self._exclusive[delivery] = (lock, users - 1)
 
-    async def _sent_before(self, request_id: str, delivery: str, sending: Sending) -> bool:
-        """Is the answer that ``sending`` announced on its topic? Not found while the note is
-        younger than ``SETTLE_S``: it may belong to a publish still under way, so the search is
-        made again when the note is that old."""
-        if await self._found(request_id, delivery, sending):
-            return True
-        wait_s = SETTLE_S - (time.time() - sending.at_ms / 1000)
-        if wait_s <= 0:
-            return False
-        await asyncio.sleep(wait_s)
-        return await self._found(request_id, delivery, sending)
+    async def _send_once(
+        self, routed: RoutedRequest, outcome: Outcome, delivery: str, *, noted: bool
+    ) -> None:
+        """Publish the answer, noting it first unless this worker holds the note already."""
+        if not noted:
+            earlier = await self.outcomes.sending(routed.request_id, delivery, routed.reply_to)
+            if earlier is not None and await self._answered(routed.request_id, delivery, earlier):
+                return
+        await self._publish(routed.reply_to, outcome, routed.request_id, delivery)
+
+    async def _publish(
+        self, topic: str, message: Outcome | RoutedRequest, key: str, delivery: str
+    ) -> None:
+        await self.publisher.publish(topic, message, key, {DELIVERY_HEADER: delivery})
+        await self.outcomes.sent(key, delivery)
+
+    async def _answered(self, request_id: str, delivery: str, note: Sending) -> bool:
+        """``note`` says a send of this delivery's answer began. True: the answer is out (this
+        worker sends nothing); False: this worker holds the note now and sends it.
+
+        Marked sent: out. This worker's own note (here one task at a time sends a delivery, so
+        its earlier send failed): look on the topic. Another worker's: while that worker is
+        alive it is still sending, so wait, looking now and then; once it is gone, what it sent
+        is on the topic, so look there, and if it is not, take the note over (one taker wins)
+        and send.
+        """
+        loop = asyncio.get_running_loop()
+        began = warned = loop.time()
+        searched = began - SEARCH_EVERY_S
+        waiting = False
+        while True:
+            if note.done:
+                self.already_sent += 1
+                return True
+            mine = note.owner == self.outcomes.owner
+            alive = not mine and await self.outcomes.alive(note.owner)
+            if not alive or loop.time() - searched >= SEARCH_EVERY_S:
+                searched = loop.time()
+                if await self._found(request_id, delivery, note):
+                    return True
+            if mine:
+                return False
+            if not alive:
+                if await self.outcomes.take_over(request_id, delivery, note):
+                    self.taken_over += 1
+                    log.info(
+                        "request %s: %s was being answered by %s, which is gone and whose "
+                        "answer is not on %s; answering it",
+                        request_id,
+                        delivery,
+                        note.owner,
+                        note.topic,
+                    )
+                    return False
+            else:
+                if not waiting:
+                    waiting = True
+                    self.waited += 1
+                    log.info(
+                        "request %s: %s is being answered by %s, which is alive; waiting for it",
+                        request_id,
+                        delivery,
+                        note.owner,
+                    )
+                if loop.time() - warned >= _WAIT_WARN_S:
+                    warned = loop.time()
+                    log.warning(
+                        "request %s: %s has been waiting %.0f s for %s (alive) to send its answer",
+                        request_id,
+                        delivery,
+                        warned - began,
+                        note.owner,
+                    )
+                await asyncio.sleep(WAIT_POLL_S)
+            current = await self.outcomes.note(request_id, delivery)
+            if current is None:  # Redis lost it (or is away: fail open)
+                return False
+            note = current
 
     async def _found(self, request_id: str, delivery: str, sending: Sending) -> bool:
         if await self.sent.was_sent(sending.topic, request_id, delivery, sending.at_ms):
             self.already_sent += 1
+            await self.outcomes.sent(request_id, delivery)  # later redeliveries need not look
             return True
         return False
 
@@ -176,11 +261,12 @@ class TierService:
                 update={"tier": fallback, "rule": f"fallback:{self.tier}", "attempt": 1}
             )
             topic = self.topics.tier(fallback)
-            earlier = await self.outcomes.sending(routed.request_id, delivery, topic)
-            if earlier is None or not await self._sent_before(routed.request_id, delivery, earlier):
-                await self.publisher.publish(
-                    topic, rerouted, routed.request_id, {DELIVERY_HEADER: delivery}
-                )
+            async with self._one_sender(delivery):
+                earlier = await self.outcomes.sending(routed.request_id, delivery, topic)
+                if earlier is None or not await self._answered(
+                    routed.request_id, delivery, earlier
+                ):
+                    await self._publish(topic, rerouted, routed.request_id, delivery)
             return None
         last = errors[-1] if errors else None
         code = "rate_limited" if last and isinstance(last, RateLimited) else "all_models_failed"

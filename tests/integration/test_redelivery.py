@@ -16,8 +16,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 
 from schemas.v1 import ChatRequest, ChatResult, Usage
 from services.common.kafka import log_ends, partition_for_key
+from services.workers.adapters.outcomes import RedisOutcomeStore
 from services.workers.adapters.sent import DELIVERY_HEADER
-from tests.integration.stack import Stack, collect
+from services.workers.app import WorkerApp
+from tests.integration.stack import Stack, collect, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -74,6 +76,31 @@ async def answers(stack: Stack, request_id: str) -> list[dict[str, object]]:
         await consumer.stop()
 
 
+def other_worker(worker: WorkerApp, name: str) -> RedisOutcomeStore:
+    """The outcome store of another worker process, as far as ``worker`` can tell. Not started,
+    it holds no lease: a worker that is gone."""
+    return RedisOutcomeStore(worker.settings.redis_url, worker.settings.topic_prefix, name)
+
+
+async def publish_answer(stack: Stack, result: ChatResult, delivery: str) -> None:
+    """What a worker's publish of ``result`` in answer to ``delivery`` puts on the results topic."""
+    producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            stack.topics.results,
+            result.model_dump_json().encode(),
+            key=result.request_id.encode(),
+            headers=[(DELIVERY_HEADER, delivery.encode())],
+        )
+    finally:
+        await producer.stop()
+
+
+def delivery_of(record: ConsumerRecord) -> str:
+    return f"{record.topic}:{record.partition}:{record.offset}"
+
+
 async def test_a_record_redelivered_after_its_answer_went_out_is_not_answered_again(
     fast_stack: Stack,
 ) -> None:
@@ -88,7 +115,32 @@ async def test_a_record_redelivered_after_its_answer_went_out_is_not_answered_ag
     assert len(await answers(stack, request_id)) == 1
     assert worker.service.already_sent == 1
     assert worker.service.replayed == 0  # not even the stored answer was sent again
+    assert worker.sent.searches == 0  # the delivery was marked sent: nothing to look for
+
+
+async def test_an_answer_out_but_not_marked_sent_is_found_on_the_topic(fast_stack: Stack) -> None:
+    """A worker killed after the broker took its answer and before it marked the delivery sent:
+    the next owner looks on the results topic, finds the answer, sends nothing."""
+    stack = fast_stack
+    worker = stack.workers["fast"]
+    record = routed_record(stack, f"unmarked-{uuid.uuid4().hex}", offset=5150)
+    request_id = json.loads(record.value)["request"]["request_id"]
+    gone = other_worker(worker, "killed")
+    try:
+        result = stored_result(request_id)
+        await gone.put(
+            request_id, result.model_dump_json().encode(), delivery_of(record), stack.topics.results
+        )
+        await publish_answer(stack, result, delivery_of(record))
+    finally:
+        await gone.close()
+
+    await worker.handler(record)
+
+    assert len(await answers(stack, request_id)) == 1
+    assert worker.service.already_sent == 1
     assert worker.sent.searches == 1
+    assert worker.service.taken_over == 0
 
 
 async def test_a_record_whose_answer_was_noted_but_never_sent_is_answered(
@@ -98,12 +150,15 @@ async def test_a_record_whose_answer_was_noted_but_never_sent_is_answered(
     worker = stack.workers["fast"]
     record = routed_record(stack, f"cut-{uuid.uuid4().hex}", offset=7)
     request_id = json.loads(record.value)["request"]["request_id"]
-    delivery = f"{record.topic}:{record.partition}:{record.offset}"
     stored = stored_result(request_id)
     # what a worker killed between storing its answer and publishing it leaves behind
-    await worker.outcomes.put(
-        request_id, stored.model_dump_json().encode(), delivery, stack.topics.results
-    )
+    gone = other_worker(worker, "killed")
+    try:
+        await gone.put(
+            request_id, stored.model_dump_json().encode(), delivery_of(record), stack.topics.results
+        )
+    finally:
+        await gone.close()
 
     await worker.handler(record)
 
@@ -111,12 +166,82 @@ async def test_a_record_whose_answer_was_noted_but_never_sent_is_answered(
     assert len(sent) == 1 and sent[0]["model"] == "sim-light"
     assert worker.service.already_sent == 0
     assert worker.service.replayed == 1  # from the store: no model call
-    assert worker.sent.searches == 2  # not found, and not found again once the note settled
+    assert worker.service.taken_over == 1
+    assert worker.sent.searches == 1  # looked once the owner was known to be gone
+
+
+async def test_a_living_owner_still_sending_is_waited_for(fast_stack: Stack) -> None:
+    """The group gave the record to this worker while its last owner, alive (it missed its
+    heartbeats, or is slow to give the partition up), is still sending the answer: this worker
+    waits for it, however long the send takes, and sends nothing."""
+    stack = fast_stack
+    worker = stack.workers["fast"]
+    record = routed_record(stack, f"slow-{uuid.uuid4().hex}", offset=8080)
+    request_id = json.loads(record.value)["request"]["request_id"]
+    delivery = delivery_of(record)
+    result = stored_result(request_id)
+    owner = other_worker(worker, "slow")
+    await owner.start()
+    try:
+        await owner.put(
+            request_id, result.model_dump_json().encode(), delivery, stack.topics.results
+        )
+        handling = asyncio.create_task(worker.handler(record))
+        await wait_until(lambda: _true(worker.service.waited == 1), what="the worker waits")
+        await publish_answer(stack, result, delivery)
+        await owner.sent(request_id, delivery)
+        await asyncio.wait_for(handling, 30)
+    finally:
+        await owner.close()
+
+    assert len(await answers(stack, request_id)) == 1
+    assert worker.service.already_sent == 1
+    assert worker.service.taken_over == 0
+
+
+async def test_a_living_owner_that_stops_without_sending_is_taken_over(fast_stack: Stack) -> None:
+    stack = fast_stack
+    worker = stack.workers["fast"]
+    record = routed_record(stack, f"stopped-{uuid.uuid4().hex}", offset=9090)
+    request_id = json.loads(record.value)["request"]["request_id"]
+    owner = other_worker(worker, "stopping")
+    await owner.start()
+    try:
+        stored = stored_result(request_id).model_dump_json().encode()
+        await owner.put(request_id, stored, delivery_of(record), stack.topics.results)
+        handling = asyncio.create_task(worker.handler(record))
+        await wait_until(lambda: _true(worker.service.waited == 1), what="the worker waits")
+        assert not handling.done()
+    finally:
+        await owner.close()  # gone: its lease with it
+    await asyncio.wait_for(handling, 30)
+
+    assert len(await answers(stack, request_id)) == 1
+    assert worker.service.taken_over == 1
+
+
+async def test_of_two_takers_of_a_gone_owners_note_one_wins(fast_stack: Stack) -> None:
+    worker = fast_stack.workers["fast"]
+    request_id, delivery = f"race-{uuid.uuid4().hex}", "tier:0:1"
+    stores = [other_worker(worker, name) for name in ("gone", "taker-a", "taker-b")]
+    try:
+        assert await stores[0].sending(request_id, delivery, "results") is None
+        note = await stores[1].note(request_id, delivery)
+        assert note is not None and note.owner == stores[0].owner
+        assert not await stores[1].alive(note.owner)
+        won = await asyncio.gather(*(s.take_over(request_id, delivery, note) for s in stores[1:]))
+        assert sorted(won) == [False, True]
+        now = await stores[0].note(request_id, delivery)
+        assert now is not None and now.owner == stores[1 + won.index(True)].owner
+        assert now.at_ms == note.at_ms  # the search window stays the first sender's
+    finally:
+        for store in stores:
+            await store.close()
 
 
 async def test_two_owners_handling_one_record_at_once_send_one_answer(fast_stack: Stack) -> None:
-    """A worker the group gave up on (it missed its heartbeats) still works on a record while
-    the partition's new owner starts on it: both call the model, one answer goes out."""
+    """The group handed the partition back to the worker still finishing the record: two
+    handlers of one process call the model, one answer goes out."""
     stack = fast_stack
     worker = stack.workers["fast"]
     record = routed_record(stack, f"zombie-{uuid.uuid4().hex}", offset=99)
@@ -126,6 +251,10 @@ async def test_two_owners_handling_one_record_at_once_send_one_answer(fast_stack
 
     assert len(await answers(stack, request_id)) == 1
     assert worker.service.already_sent == 1
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def test_an_answer_inside_the_partitions_last_record_batch_is_found(

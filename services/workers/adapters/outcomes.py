@@ -1,9 +1,16 @@
-"""Redis: the last outcome of every request, and which deliveries have had their answer sent.
+"""Redis: the last outcome of every request, and who sends each delivery's answer.
 
 A redelivered request is answered again from here without calling the model again. A *delivery*
-is one record of a tier topic (``topic:partition:offset``); before its answer is published the
-worker notes when and where it sends it, so a redelivery of the same record after a crash can look
-for that answer on the topic instead of sending it twice (``services/workers/adapters/sent.py``).
+is one record of a tier topic (``topic:partition:offset``). Before its answer is published the
+worker notes, first come first kept, that it (``owner``, one id per worker process) sends it and
+where; once the broker has acknowledged the answer, it marks the delivery sent. A worker that gets
+the same record again (after a crash, or while a worker the group gave up on still works on it)
+finds the note and, unless the delivery is marked sent, asks whether the note's owner is alive:
+every worker holds a lease in Redis (``LEASE_MS``, renewed four times per lease) for as long as its
+event loop runs. A living owner is still sending and is waited for; an owner whose lease ran out
+is gone, and whatever it sent before it went is on the topic already, so the worker looks there
+(``services/workers/adapters/sent.py``) and, finding nothing, takes the note over (compare and
+set: of two takers, one wins) and sends the answer itself.
 
 Fail-open: when Redis is unreachable the worker still serves requests (a redelivery then costs
 a second model call and may answer twice) and says so in its log, once a minute at most.
@@ -11,10 +18,13 @@ a second model call and may answer twice) and says so in its log, once a minute 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -22,18 +32,36 @@ from redis.asyncio import BlockingConnectionPool, Redis
 log = logging.getLogger(__name__)
 
 OUTCOME_TTL_S = 24 * 3600
+# How long a worker counts as alive after it last renewed its lease. A process that is killed
+# is known to be gone this long after its last renewal; the record's next owner gets it after the
+# group's session timeout (6 s by default), so by then the lease has mostly run out already.
+LEASE_MS = 6_000
 _WARN_EVERY_S = 60.0
+# compare and set: the note is replaced only if it is still the one the taker read
+_TAKE_OVER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+    return 1
+end
+return 0
+"""
 
 
 @dataclass(frozen=True, slots=True)
 class Sending:
-    """A delivery's answer was about to be published to ``topic`` at ``at_ms`` (epoch ms)."""
+    """``owner`` began publishing a delivery's answer to ``topic`` at ``at_ms`` (epoch ms);
+    ``done``: the broker acknowledged it."""
 
     topic: str
     at_ms: int
+    owner: str
+    done: bool = False
+    raw: bytes = field(default=b"", repr=False, compare=False)  # the note as stored
 
 
 class OutcomeStore(Protocol):
+    owner: str  # this worker process
+
     async def lookup(self, request_id: str, delivery: str) -> tuple[bytes | None, Sending | None]:
         """The request's stored outcome, and whether this delivery has begun sending it."""
         ...
@@ -41,26 +69,49 @@ class OutcomeStore(Protocol):
     async def put(
         self, request_id: str, payload: bytes, delivery: str, topic: str
     ) -> Sending | None:
-        """Store the outcome and note that ``delivery`` is about to send it to ``topic``; if the
-        delivery was noted already (by another owner of the record), return that note."""
+        """Store the outcome and note that this worker sends ``delivery``'s answer to ``topic``;
+        if the delivery was noted already, return that note (which stays)."""
         ...
 
     async def sending(self, request_id: str, delivery: str, topic: str) -> Sending | None:
-        """Note that ``delivery`` is about to send to ``topic``, unless it was noted already:
-        then return that note."""
+        """Note that this worker sends ``delivery``'s answer to ``topic``, unless it was noted
+        already: then return that note."""
         ...
+
+    async def note(self, request_id: str, delivery: str) -> Sending | None:
+        """The delivery's note as it stands now."""
+        ...
+
+    async def sent(self, request_id: str, delivery: str) -> None:
+        """Mark ``delivery``'s answer as acknowledged by the broker."""
+        ...
+
+    async def alive(self, owner: str) -> bool:
+        """Does ``owner``'s lease still run?"""
+        ...
+
+    async def take_over(self, request_id: str, delivery: str, note: Sending) -> bool:
+        """Make this worker the owner of ``note`` if it is still the delivery's note."""
+        ...
+
+    async def start(self) -> None: ...
 
     async def close(self) -> None: ...
 
 
 class RedisOutcomeStore:
-    def __init__(self, url: str, prefix: str) -> None:
+    def __init__(self, url: str, prefix: str, name: str, lease_ms: int = LEASE_MS) -> None:
         pool = BlockingConnectionPool.from_url(
             url, max_connections=64, timeout=2, socket_timeout=2, socket_connect_timeout=2
         )
         self._redis = Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
         self._outcome = f"{prefix}:outcome:"
         self._sent = f"{prefix}:sent:"
+        self._done = f"{prefix}:done:"
+        self._lease = f"{prefix}:alive:"
+        self.owner = f"{name}-{uuid.uuid4().hex[:12]}"
+        self.lease_ms = lease_ms
+        self._renewing: asyncio.Task[None] | None = None
         self._warned_at = -_WARN_EVERY_S
         self.unavailable = 0  # calls that found Redis unreachable
 
@@ -76,18 +127,42 @@ class RedisOutcomeStore:
                 exc,
             )
 
-    def _sent_key(self, request_id: str, delivery: str) -> str:
-        return f"{self._sent}{request_id}:{delivery}"
+    async def start(self) -> None:
+        """Take out this worker's lease (before any note names it) and keep renewing it."""
+        await self._renew()
+        self._renewing = asyncio.create_task(self._keep_renewing(), name="outcome-lease")
+
+    async def _renew(self) -> None:
+        try:
+            await self._redis.set(self._lease + self.owner, b"1", px=self.lease_ms)
+        except Exception as exc:
+            self._unavailable("lease not renewed", exc)
+
+    async def _keep_renewing(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ms / 4000)
+            await self._renew()
+
+    def _keys(self, request_id: str, delivery: str) -> tuple[str, str]:
+        return f"{self._sent}{request_id}:{delivery}", f"{self._done}{request_id}:{delivery}"
 
     async def lookup(self, request_id: str, delivery: str) -> tuple[bytes | None, Sending | None]:
         try:
-            outcome, sent = await self._redis.mget(
-                self._outcome + request_id, self._sent_key(request_id, delivery)
+            outcome, note, done = await self._redis.mget(
+                self._outcome + request_id, *self._keys(request_id, delivery)
             )
         except Exception as exc:
             self._unavailable("redeliveries are not recognised", exc)
             return None, None
-        return (outcome if isinstance(outcome, bytes) else None), _sending(sent)
+        return (outcome if isinstance(outcome, bytes) else None), _sending(note, done)
+
+    async def note(self, request_id: str, delivery: str) -> Sending | None:
+        try:
+            note, done = await self._redis.mget(*self._keys(request_id, delivery))
+        except Exception as exc:
+            self._unavailable("note not read", exc)
+            return None
+        return _sending(note, done)
 
     async def put(
         self, request_id: str, payload: bytes, delivery: str, topic: str
@@ -96,26 +171,53 @@ class RedisOutcomeStore:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.set(self._outcome + request_id, payload, ex=OUTCOME_TTL_S)
                 self._note(pipe, request_id, delivery, topic)
-                _, earlier = await pipe.execute()
+                _, earlier, done = await pipe.execute()
         except Exception as exc:
             self._unavailable("outcome not stored", exc)
             return None
-        return _sending(earlier)
+        return _sending(earlier, done)
 
     async def sending(self, request_id: str, delivery: str, topic: str) -> Sending | None:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 self._note(pipe, request_id, delivery, topic)
-                (earlier,) = await pipe.execute()
+                earlier, done = await pipe.execute()
         except Exception as exc:
             self._unavailable("delivery not noted", exc)
             return None
-        return _sending(earlier)
+        return _sending(earlier, done)
 
     def _note(self, pipe: Any, request_id: str, delivery: str, topic: str) -> None:
         """SET NX GET: the first note of a delivery stays; a later one gets it back."""
-        note = json.dumps({"topic": topic, "at_ms": int(time.time() * 1000)})
-        pipe.set(self._sent_key(request_id, delivery), note, ex=OUTCOME_TTL_S, nx=True, get=True)
+        note_key, done_key = self._keys(request_id, delivery)
+        note = _encode(topic, int(time.time() * 1000), self.owner)
+        pipe.set(note_key, note, ex=OUTCOME_TTL_S, nx=True, get=True)
+        pipe.get(done_key)
+
+    async def sent(self, request_id: str, delivery: str) -> None:
+        try:
+            await self._redis.set(self._keys(request_id, delivery)[1], b"1", ex=OUTCOME_TTL_S)
+        except Exception as exc:
+            self._unavailable("answer not marked sent", exc)
+
+    async def alive(self, owner: str) -> bool:
+        try:
+            return bool(await self._redis.exists(self._lease + owner))
+        except Exception as exc:
+            self._unavailable("owner's lease not read", exc)
+            return False
+
+    async def take_over(self, request_id: str, delivery: str, note: Sending) -> bool:
+        mine = _encode(note.topic, note.at_ms, self.owner)  # the search window stays the first's
+        try:
+            key = self._keys(request_id, delivery)[0]
+            taken = await self._redis.eval(  # type: ignore[misc]
+                _TAKE_OVER, 1, key, note.raw, mine, OUTCOME_TTL_S
+            )
+        except Exception as exc:
+            self._unavailable("note not taken over", exc)
+            return True
+        return bool(taken)
 
     async def ping(self) -> bool:
         try:
@@ -124,11 +226,24 @@ class RedisOutcomeStore:
             return False
 
     async def close(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewing
+            self._renewing = None
+            with contextlib.suppress(Exception):  # gone now: nobody need wait out the lease
+                await self._redis.delete(self._lease + self.owner)
         await self._redis.aclose()
 
 
-def _sending(note: Any) -> Sending | None:
+def _encode(topic: str, at_ms: int, owner: str) -> bytes:
+    return json.dumps({"topic": topic, "at_ms": at_ms, "owner": owner}).encode()
+
+
+def _sending(note: Any, done: Any) -> Sending | None:
     if not isinstance(note, bytes):
         return None
     fields = json.loads(note)
-    return Sending(fields["topic"], fields["at_ms"])
+    return Sending(
+        fields["topic"], fields["at_ms"], fields.get("owner", ""), isinstance(done, bytes), note
+    )
