@@ -171,32 +171,35 @@ async def test_a_record_whose_answer_was_noted_but_never_sent_is_answered(
 
 
 async def test_a_living_owner_still_sending_is_waited_for(fast_stack: Stack) -> None:
-    """The group gave the record to this worker while its last owner, alive (it missed its
-    heartbeats, or is slow to give the partition up), is still sending the answer: this worker
-    waits for it, however long the send takes, and sends nothing."""
+    """The group gave the records to this worker while their last owner, alive (it missed its
+    heartbeats, or is slow to give the partition up), is still sending the answers: this worker
+    waits for it, however long the sends take, and sends nothing. One answer is marked sent by
+    its owner; the other's mark is lost (a Redis blip), and the worker finds it on the topic."""
     stack = fast_stack
     worker = stack.workers["fast"]
-    record = routed_record(stack, f"slow-{uuid.uuid4().hex}", offset=8080)
-    request_id = json.loads(record.value)["request"]["request_id"]
-    delivery = delivery_of(record)
-    result = stored_result(request_id)
+    records = [routed_record(stack, f"slow-{uuid.uuid4().hex}", offset=8080 + i) for i in (0, 1)]
+    request_ids = [json.loads(r.value)["request"]["request_id"] for r in records]
+    results = [stored_result(request_id) for request_id in request_ids]
     owner = other_worker(worker, "slow")
     await owner.start()
     try:
-        await owner.put(
-            request_id, result.model_dump_json().encode(), delivery, stack.topics.results
-        )
-        handling = asyncio.create_task(worker.handler(record))
-        await wait_until(lambda: _true(worker.service.waited == 1), what="the worker waits")
-        await publish_answer(stack, result, delivery)
-        await owner.sent(request_id, delivery)
-        await asyncio.wait_for(handling, 30)
+        for record, result in zip(records, results, strict=True):
+            payload = result.model_dump_json().encode()
+            await owner.put(result.request_id, payload, delivery_of(record), stack.topics.results)
+        handling = [asyncio.create_task(worker.handler(record)) for record in records]
+        await wait_until(lambda: _true(worker.service.waited == 2), what="the worker waits")
+        for record, result in zip(records, results, strict=True):
+            await publish_answer(stack, result, delivery_of(record))
+        await owner.sent(request_ids[0], delivery_of(records[0]))  # the other mark is lost
+        await asyncio.wait_for(asyncio.gather(*handling), 30)
     finally:
         await owner.close()
 
-    assert len(await answers(stack, request_id)) == 1
-    assert worker.service.already_sent == 1
+    for request_id in request_ids:
+        assert len(await answers(stack, request_id)) == 1
+    assert worker.service.already_sent == 2
     assert worker.service.taken_over == 0
+    assert worker.sent.searches >= 3  # at the start of each wait, and the one that found it
 
 
 async def test_a_living_owner_that_stops_without_sending_is_taken_over(fast_stack: Stack) -> None:
