@@ -42,11 +42,10 @@ log = logging.getLogger(__name__)
 
 _OUTCOME = TypeAdapter(Outcome)
 _STATUS: dict[str, AttemptStatus] = {"timeout": "timeout", "rate_limited": "rate_limited"}
-# While the owner of a delivery's note is alive: how often to look whether it has sent the answer
-# (Redis), and how often to look for the answer on its topic as well (in case the owner's "sent"
-# mark was lost to a Redis blip).
+# While the owner of a delivery's note is alive: how often to ask Redis whether it still is (or
+# whether the delivery was marked sent), and how often to look for its answer on the topic.
 WAIT_POLL_S = 0.2
-SEARCH_EVERY_S = 2.0
+SEARCH_EVERY_S = 1.0
 _WAIT_WARN_S = 60.0
 
 
@@ -138,18 +137,19 @@ class TierService:
     async def _publish(
         self, topic: str, message: Outcome | RoutedRequest, key: str, delivery: str
     ) -> None:
+        # (not marked sent here: one more Redis round trip on every answer, for what a search finds
+        # anyway; docs/reliability.md has what it cost)
         await self.publisher.publish(topic, message, key, {DELIVERY_HEADER: delivery})
-        await self.outcomes.sent(key, delivery)
 
     async def _answered(self, request_id: str, delivery: str, note: Sending) -> bool:
         """``note`` says a send of this delivery's answer began. True: the answer is out (this
         worker sends nothing); False: this worker holds the note now and sends it.
 
-        Marked sent: out. This worker's own note (here one task at a time sends a delivery, so
-        its earlier send failed): look on the topic. Another worker's: while that worker is
-        alive it is still sending, so wait, looking now and then; once it is gone, what it sent
-        is on the topic, so look there, and if it is not, take the note over (one taker wins)
-        and send.
+        Marked sent (a search found the answer before): out. This worker's own note (here one
+        task at a time sends a delivery, so its earlier send failed): look on the topic. Another
+        worker's: while that worker is alive it is still sending, so wait, looking on the topic
+        every ``SEARCH_EVERY_S``; once it is gone, what it sent is on the topic, so look there,
+        and if it is not, take the note over (one taker wins) and send.
         """
         loop = asyncio.get_running_loop()
         began = warned = loop.time()

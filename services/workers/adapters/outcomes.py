@@ -3,14 +3,15 @@
 A redelivered request is answered again from here without calling the model again. A *delivery*
 is one record of a tier topic (``topic:partition:offset``). Before its answer is published the
 worker notes, first come first kept, that it (``owner``, one id per worker process) sends it and
-where; once the broker has acknowledged the answer, it marks the delivery sent. A worker that gets
-the same record again (after a crash, or while a worker the group gave up on still works on it)
-finds the note and, unless the delivery is marked sent, asks whether the note's owner is alive:
-every worker holds a lease in Redis (``LEASE_MS``, renewed four times per lease) for as long as its
-event loop runs. A living owner is still sending and is waited for; an owner whose lease ran out
-is gone, and whatever it sent before it went is on the topic already, so the worker looks there
-(``services/workers/adapters/sent.py``) and, finding nothing, takes the note over (compare and
-set: of two takers, one wins) and sends the answer itself.
+where. A worker that gets the same record again (after a crash, or while a worker the group gave
+up on still works on it) finds the note and asks whether the note's owner is alive: every worker
+holds a lease in Redis (``LEASE_MS``, renewed four times per lease) for as long as its event loop
+runs. A living owner is still sending and is waited for, while the worker looks for the answer
+on the topic (``services/workers/adapters/sent.py``); an owner whose lease ran out is gone, and
+whatever it sent before it went is on the topic already, so the worker looks there once and,
+finding nothing, takes the note over (compare and set: of two takers, one wins) and sends the
+answer itself. An answer found on the topic marks the delivery sent, so a later redelivery of it
+need not look again.
 
 Fail-open: when Redis is unreachable the worker still serves requests (a redelivery then costs
 a second model call and may answer twice) and says so in its log, once a minute at most.
@@ -50,7 +51,7 @@ return 0
 @dataclass(frozen=True, slots=True)
 class Sending:
     """``owner`` began publishing a delivery's answer to ``topic`` at ``at_ms`` (epoch ms);
-    ``done``: the broker acknowledged it."""
+    ``done``: the answer was found there since."""
 
     topic: str
     at_ms: int
@@ -83,7 +84,7 @@ class OutcomeStore(Protocol):
         ...
 
     async def sent(self, request_id: str, delivery: str) -> None:
-        """Mark ``delivery``'s answer as acknowledged by the broker."""
+        """Mark ``delivery``'s answer as found on its topic."""
         ...
 
     async def alive(self, owner: str) -> bool:
