@@ -107,7 +107,7 @@ class RedisOutcomeStore:
         )
         self._redis = Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
         self._outcome = f"{prefix}:outcome:"
-        self._sent = f"{prefix}:sent:"
+        self._notes = f"{prefix}:sent:"
         self._done = f"{prefix}:done:"
         self._lease = f"{prefix}:alive:"
         self.owner = f"{name}-{uuid.uuid4().hex[:12]}"
@@ -145,7 +145,7 @@ class RedisOutcomeStore:
             await self._renew()
 
     def _keys(self, request_id: str, delivery: str) -> tuple[str, str]:
-        return f"{self._sent}{request_id}:{delivery}", f"{self._done}{request_id}:{delivery}"
+        return f"{self._notes}{request_id}:{delivery}", f"{self._done}{request_id}:{delivery}"
 
     async def lookup(self, request_id: str, delivery: str) -> tuple[bytes | None, Sending | None]:
         try:
