@@ -101,7 +101,7 @@ class OutcomeStore(Protocol):
 
 
 class RedisOutcomeStore:
-    def __init__(self, url: str, prefix: str, name: str, lease_ms: int = LEASE_MS) -> None:
+    def __init__(self, url: str, prefix: str, name: str) -> None:
         pool = BlockingConnectionPool.from_url(
             url, max_connections=64, timeout=2, socket_timeout=2, socket_connect_timeout=2
         )
@@ -111,7 +111,6 @@ class RedisOutcomeStore:
         self._done = f"{prefix}:done:"
         self._lease = f"{prefix}:alive:"
         self.owner = f"{name}-{uuid.uuid4().hex[:12]}"
-        self.lease_ms = lease_ms
         self._renewing: asyncio.Task[None] | None = None
         self._warned_at = -_WARN_EVERY_S
         self.unavailable = 0  # calls that found Redis unreachable
@@ -135,13 +134,13 @@ class RedisOutcomeStore:
 
     async def _renew(self) -> None:
         try:
-            await self._redis.set(self._lease + self.owner, b"1", px=self.lease_ms)
+            await self._redis.set(self._lease + self.owner, b"1", px=LEASE_MS)
         except Exception as exc:
             self._unavailable("lease not renewed", exc)
 
     async def _keep_renewing(self) -> None:
         while True:
-            await asyncio.sleep(self.lease_ms / 4000)
+            await asyncio.sleep(LEASE_MS / 4000)
             await self._renew()
 
     def _keys(self, request_id: str, delivery: str) -> tuple[str, str]:
@@ -172,28 +171,27 @@ class RedisOutcomeStore:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.set(self._outcome + request_id, payload, ex=OUTCOME_TTL_S)
                 self._note(pipe, request_id, delivery, topic)
-                _, earlier, done = await pipe.execute()
+                _, earlier = await pipe.execute()
         except Exception as exc:
             self._unavailable("outcome not stored", exc)
             return None
-        return _sending(earlier, done)
+        return _sending(earlier, None)
 
     async def sending(self, request_id: str, delivery: str, topic: str) -> Sending | None:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 self._note(pipe, request_id, delivery, topic)
-                earlier, done = await pipe.execute()
+                (earlier,) = await pipe.execute()
         except Exception as exc:
             self._unavailable("delivery not noted", exc)
             return None
-        return _sending(earlier, done)
+        return _sending(earlier, None)
 
     def _note(self, pipe: Any, request_id: str, delivery: str, topic: str) -> None:
-        """SET NX GET: the first note of a delivery stays; a later one gets it back."""
-        note_key, done_key = self._keys(request_id, delivery)
+        """SET NX GET: the first note of a delivery stays; a later one gets it back (without its
+        sent mark, which only a search sets: the caller looks for the answer anyway)."""
         note = _encode(topic, int(time.time() * 1000), self.owner)
-        pipe.set(note_key, note, ex=OUTCOME_TTL_S, nx=True, get=True)
-        pipe.get(done_key)
+        pipe.set(self._keys(request_id, delivery)[0], note, ex=OUTCOME_TTL_S, nx=True, get=True)
 
     async def sent(self, request_id: str, delivery: str) -> None:
         try:

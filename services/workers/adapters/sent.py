@@ -1,10 +1,10 @@
-"""Was a delivery's answer already written to its topic? Asked when the worker that noted the
-answer (``adapters/outcomes.py``) did not mark it sent: it died, or is slow and alive.
+"""Was a delivery's answer already written to its topic? Asked when a record comes again with a
+note (``adapters/outcomes.py``) that no earlier search marked sent.
 
 A worker notes in Redis which delivery (one tier-topic record) it begins sending the answer of,
 and the answer carries the delivery in its ``switchboard-delivery`` header. If the worker dies
-before marking it sent, the record's next owner finds the note: the answer may or may not have
-reached the broker. This reads the one partition the answer's key maps to, from the note's time
+(or the group gives up on it) before committing the record, the record's next owner finds the
+note: the answer may or may not have reached the broker. This reads the one partition the answer's key maps to, from the note's time
 to the end, and looks for that key with that header. Found: nothing is sent again. Not found
 (and the noting worker gone): the answer is sent. Either way the client sees it once.
 
