@@ -6,9 +6,10 @@ topic prefix, so tests never see each other's messages.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -22,9 +23,23 @@ from switchboard.embedded import (
     start_redis,
     wait_for,
 )
+from tests.hangs import print_tasks
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 ROOT = Path(__file__).resolve().parents[1]
+DUMP_BEFORE_TIMEOUT_S = 10
+
+
+@pytest.fixture(autouse=True)
+async def dump_tasks_before_timeout(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Print what every asyncio task awaits shortly before pytest-timeout stops a hung test."""
+    marker = request.node.get_closest_marker("timeout")
+    limit = float(marker.args[0] if marker else request.config.getini("timeout"))
+
+    at = limit - DUMP_BEFORE_TIMEOUT_S
+    handle = asyncio.get_running_loop().call_later(at, print_tasks, f"{at:.0f} s into the test")
+    yield
+    handle.cancel()
 
 
 @pytest.fixture(scope="session")

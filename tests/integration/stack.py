@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -20,8 +21,13 @@ from services.router.app import create_app
 from services.router.config import RouterSettings
 from services.workers.app import WorkerApp
 from services.workers.config import WorkerSettings
+from tests.hangs import print_tasks
 
 API_KEY = "sk-test-key"
+START_S = 60.0  # a part's start, group join included
+STOP_S = 45.0  # a part's stop, its drain included
+SEND_S = 45.0  # one test record stored
+T = TypeVar("T")
 
 
 @dataclass
@@ -55,31 +61,59 @@ async def running_stack(
     started: list[Any] = []
     http: tuple[HttpServer, asyncio.Task[None]] | None = None
     try:
-        await metrics.start()
+        await within(START_S, "the metrics service to start", metrics.start())
         started.append(metrics)
-        for w in workers.values():
-            await w.start()
+        for tier, w in workers.items():
+            await within(START_S, f"the {tier} worker to start", w.start())
             started.append(w)
-        http = await start_http(app, "127.0.0.1", 0, lifespan=True)
+        http = await within(
+            START_S, "the router to start", start_http(app, "127.0.0.1", 0, lifespan=True)
+        )
         port = http[0].bound_port  # type: ignore[attr-defined]
         stack = Stack(f"http://127.0.0.1:{port}", Topics(prefix), bootstrap, workers, metrics, app)
         await asyncio.gather(*(w.wait_assigned() for w in workers.values()))
         yield stack
     finally:
-        if http:
-            await stop_http(*http)
-        for part in reversed(started):
-            await part.stop()
+        # every part is stopped even if one does not stop in time; that one fails the test
+        slow = []
+        stops = [("the router", stop_http(*http))] if http else []
+        stops += [(type(p).__name__, p.stop()) for p in reversed(started)]
+        for name, stop in stops:
+            try:
+                await within(STOP_S, f"{name} to stop", stop)
+            except TimeoutError as exc:
+                slow.append(str(exc))
+        if slow:
+            raise TimeoutError("; ".join(slow))
+
+
+async def within(timeout_s: float, what: str, step: Awaitable[T]) -> T:
+    """``await step``; if it takes over ``timeout_s``, print where every task waits (before
+    cancelling it unwinds that) and raise a TimeoutError that names ``what``."""
+    task = asyncio.ensure_future(step)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not done:
+            print_tasks(f"waited {timeout_s:.0f} s for {what}")
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def produce(bootstrap: str, topic: str, *payloads: bytes) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=16 * 1024 * 1024)
-    await producer.start()
+    await within(START_S, "a test producer to start", producer.start())
     try:
         for p in payloads:
-            await producer.send_and_wait(topic, p)
+            await within(
+                SEND_S, f"a test record to be stored on {topic}", producer.send_and_wait(topic, p)
+            )
     finally:
-        await producer.stop()
+        await within(STOP_S, "a test producer to stop", producer.stop())
 
 
 async def collect(
@@ -93,7 +127,7 @@ async def collect(
         fetch_max_wait_ms=20,
         enable_auto_commit=False,
     )
-    await consumer.start()
+    await within(START_S, f"a test consumer of {topic} to start", consumer.start())
     seen: list[dict[str, Any]] = []
     try:
         async with asyncio.timeout(timeout_s):
@@ -101,8 +135,10 @@ async def collect(
                 batches = await consumer.getmany(timeout_ms=200)
                 for records in batches.values():
                     seen.extend(json.loads(r.value) for r in records)
+    except TimeoutError:
+        raise TimeoutError(f"{topic} after {timeout_s:.0f} s: {len(seen)} records {seen}") from None
     finally:
-        await consumer.stop()
+        await within(STOP_S, f"a test consumer of {topic} to stop", consumer.stop())
     return seen
 
 
