@@ -76,11 +76,13 @@ async def running_stack(
     finally:
         # every part is stopped even if one does not stop in time; that one fails the test
         slow = []
-        stops = [("the router", stop_http(*http))] if http else []
-        stops += [(type(p).__name__, p.stop()) for p in reversed(started)]
+        stops: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        if http:
+            stops.append(("the router", lambda: stop_http(*http)))
+        stops += [(type(p).__name__, p.stop) for p in reversed(started)]
         for name, stop in stops:
             try:
-                await within(STOP_S, f"{name} to stop", stop)
+                await within(STOP_S, f"{name} to stop", stop())
             except TimeoutError as exc:
                 slow.append(str(exc))
         if slow:
@@ -136,7 +138,10 @@ async def collect(
                 for records in batches.values():
                     seen.extend(json.loads(r.value) for r in records)
     except TimeoutError:
-        raise TimeoutError(f"{topic} after {timeout_s:.0f} s: {len(seen)} records {seen}") from None
+        shown = json.dumps(seen)[:2000]
+        raise TimeoutError(
+            f"{topic} after {timeout_s:.0f} s: {len(seen)} records {shown}"
+        ) from None
     finally:
         await within(STOP_S, f"a test consumer of {topic} to stop", consumer.stop())
     return seen
