@@ -37,6 +37,8 @@ BatchHandler = Callable[[Sequence[ConsumerRecord]], Awaitable[None]]
 _BACKOFF_MAX_S = 5.0
 REWIND_CHECK_S = 1.0  # how often a consumer looks for partitions that ended before its position
 SESSION_TIMEOUT_MS = 6_000  # the least a Kafka broker accepts by default
+# aiokafka retries a commit while Kafka is unreachable with no end: a stop waits this long for it
+LAST_COMMIT_S = 10.0
 
 
 def _consumer(
@@ -106,6 +108,21 @@ class _LostPartitionCheck:
             return []
         self._next = now + REWIND_CHECK_S
         return await rewind_lost(consumer)
+
+
+async def close_consumer(consumer: AIOKafkaConsumer) -> None:
+    """``consumer.stop()``, which also returns while Kafka is unreachable.
+
+    aiokafka 0.14's fetcher cancels a fetch that waits to retry and then awaits it, so its stop
+    raises CancelledError although nobody cancelled the caller; that is logged, not raised.
+    """
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the caller is being cancelled
+        log.warning("the Kafka consumer stopped with a fetch cut short (Kafka unreachable?)")
 
 
 async def _retry_until_done(
@@ -253,8 +270,15 @@ class ConcurrentConsumer:
             self._commit_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._commit_task
-        await self._commit()
-        await self._consumer.stop()
+        try:
+            await asyncio.wait_for(self._commit(), LAST_COMMIT_S)
+        except TimeoutError:
+            log.warning(
+                "the last commit did not finish in %.0f s (Kafka unreachable?); what was handled "
+                "since the previous commit will be delivered again",
+                LAST_COMMIT_S,
+            )
+        await close_consumer(self._consumer)
 
 
 class _BatchRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -461,4 +485,4 @@ class BatchConsumer:
             self._commit_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._commit_task
-        await self._consumer.stop()
+        await close_consumer(self._consumer)

@@ -4,7 +4,6 @@ or comes back without the router's reply topic. A broker of its own (the test ki
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,18 +13,10 @@ from services.common.kafka import delete_topics, ensure_topics, log_ends
 from services.router.errors import ApiError
 from services.router.service import PendingReplies
 from services.router.watch import BrokerWatch
-from switchboard.embedded import Child, free_port, start_broker
+from switchboard.embedded import Child, start_broker
 from tests.integration.stack import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def own_broker(logs_dir: Path) -> Iterator[tuple[Child, str]]:
-    port = free_port()
-    child = start_broker(port, logs_dir)
-    yield child, f"127.0.0.1:{port}"
-    child.stop()
 
 
 async def failure(future: asyncio.Future[object]) -> ApiError:
