@@ -111,7 +111,7 @@ class _LostPartitionCheck:
 
 
 async def close_consumer(consumer: AIOKafkaConsumer) -> None:
-    """``consumer.stop()``, which also returns while Kafka is unreachable.
+    """``consumer.stop()``, which also returns while Kafka is unreachable (every consumer we stop).
 
     aiokafka 0.14's fetcher cancels a fetch that waits to retry and then awaits it, so its stop
     raises CancelledError although nobody cancelled the caller; that is logged, not raised.

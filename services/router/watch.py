@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
-from services.common.consumer import rewind_lost
+from services.common.consumer import close_consumer, rewind_lost
 from services.common.kafka import delete_topics, ensure_topics
 from services.router.errors import ApiError
 from services.router.service import PendingReplies
@@ -79,7 +79,7 @@ class BrokerWatch:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._consumer is not None:
-            await self._consumer.stop()
+            await close_consumer(self._consumer)
 
     async def _loop(self) -> None:
         while True:

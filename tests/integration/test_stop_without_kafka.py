@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer, ConsumerRecord
@@ -40,15 +41,19 @@ async def test_consumers_stop_in_bounded_time_when_the_broker_is_gone(
         handling[batch].set()
         await release.wait()
 
-    common = {"fetch_max_wait_ms": 20, "drain_timeout_s": BOUND_S, "bootstrap": bootstrap}
-    parts = [
+    common: dict[str, Any] = {
+        "fetch_max_wait_ms": 20,
+        "drain_timeout_s": BOUND_S,
+        "bootstrap": bootstrap,
+    }
+    parts: list[ConcurrentConsumer | BatchConsumer] = [
         ConcurrentConsumer(
             topics=[one],
             group_id=f"{one}.g",
             handler=handle,
             concurrency=2,
             client_id="one",
-            **common,  # type: ignore[arg-type]
+            **common,
         ),
         BatchConsumer(
             topics=[batch],
@@ -56,7 +61,7 @@ async def test_consumers_stop_in_bounded_time_when_the_broker_is_gone(
             handler=handle_batch,
             max_records=10,
             client_id="batch",
-            **common,  # type: ignore[arg-type]
+            **common,
         ),
     ]
     for part in parts:

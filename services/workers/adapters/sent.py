@@ -17,6 +17,7 @@ import asyncio
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from services.common.consumer import close_consumer
 from services.common.kafka import log_ends, partition_for_key
 
 DELIVERY_HEADER = "switchboard-delivery"
@@ -82,5 +83,5 @@ class SentCheck:
 
     async def close(self) -> None:
         if self._consumer is not None:
-            await self._consumer.stop()
+            await close_consumer(self._consumer)
             self._consumer = None
