@@ -37,6 +37,10 @@ PROVIDER_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY")
 REAL_CONFIG = Path("config/switchboard.yaml")
 SIMULATED_CONFIG = Path("config/simulated.yaml")
 READY_TIMEOUT_S = 120.0
+# Requests per reply-topic generation on the embedded broker: every answer is a record batch on
+# the router's reply topic, and Tansu's fetches slow down with the batches a partition holds
+# (2.4 ms at 2,500, no answer at all from about 12,500: docs/embedded-broker.md).
+REPLY_GENERATION_SIZE = "1000"
 
 
 @dataclass
@@ -100,6 +104,7 @@ class Stack:
             SWITCHBOARD_SIMULATOR_PORT=str(p.ports["simulator"]),
             SWITCHBOARD_METRICS_PORT=str(p.ports["metrics"]),
             SWITCHBOARD_METRICS_TOKEN=self.metrics_token,
+            SWITCHBOARD_REPLY_GENERATION_SIZE=REPLY_GENERATION_SIZE,
         )
         for name in (
             "SWITCHBOARD_LOG_LEVEL",
@@ -107,6 +112,7 @@ class Stack:
             "SWITCHBOARD_PARTITIONS",
             "SWITCHBOARD_SIMULATOR_LATENCY_SCALE",
             "SWITCHBOARD_CLICKHOUSE_URL",
+            "SWITCHBOARD_REPLY_GENERATION_SIZE",
         ):
             if name in os.environ:
                 env[name] = os.environ[name]

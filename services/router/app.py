@@ -8,14 +8,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from faststream.kafka.annotations import KafkaMessage
 
 from services.common.consumer import BatchConsumer
 from services.common.kafka import (
-    MAX_MESSAGE_BYTES,
     BrokerPublisher,
     KafkaBatchPublisher,
-    delete_topics,
     ensure_topics,
     make_broker,
 )
@@ -25,6 +22,7 @@ from services.router.config import RouterSettings
 from services.router.errors import ApiError
 from services.router.handlers import IngressHandler, ReplyHandler
 from services.router.http import HttpContext, api, install_error_handlers
+from services.router.replies import ReplyReader, ReplyTopics
 from services.router.service import PendingReplies, Router
 from services.router.watch import BrokerWatch
 
@@ -37,7 +35,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
     config = load_config(settings.config)
     topics = settings.topics
     name = f"router-{settings.instance_id}"
-    reply_topic = topics.replies(settings.instance_id)
+    reply_topics = ReplyTopics(topics.replies(settings.instance_id), settings.reply_generation_size)
     broker = make_broker(settings.kafka_bootstrap, name)
     publisher = BrokerPublisher(broker)
     router = Router(config, topics, publisher, settings.max_image_bytes)
@@ -46,33 +44,30 @@ def create_app(settings: RouterSettings) -> FastAPI:
     ingress = IngressHandler(router, batch_publisher, name, settings.max_body_bytes)
     on_reply = ReplyHandler(replies, publisher, topics.dead_letter, name)
 
-    reply_subscriber = broker.subscriber(
-        reply_topic,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=settings.fetch_wait_interactive_ms,
-        max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
+    reader = ReplyReader(
+        settings.kafka_bootstrap,
+        reply_topics,
+        on_reply,
+        settings.fetch_wait_interactive_ms,
+        f"{name}-replies",
     )
-
-    @reply_subscriber
-    async def on_reply_msg(msg: KafkaMessage) -> None:
-        await on_reply(msg.raw_message)  # type: ignore[arg-type]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tier_topics = [topics.tier(t) for t in config.tier_names]
         shared = [*tier_topics, topics.ingress, topics.results, topics.dead_letter, topics.events]
         await ensure_topics(settings.kafka_bootstrap, shared, settings.partitions)
-        await ensure_topics(settings.kafka_bootstrap, [reply_topic], 1)
         watch = BrokerWatch(
             settings.kafka_bootstrap,
-            reply_topic,
+            lambda: reply_topics.current,
             replies,
-            lambda: reply_subscriber.consumer,
+            lambda: reader.consumer,
             shared,
             settings.partitions,
         )
         ctx.broker_ready = lambda: watch.ready
         await broker.start()
+        await reader.start()
         await batch_publisher.start()
         # The ingress is a batch consumer: a fetched batch is routed, published in one go, and
         # committed once all of it is stored (FastStream's one-message-at-a-time subscriber with
@@ -107,20 +102,23 @@ def create_app(settings: RouterSettings) -> FastAPI:
                     code="shutting_down",
                 )
             )
+            await reader.stop()
             await broker.stop()
             try:
-                await delete_topics(settings.kafka_bootstrap, [reply_topic])
+                await reader.delete_all()
             except Exception as exc:  # the broker may be gone already
-                log.warning("could not delete reply topic %s: %s", reply_topic, exc)
+                log.warning("could not delete reply topics %s: %s", reply_topics.live(), exc)
 
     app = FastAPI(title="Switchboard router", version="1", lifespan=lifespan)
     key = settings.api_key.get_secret_value() if settings.api_key else None
-    ctx = HttpContext(router, replies, reply_topic, key, settings.reply_grace_s)
+    ctx = HttpContext(router, replies, reply_topics, key, settings.reply_grace_s)
     app.include_router(api(ctx))
     install_error_handlers(app, settings.max_body_bytes)
     app.state.ctx = ctx
     app.state.ingress = ingress
     app.state.broker = broker
+    app.state.reply_reader = reader
+    app.state.on_reply = on_reply
     app.state.pid = os.getpid()
     return app
 

@@ -36,6 +36,15 @@ class RouterSettings(CommonSettings):
         le=100_000,
         description="Ingress requests routed, published and committed together, at most.",
     )
+    reply_generation_size: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Requests per reply-topic generation; 0 keeps one reply topic for the router's life "
+            "(Kafka's retention bounds it). `switchboard up` sets it for the embedded broker, "
+            "which keeps every answer and slows down as a partition fills."
+        ),
+    )
     reply_grace_s: float = Field(
         default=5.0, ge=0, description="How long past a request's deadline the router still waits."
     )

@@ -25,6 +25,7 @@ from schemas.v1 import (
 from services.router.domain.classify import UnknownModel
 from services.router.domain.images import BadImage
 from services.router.errors import ApiError, from_outcome, invalid, param_path
+from services.router.replies import ReplyTopics
 from services.router.service import PendingReplies, Router, idempotent_request_id
 
 # How long a request may wait for the broker to take it (a broker that is up takes it in ms).
@@ -55,11 +56,11 @@ class HttpContext:
         self,
         router: Router,
         replies: PendingReplies,
-        reply_topic: str,
+        reply_topics: ReplyTopics,
         api_key: str | None,
         reply_grace_s: float,
     ) -> None:
-        self.router, self.replies, self.reply_topic = router, replies, reply_topic
+        self.router, self.replies, self.reply_topics = router, replies, reply_topics
         self.api_key, self.reply_grace_s = api_key, reply_grace_s
         self.broker_ready: Callable[[], bool] = lambda: True  # the broker watch's verdict
 
@@ -145,6 +146,37 @@ async def _publish(ctx: HttpContext, routed: RoutedRequest) -> None:
         ) from exc
 
 
+async def _answer(ctx: HttpContext, chat: ChatRequest, reply_to: str) -> JSONResponse:
+    try:
+        routed = ctx.router.route(chat, reply_to)
+    except UnknownModel as exc:
+        raise invalid(str(exc), "model", "model_not_found") from exc
+    except BadImage as exc:
+        raise invalid(f"'{exc.param}': {exc.message}", exc.param, exc.code) from exc
+    future, first = ctx.replies.expect(chat.request_id)
+    try:
+        if first:
+            await _publish(ctx, routed)
+        wait_s = (
+            (routed.deadline_at - routed.routed_at).total_seconds() if routed.deadline_at else 600
+        )
+        outcome = await asyncio.wait_for(asyncio.shield(future), wait_s + ctx.reply_grace_s)
+    except TimeoutError as exc:
+        raise ApiError(
+            504,
+            f"no answer from tier {routed.tier!r} within the deadline",
+            type="timeout_error",
+            code="deadline_exceeded",
+        ) from exc
+    finally:
+        if first and not future.done():
+            ctx.replies.forget(chat.request_id, future)
+    if not isinstance(outcome, ChatResult):
+        raise from_outcome(outcome)
+    completion = {**outcome.completion, "id": outcome.request_id}
+    return JSONResponse(completion, headers=_headers(outcome))
+
+
 def api(ctx: HttpContext) -> APIRouter:
     routes = APIRouter()
 
@@ -156,36 +188,12 @@ def api(ctx: HttpContext) -> APIRouter:
     @routes.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(body: ChatCompletionBody, request: Request) -> JSONResponse:
         chat = to_chat_request(body, request.headers.get("idempotency-key"))
+        # the reply topic (generation) is kept while this caller waits on it
+        reply_to = ctx.reply_topics.take()
         try:
-            routed = ctx.router.route(chat, ctx.reply_topic)
-        except UnknownModel as exc:
-            raise invalid(str(exc), "model", "model_not_found") from exc
-        except BadImage as exc:
-            raise invalid(f"'{exc.param}': {exc.message}", exc.param, exc.code) from exc
-        future, first = ctx.replies.expect(chat.request_id)
-        try:
-            if first:
-                await _publish(ctx, routed)
-            wait_s = (
-                (routed.deadline_at - routed.routed_at).total_seconds()
-                if routed.deadline_at
-                else 600
-            )
-            outcome = await asyncio.wait_for(asyncio.shield(future), wait_s + ctx.reply_grace_s)
-        except TimeoutError as exc:
-            raise ApiError(
-                504,
-                f"no answer from tier {routed.tier!r} within the deadline",
-                type="timeout_error",
-                code="deadline_exceeded",
-            ) from exc
+            return await _answer(ctx, chat, reply_to)
         finally:
-            if first and not future.done():
-                ctx.replies.forget(chat.request_id, future)
-        if not isinstance(outcome, ChatResult):
-            raise from_outcome(outcome)
-        completion = {**outcome.completion, "id": outcome.request_id}
-        return JSONResponse(completion, headers=_headers(outcome))
+            ctx.reply_topics.release(reply_to)
 
     @routes.get("/v1/models", dependencies=[Depends(require_key)])
     async def models(request: Request) -> JSONResponse:

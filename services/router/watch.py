@@ -47,14 +47,14 @@ class BrokerWatch:
     def __init__(
         self,
         bootstrap: str,
-        reply_topic: str,
+        reply_topic: Callable[[], str],
         replies: PendingReplies,
         reply_consumer: Callable[[], AIOKafkaConsumer | None] = lambda: None,
         topics: Sequence[str] = (),
         partitions: int = 4,
     ) -> None:
         self._bootstrap = bootstrap
-        self._reply_topic = reply_topic
+        self._reply_topic = reply_topic  # the current one: it changes on the embedded broker
         self._topics = list(topics)  # the shared topics the router creates at start
         self._partitions = partitions
         self.ready = True  # Kafka answers and has every topic: requests may be published
@@ -108,7 +108,7 @@ class BrokerWatch:
             self._set_ready(False, "the connection to Kafka is lost")
             return "the router lost its connection to Kafka"
         missing = [t for t in self._topics if t not in existing]
-        if self._reply_topic not in existing:
+        if self._reply_topic() not in existing:
             self._set_ready(False, "Kafka lost this router's reply topic")
             if missing:
                 await self._create(missing)
@@ -143,7 +143,7 @@ class BrokerWatch:
     async def _renew_reply_topic(self) -> None:
         """Delete what the broker holds of the reply topic, create it again, read it from the
         start. A failure is logged; the next probe finds the topic missing and tries again."""
-        topic = [self._reply_topic]
+        topic = [self._reply_topic()]
         try:
             # The broker keeps what was written to a topic it does not know, and deletes it only
             # with the topic: create it, delete it, create it again.
@@ -157,7 +157,7 @@ class BrokerWatch:
             log.exception("broker watch: could not create the reply topic again")
             return
         self.renewed += 1
-        log.warning("broker watch: reply topic %s was lost; created it again", self._reply_topic)
+        log.warning("broker watch: reply topic %s was lost; created it again", topic[0])
 
     def _fail_waiting(self, problem: str) -> None:
         waiting = len(self._replies)

@@ -68,6 +68,12 @@ async def wired() -> AsyncIterator[
     for tier in app.state.ctx.router.config.tier_names:
         broker.subscriber(topics.tier(tier))(answer)
 
+    # the app's reply reader is a plain aiokafka consumer, started with the lifespan (which
+    # ASGITransport does not run): the in-memory broker hands replies to its handler instead
+    @broker.subscriber(app.state.ctx.reply_topics.current)
+    async def on_reply(msg: KafkaMessage) -> None:
+        await app.state.on_reply(msg.raw_message)
+
     @broker.subscriber(topics.dead_letter)
     async def on_dead(msg: KafkaMessage) -> None:
         dead.append(json.loads(msg.body))

@@ -52,12 +52,19 @@ def common(bootstrap: str, redis_url: str, prefix: str, config: Path) -> dict[st
 
 @asynccontextmanager
 async def running_stack(
-    bootstrap: str, redis_url: str, prefix: str, config: Path, data_dir: Path, tiers: list[str]
+    bootstrap: str,
+    redis_url: str,
+    prefix: str,
+    config: Path,
+    data_dir: Path,
+    tiers: list[str],
+    router: dict[str, Any] | None = None,
 ) -> AsyncIterator[Stack]:
+    """The services in this process; ``router`` adds RouterSettings fields."""
     base = common(bootstrap, redis_url, prefix, config)
     metrics = MetricsApp(MetricsSettings(**base, data_dir=data_dir, metrics_port=0, batch_size=500))
     workers = {t: WorkerApp(WorkerSettings(**base, tier=t, drain_timeout_s=5)) for t in tiers}
-    app = create_app(RouterSettings(**base, api_key=API_KEY, port=0))
+    app = create_app(RouterSettings(**base, api_key=API_KEY, port=0, **(router or {})))
     started: list[Any] = []
     http: tuple[HttpServer, asyncio.Task[None]] | None = None
     try:

@@ -33,7 +33,7 @@ async def test_waiting_callers_get_a_503_when_the_broker_dies(
     reply_topic = f"{topic_prefix}.replies.r1"
     await ensure_topics(bootstrap, [reply_topic], 1)
     replies = PendingReplies()
-    watch = BrokerWatch(bootstrap, reply_topic, replies)
+    watch = BrokerWatch(bootstrap, lambda: reply_topic, replies)
     await watch.start()
     try:
         future, _ = replies.expect("req-1")
@@ -54,7 +54,7 @@ async def test_waiting_callers_get_a_503_when_the_reply_topic_is_gone(
     _, bootstrap = own_broker
     replies = PendingReplies()
     # the reply topic was never created: what a broker restarted without its data looks like
-    watch = BrokerWatch(bootstrap, f"{topic_prefix}.replies.gone", replies)
+    watch = BrokerWatch(bootstrap, lambda: f"{topic_prefix}.replies.gone", replies)
     await watch.start()
     try:
         future, _ = replies.expect("req-2")
@@ -71,7 +71,7 @@ async def test_nothing_fails_while_the_broker_is_healthy(
     reply_topic = f"{topic_prefix}.replies.ok"
     await ensure_topics(bootstrap, [reply_topic], 1)
     replies = PendingReplies()
-    watch = BrokerWatch(bootstrap, reply_topic, replies)
+    watch = BrokerWatch(bootstrap, lambda: reply_topic, replies)
     await watch.start()
     try:
         future, _ = replies.expect("req-3")
@@ -97,7 +97,7 @@ async def test_a_lost_reply_topic_is_created_again_without_what_was_written_to_i
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=50)
     await producer.start()
     replies = PendingReplies()
-    watch = BrokerWatch(bootstrap, reply_topic, replies)
+    watch = BrokerWatch(bootstrap, lambda: reply_topic, replies)
     try:
         await producer.send_and_wait(reply_topic, b"before")  # the producer knows the topic
         await delete_topics(bootstrap, [reply_topic])  # what a restart does to it
@@ -139,7 +139,9 @@ async def test_while_the_broker_is_away_requests_are_held_back_and_lost_topics_c
     reply_topic = f"{topic_prefix}.replies.back"
     shared = [f"{topic_prefix}.tier.a", f"{topic_prefix}.events"]
     await ensure_topics(bootstrap, [reply_topic, *shared], 1)
-    watch = BrokerWatch(bootstrap, reply_topic, PendingReplies(), topics=shared, partitions=3)
+    watch = BrokerWatch(
+        bootstrap, lambda: reply_topic, PendingReplies(), topics=shared, partitions=3
+    )
     await watch.start()
     restarted: Child | None = None
     try:
