@@ -9,6 +9,7 @@ drain into a live broker.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import signal
@@ -20,6 +21,7 @@ from types import FrameType
 
 import httpx
 
+from schemas.topics import DEFAULT_PREFIX, Topics
 from services.common.routing_config import ConfigError, LoadedConfig, load_config
 from switchboard.analyst import stack_file
 from switchboard.embedded import (
@@ -32,6 +34,7 @@ from switchboard.embedded import (
     start_redis,
     wait_for,
 )
+from switchboard.keeper import Keeper, KeeperThread
 
 PROVIDER_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY")
 REAL_CONFIG = Path("config/switchboard.yaml")
@@ -89,6 +92,7 @@ class Stack:
         self.run_dir = plan.data_dir / "run"
         self.log_dir = plan.data_dir / "logs"
         self.metrics_token = secrets.token_urlsafe(24)
+        self.keeper: KeeperThread | None = None
 
     def env(self, **extra: str) -> dict[str, str]:
         p = self.plan
@@ -105,6 +109,7 @@ class Stack:
             SWITCHBOARD_METRICS_PORT=str(p.ports["metrics"]),
             SWITCHBOARD_METRICS_TOKEN=self.metrics_token,
             SWITCHBOARD_REPLY_GENERATION_SIZE=REPLY_GENERATION_SIZE,
+            SWITCHBOARD_EMBEDDED_BROKER="true",
         )
         for name in (
             "SWITCHBOARD_LOG_LEVEL",
@@ -178,7 +183,30 @@ class Stack:
             SWITCHBOARD_HOST=p.host,
             SWITCHBOARD_API_KEY=p.api_key,
         )
+        self._start_keeper()
         self._write_state()
+
+    def _start_keeper(self) -> None:
+        """The embedded broker's keeper (switchboard/keeper.py), in this process: its warnings
+        show here, its log is keeper.log."""
+        logger = logging.getLogger("switchboard.keeper")
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        to_file = logging.FileHandler(self.log_dir / "keeper.log")
+        to_file.setFormatter(logging.Formatter("%(asctime)s keeper %(levelname)s %(message)s"))
+        to_console = logging.StreamHandler(sys.stderr)
+        to_console.setLevel(logging.WARNING)
+        to_console.setFormatter(logging.Formatter("switchboard: %(message)s"))
+        logger.handlers = [to_file, to_console]
+        partitions = int(os.environ.get("SWITCHBOARD_PARTITIONS", "4"))
+        keeper = Keeper(
+            f"127.0.0.1:{self.plan.ports['broker']}",
+            Topics(os.environ.get("SWITCHBOARD_TOPIC_PREFIX", DEFAULT_PREFIX)),
+            self.run_dir,
+            partitions,
+        )
+        self.keeper = KeeperThread(keeper)
+        self.keeper.start()
 
     def _write_state(self) -> None:
         state = {
@@ -195,6 +223,9 @@ class Stack:
             json.dump(state, fh, indent=2)
 
     def stop(self) -> None:
+        if self.keeper is not None:
+            self.keeper.stop()
+            self.keeper = None
         for child in reversed(self.children):
             code = child.stop()
             say(f"stopped {child.name} (exit {code})")

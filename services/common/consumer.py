@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
+from services.common.fences import is_filler
 from services.common.kafka import METADATA_MAX_AGE_MS
 from services.common.offsets import OffsetTracker
 
@@ -66,9 +67,9 @@ def _consumer(
     )
 
 
-async def rewind_lost(consumer: AIOKafkaConsumer) -> list[TopicPartition]:
-    """Read again from the start the assigned partitions that now end before ``consumer``'s
-    position: the broker lost them and began them anew (the embedded broker restarts empty).
+async def lost_partitions(consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+    """The assigned partitions that now end before ``consumer``'s position: the broker lost them
+    and began them anew (the embedded broker restarts empty).
 
     A Kafka broker answers a fetch past a partition's end with OFFSET_OUT_OF_RANGE, and aiokafka
     then applies ``auto_offset_reset``. Tansu answers it with no records, so a consumer would wait
@@ -86,28 +87,50 @@ async def rewind_lost(consumer: AIOKafkaConsumer) -> list[TopicPartition]:
             continue  # no position yet, or the partition is being reassigned
         if position > highwater:
             lost.append(tp)
-    if lost:
-        log.warning(
-            "partitions %s end before this consumer's position: the broker lost them; "
-            "reading them again from the start",
-            ", ".join(f"{tp.topic}[{tp.partition}]" for tp in lost),
-        )
-        await consumer.seek_to_beginning(*lost)
     return lost
 
 
+async def rewind_lost(consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+    """Read ``lost_partitions`` again from the start."""
+    lost = await lost_partitions(consumer)
+    if lost:
+        await _rewind(consumer, lost)
+    return lost
+
+
+async def _rewind(consumer: AIOKafkaConsumer, lost: list[TopicPartition]) -> None:
+    log.warning(
+        "partitions %s end before this consumer's position: the broker lost them; "
+        "reading them again from the start",
+        ", ".join(f"{tp.topic}[{tp.partition}]" for tp in lost),
+    )
+    await consumer.seek_to_beginning(*lost)
+
+
 class _LostPartitionCheck:
-    """``rewind_lost`` at most once every ``REWIND_CHECK_S``, from a consumer's fetch loop."""
+    """``lost_partitions`` at most once every ``REWIND_CHECK_S``, from a consumer's fetch loop.
+
+    A partition is read again only when two checks in a row find it lost. On the embedded
+    broker the keeper compacts a topic by deleting it and writing its records back at the same
+    offsets (services/common/fences.py); a fetch in those few milliseconds sees it empty, and
+    reading it from the start then would hand the unconsumed records out twice.
+    """
 
     def __init__(self) -> None:
         self._next = 0.0
+        self._suspects: set[TopicPartition] = set()
 
     async def __call__(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
         now = asyncio.get_running_loop().time()
         if now < self._next:
             return []
         self._next = now + REWIND_CHECK_S
-        return await rewind_lost(consumer)
+        lost = await lost_partitions(consumer)
+        confirmed = [tp for tp in lost if tp in self._suspects]
+        self._suspects = set(lost) - set(confirmed)
+        if confirmed:
+            await _rewind(consumer, confirmed)
+        return confirmed
 
 
 async def close_consumer(consumer: AIOKafkaConsumer) -> None:
@@ -208,6 +231,10 @@ class ConcurrentConsumer:
             for tp, records in batches.items():
                 for record in records:
                     self._tracker.started(tp, record.offset)
+                    if is_filler(record):
+                        self._tracker.finished(tp, record.offset)
+                        self._finished.set()
+                        continue
                     task = asyncio.create_task(self._process(tp, record))
                     self._tasks[task] = tp
             for tp in await self._lost_partitions(self._consumer):
@@ -395,7 +422,7 @@ class BatchConsumer:
             )
             for tp, recs in batches.items():
                 if recs:
-                    records.extend(recs)
+                    records.extend(r for r in recs if not is_filler(r))
                     points[tp] = recs[-1].offset + 1
             if records:
                 self._gathering = True

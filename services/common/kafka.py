@@ -26,6 +26,8 @@ from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError, Unkno
 from faststream.kafka import KafkaBroker
 from pydantic import BaseModel
 
+from services.common.fences import Fences
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -237,10 +239,14 @@ class Publisher(Protocol):
 
 
 class BrokerPublisher:
-    """``Publisher`` over a FastStream ``KafkaBroker``: waits for the broker's acknowledgement."""
+    """``Publisher`` over a FastStream ``KafkaBroker``: waits for the broker's acknowledgement.
 
-    def __init__(self, broker: KafkaBroker) -> None:
+    With ``fences`` (embedded broker only), a publish waits while the keeper compacts its topic.
+    """
+
+    def __init__(self, broker: KafkaBroker, fences: Fences | None = None) -> None:
         self._broker = broker
+        self._fences = fences
 
     async def publish(
         self,
@@ -250,14 +256,20 @@ class BrokerPublisher:
         headers: Mapping[str, str] | None = None,
     ) -> None:
         body = message.model_dump_json().encode()
-        await _past_unknown_errors(
-            lambda: self._broker.publish(
+
+        def send() -> Awaitable[Any]:
+            return self._broker.publish(
                 body,
                 topic=topic,
                 key=key.encode() if key else None,
                 headers={**JSON_HEADERS, **headers} if headers else JSON_HEADERS,
             )
-        )
+
+        if self._fences is None:
+            await _past_unknown_errors(send)
+            return
+        async with self._fences.writing((topic,)):
+            await _past_unknown_errors(send)
 
 
 def make_broker(bootstrap: str, client_id: str) -> KafkaBroker:
@@ -308,8 +320,9 @@ class KafkaBatchPublisher:
     redelivery.
     """
 
-    def __init__(self, bootstrap: str, client_id: str) -> None:
+    def __init__(self, bootstrap: str, client_id: str, fences: Fences | None = None) -> None:
         self._bootstrap, self._client_id = bootstrap, client_id
+        self._fences = fences
         self._producer: AIOKafkaProducer | None = None
         self._spread = itertools.count()
 
@@ -349,10 +362,17 @@ class KafkaBatchPublisher:
         return out
 
     async def publish_all(self, messages: Sequence[Outgoing]) -> None:
-        producer = self._producer
-        assert producer is not None, "start() first"
         if not messages:
             return
+        if self._fences is None:
+            await self._publish_all(messages)
+            return
+        async with self._fences.writing({m.topic for m in messages}):
+            await self._publish_all(messages)
+
+    async def _publish_all(self, messages: Sequence[Outgoing]) -> None:
+        producer = self._producer
+        assert producer is not None, "start() first"
         targets = await self._targets(messages)
         open_batches: dict[tuple[str, int], tuple[Any, list[Outgoing]]] = {}
         sent: list[Awaitable[None]] = []

@@ -57,6 +57,13 @@ class CommonSettings(BaseSettings):
         default=None,
         description="Directory where a service writes its ready marker (set by `switchboard up`).",
     )
+    embedded_broker: bool = Field(
+        default=False,
+        description=(
+            "The broker is the embedded Tansu (`switchboard up` sets it): publishers wait while "
+            "`switchboard up`'s keeper compacts their topic (services/common/fences.py). Needs run_dir."
+        ),
+    )
     log_level: str = Field(default="INFO", description="Python log level.")
 
     @property

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from services.common import fences
 from services.common.consumer import BatchConsumer
 from services.common.kafka import KafkaBatchPublisher, ensure_topics
 from services.common.runtime import HttpServer, serve_until_signal, start_http, stop_http
@@ -64,7 +65,8 @@ class MetricsApp:
         name = f"metrics-{os.getpid()}"
         topics = settings.topics
         self.store = ClickHouseStore(settings.store_url, settings.clickhouse_database)
-        self.publisher = KafkaBatchPublisher(settings.kafka_bootstrap, name)
+        self.fences = fences.for_process(settings.run_dir, settings.embedded_broker, name)
+        self.publisher = KafkaBatchPublisher(settings.kafka_bootstrap, name, self.fences)
         self.handler = BatchHandler(self.store, self.publisher, topics, name)
         self.consumer = BatchConsumer(
             bootstrap=settings.kafka_bootstrap,
@@ -92,6 +94,8 @@ class MetricsApp:
             [topics.events, topics.dead_letter],
             self.settings.partitions,
         )
+        if self.fences is not None:
+            await self.fences.start()
         await self.publisher.start()
         await self.consumer.start()
         if self.settings.metrics_port:
@@ -109,6 +113,8 @@ class MetricsApp:
         if self._http:
             await stop_http(*self._http)
         await self.publisher.stop()
+        if self.fences is not None:
+            await self.fences.stop()
         self.handler.close()
         await self.store.close()
 

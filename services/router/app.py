@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from services.common import fences
 from services.common.consumer import BatchConsumer
 from services.common.kafka import (
     BrokerPublisher,
@@ -37,10 +38,11 @@ def create_app(settings: RouterSettings) -> FastAPI:
     name = f"router-{settings.instance_id}"
     reply_topics = ReplyTopics(topics.replies(settings.instance_id), settings.reply_generation_size)
     broker = make_broker(settings.kafka_bootstrap, name)
-    publisher = BrokerPublisher(broker)
+    holds = fences.for_process(settings.run_dir, settings.embedded_broker, name)
+    publisher = BrokerPublisher(broker, holds)
     router = Router(config, topics, publisher, settings.max_image_bytes)
     replies = PendingReplies()
-    batch_publisher = KafkaBatchPublisher(settings.kafka_bootstrap, f"{name}-ingress")
+    batch_publisher = KafkaBatchPublisher(settings.kafka_bootstrap, f"{name}-ingress", holds)
     ingress = IngressHandler(router, batch_publisher, name, settings.max_body_bytes)
     on_reply = ReplyHandler(replies, publisher, topics.dead_letter, name)
 
@@ -64,8 +66,12 @@ def create_app(settings: RouterSettings) -> FastAPI:
             lambda: reader.consumer,
             shared,
             settings.partitions,
+            settings.ready_stall_s,
         )
         ctx.broker_ready = lambda: watch.ready
+        ctx.not_ready = watch.not_ready
+        if holds is not None:
+            await holds.start()
         await broker.start()
         await reader.start()
         await batch_publisher.start()
@@ -104,6 +110,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
             )
             await reader.stop()
             await broker.stop()
+            if holds is not None:
+                await holds.stop()
             try:
                 await reader.delete_all()
             except Exception as exc:  # the broker may be gone already

@@ -45,6 +45,14 @@ class RouterSettings(CommonSettings):
             "which keeps every answer and slows down as a partition fills."
         ),
     )
+    ready_stall_s: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "GET /ready turns 503 when callers have waited this long with no answer arriving "
+            "at all: above the slowest answer a tier can take, so a lone long request is no stall."
+        ),
+    )
     reply_grace_s: float = Field(
         default=5.0, ge=0, description="How long past a request's deadline the router still waits."
     )

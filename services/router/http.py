@@ -63,6 +63,7 @@ class HttpContext:
         self.router, self.replies, self.reply_topics = router, replies, reply_topics
         self.api_key, self.reply_grace_s = api_key, reply_grace_s
         self.broker_ready: Callable[[], bool] = lambda: True  # the broker watch's verdict
+        self.not_ready: Callable[[], str | None] = lambda: None  # why to send no traffic
 
 
 def _check_key(ctx: HttpContext, request: Request) -> None:
@@ -221,6 +222,14 @@ def api(ctx: HttpContext) -> APIRouter:
     @routes.get("/health")
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok", "config_hash": ctx.router.config.hash})
+
+    @routes.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: 503 with the reason while Kafka is away or answers stopped coming."""
+        reason = ctx.not_ready()
+        if reason:
+            return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
     return routes
 

@@ -90,6 +90,9 @@ class PendingReplies:
 
     def __init__(self) -> None:
         self._waiting: dict[str, asyncio.Future[Outcome]] = {}
+        # progress, for readiness: when the last answer came, when the current wait began
+        self.answered_at = 0.0
+        self.waiting_since = 0.0
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -99,11 +102,15 @@ class PendingReplies:
         existing = self._waiting.get(request_id)
         if existing is not None and not existing.done():
             return existing, False
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
+            self.waiting_since = loop.time()
+        future: asyncio.Future[Outcome] = loop.create_future()
         self._waiting[request_id] = future
         return future, True
 
     def resolve(self, outcome: Outcome) -> bool:
+        self.answered_at = asyncio.get_running_loop().time()
         future = self._waiting.pop(outcome.request_id, None)
         if future is None or future.done():
             return False  # a late or repeated answer nobody waits for any more
@@ -113,6 +120,12 @@ class PendingReplies:
     def forget(self, request_id: str, future: asyncio.Future[Outcome]) -> None:
         if self._waiting.get(request_id) is future:
             del self._waiting[request_id]
+
+    def stalled_for(self, now: float) -> float:
+        """How long callers have waited with no answer arriving at all (0 when nobody waits)."""
+        if not self._waiting:
+            return 0.0
+        return now - max(self.answered_at, self.waiting_since)
 
     def fail_all(self, exc: BaseException) -> None:
         for future in self._waiting.values():

@@ -52,12 +52,16 @@ class BrokerWatch:
         reply_consumer: Callable[[], AIOKafkaConsumer | None] = lambda: None,
         topics: Sequence[str] = (),
         partitions: int = 4,
+        stall_s: float = 60.0,
     ) -> None:
         self._bootstrap = bootstrap
         self._reply_topic = reply_topic  # the current one: it changes on the embedded broker
         self._topics = list(topics)  # the shared topics the router creates at start
         self._partitions = partitions
         self.ready = True  # Kafka answers and has every topic: requests may be published
+        self._why = ""
+        self._stall_s = stall_s
+        self.stalled = ""  # why callers wait with no answer coming, if they do
         self._replies = replies
         self._reply_consumer = reply_consumer  # the reply topic's consumer, once it runs
         self._consumer: AIOKafkaConsumer | None = None
@@ -91,6 +95,7 @@ class BrokerWatch:
             except Exception:
                 log.exception("broker watch: probe failed")
                 continue
+            self._check_stall()
             if problem is not None:
                 self._fail_waiting(problem)
             elif (consumer := self._reply_consumer()) is not None:
@@ -121,7 +126,29 @@ class BrokerWatch:
         self._set_ready(True, "Kafka is back with every topic")
         return None
 
+    def not_ready(self) -> str | None:
+        """Why the router should get no traffic now (``GET /ready``), or None."""
+        if not self.ready:
+            return self._why
+        return self.stalled or None
+
+    def _check_stall(self) -> None:
+        waited = self._replies.stalled_for(asyncio.get_running_loop().time())
+        if waited > self._stall_s:
+            if not self.stalled:
+                log.warning(
+                    "router not ready: %d callers waiting and no answer for %.0f s (workers "
+                    "down or behind, or the broker not serving the reply topic)",
+                    len(self._replies),
+                    waited,
+                )
+            self.stalled = f"{len(self._replies)} callers waiting and no answer for {waited:.0f} s"
+        elif self.stalled:
+            log.info("router ready again: answers arrive")
+            self.stalled = ""
+
     def _set_ready(self, ready: bool, why: str) -> None:
+        self._why = "" if ready else why
         if ready != self.ready:
             self.ready = ready
             if ready:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 
+from services.common import fences
 from services.common.consumer import ConcurrentConsumer
 from services.common.kafka import BrokerPublisher, ensure_topics, make_broker
 from services.common.routing_config import load_config
@@ -35,7 +36,8 @@ class WorkerApp:
         topics = settings.topics
         name = f"worker-{settings.tier}-{os.getpid()}"
         self.broker = make_broker(settings.kafka_bootstrap, name)
-        publisher = BrokerPublisher(self.broker)
+        self.fences = fences.for_process(settings.run_dir, settings.embedded_broker, name)
+        publisher = BrokerPublisher(self.broker, self.fences)
         concurrency = settings.concurrency or tier.concurrency
         self.client = LiteLLMClient(max_connections=concurrency)
         self.outcomes = RedisOutcomeStore(settings.redis_url, settings.topic_prefix, name)
@@ -73,6 +75,8 @@ class WorkerApp:
             self.settings.partitions,
         )
         await self.outcomes.start()
+        if self.fences is not None:
+            await self.fences.start()
         await self.broker.start()
         await self.consumer.start()
 
@@ -82,6 +86,8 @@ class WorkerApp:
     async def stop(self) -> None:
         await self.consumer.stop()
         await self.broker.stop()
+        if self.fences is not None:
+            await self.fences.stop()
         await self.outcomes.close()
         await self.sent.close()
         await self.client.aclose()

@@ -275,3 +275,16 @@ async def test_while_the_broker_watch_says_kafka_is_away_requests_get_a_503_unse
     assert resp.status_code == 503
     assert resp.json()["error"]["code"] == "broker_unavailable"
     assert "not sent" in resp.json()["error"]["message"] and routed == []
+
+
+async def test_ready_says_why_when_the_router_should_get_no_traffic(wired: Any) -> None:
+    client, _, _ = wired
+    ok = await client.get("/ready")
+    assert ok.status_code == 200 and ok.json() == {"status": "ready"}
+    client.app.state.ctx.not_ready = lambda: "3 callers waiting and no answer for 61 s"
+    down = await client.get("/ready")
+    assert down.status_code == 503
+    assert down.json() == {
+        "status": "not ready",
+        "reason": "3 callers waiting and no answer for 61 s",
+    }

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from schemas.v1 import ChatError
 from services.common.kafka import delete_topics, ensure_topics, log_ends
 from services.router.errors import ApiError
 from services.router.service import PendingReplies
@@ -81,6 +82,35 @@ async def test_nothing_fails_while_the_broker_is_healthy(
 
         await wait_until(probed, 30)
         assert not future.done() and watch.failed_callers == 0
+    finally:
+        await watch.stop()
+
+
+async def test_readiness_turns_false_while_callers_wait_and_no_answer_comes(
+    own_broker: tuple[Child, str], topic_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, bootstrap = own_broker
+    reply_topic = f"{topic_prefix}.replies.stall"
+    await ensure_topics(bootstrap, [reply_topic], 1)
+    replies = PendingReplies()
+    watch = BrokerWatch(bootstrap, lambda: reply_topic, replies, stall_s=1.5)
+    await watch.start()
+    try:
+        assert watch.not_ready() is None
+        replies.expect("req-stalled")
+
+        async def stalled() -> str | None:
+            return watch.not_ready()
+
+        reason = await wait_until(stalled, 30, "readiness to turn false")
+        assert "1 callers waiting and no answer" in reason
+        assert any("router not ready" in r.getMessage() for r in caplog.records)
+        replies.resolve(ChatError(request_id="req-stalled", code="x", message="answered"))
+
+        async def ready_again() -> bool:
+            return watch.not_ready() is None
+
+        await wait_until(ready_again, 30, "readiness to come back")
     finally:
         await watch.stop()
 
