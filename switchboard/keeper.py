@@ -238,16 +238,7 @@ class Keeper:
             tails = await self._read(keep, ends)
             if topic in self._external and await self._ends(tps) != ends:
                 raise NotNow("written to while the keeper read it")
-            await delete_topics(self._bootstrap, [topic])
-            await ensure_topics(self._bootstrap, [topic], len(tps), timeout_s=10.0)
-            if len(again := await self._partitions_of(topic)) != len(tps):
-                log.error(
-                    "keeper: %s came back with %d partitions, not %d (a client's metadata "
-                    "request created it first)",
-                    topic,
-                    len(again),
-                    len(tps),
-                )
+            await self._recreate(topic, len(tps))
             for tp in tps:
                 written = await self._write_back(tp, tails[tp], ends[tp])
                 state.partitions[tp.partition] = PartitionState(ends[tp], written)
@@ -258,6 +249,16 @@ class Keeper:
             (time.perf_counter() - started) * 1000,
             sum(len(t) for t in tails.values()),
         )
+
+    async def _recreate(self, topic: str, partitions: int) -> None:
+        """Delete ``topic`` and create it with ``partitions`` partitions. A client asking about
+        it in between makes Tansu create it with its default of 4: then once more."""
+        for _ in range(3):
+            await delete_topics(self._bootstrap, [topic])
+            await ensure_topics(self._bootstrap, [topic], partitions, timeout_s=10.0)
+            if len(await self._partitions_of(topic)) == partitions:
+                return
+        log.error("keeper: %s keeps coming back without %d partitions", topic, partitions)
 
     @asynccontextmanager
     async def _hold(self, topic: str) -> AsyncIterator[None]:

@@ -67,6 +67,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
             shared,
             settings.partitions,
             settings.ready_stall_s,
+            reply_topics.partitions,
         )
         ctx.broker_ready = lambda: watch.ready
         ctx.not_ready = watch.not_ready

@@ -4,12 +4,18 @@ On Kafka a router has one reply topic for its whole life, and retention bounds i
 broker (Tansu) applies no retention, and every fetch from a partition costs time in proportion to
 the record batches the partition holds (one per answer here): around 12,000 answers its reader
 stops getting any (docs/embedded-broker.md). So on the embedded broker (``generation_size`` > 0,
-which ``switchboard up`` sets) replies go to numbered generations, ``<reply topic>.g<N>``: after
-``generation_size`` requests named the current generation, a new one is created and new requests
-name it; an older generation is read until no caller waits on it any more, and then deleted.
+which ``switchboard up`` sets) replies go to generations: after ``generation_size`` requests named
+the current one, new requests name the next. Generations take turns on ``SLOTS`` topics,
+``<reply topic>.s<N>``: a slot is emptied (deleted and created again) just before a new generation
+takes it, once no caller waits on the generation that had it before.
 
-``ReplyTopics`` is the bookkeeping; ``ReplyReader`` reads every live generation (a group-less
-consumer: only this router reads its replies) and creates and deletes them.
+Why slots and not a new topic per generation: every producer keeps asking the broker about each
+topic it ever wrote to, and Tansu creates a missing topic when asked about it. Deleted
+generations came back from every worker every few seconds, and the list each worker asks about
+grew with every generation.
+
+``ReplyTopics`` is the bookkeeping; ``ReplyReader`` reads the slots in use (a group-less consumer:
+only this router reads its replies) and empties them.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -29,7 +34,12 @@ from services.common.kafka import MAX_MESSAGE_BYTES, delete_topics, ensure_topic
 log = logging.getLogger(__name__)
 
 MAINTAIN_S = 0.1  # how often generations are checked: a rotation waits at most this long
-STRAYS_EVERY = 50  # every this many checks, deleted generations that came back are deleted again
+SLOTS = 3  # reply topics a router takes turns on: the current, the last, one for slow callers
+# Partitions of a slot: what the embedded broker gives a topic it creates by itself. Any client
+# asking about a topic that does not exist makes Tansu create it, with 4 partitions, and every
+# producer that ever wrote to a slot keeps asking about it; so a slot emptied while one asks comes
+# back like that, and the reader reads every partition either way.
+SLOT_PARTITIONS = 4
 _HANDLER_BACKOFF_MAX_S = 2.0
 
 
@@ -43,18 +53,24 @@ class ReplyTopics:
         self.sent = 0  # requests that named the current generation
         self.waiting: dict[int, int] = {0: 0}  # callers waiting, by generation
         self.rotations = 0
-        self.retired = 0
-        self._pattern = re.compile(re.escape(base) + r"\.g(\d+)$")
 
     def topic(self, generation: int) -> str:
-        return f"{self.base}.g{generation}" if self.size else self.base
+        return f"{self.base}.s{generation % SLOTS}" if self.size else self.base
 
     @property
     def current(self) -> str:
         return self.topic(self.generation)
 
+    @property
+    def partitions(self) -> int:
+        return SLOT_PARTITIONS if self.size else 1
+
+    def slots(self) -> list[str]:
+        return [self.topic(g) for g in range(SLOTS)] if self.size else [self.base]
+
     def live(self) -> list[str]:
-        return [self.topic(g) for g in sorted(self.waiting)]
+        """The topics of the generations in use, current included."""
+        return sorted({self.topic(g) for g in self.waiting})
 
     def take(self) -> str:
         """The topic a new request names; its caller waits on it until ``release``."""
@@ -63,46 +79,31 @@ class ReplyTopics:
         return self.current
 
     def release(self, topic: str) -> None:
-        generation = self.generation_of(topic)
-        if generation is not None and self.waiting.get(generation, 0) > 0:
-            self.waiting[generation] -= 1
-
-    def generation_of(self, topic: str) -> int | None:
-        if not self.size:
-            return 0 if topic == self.base else None
-        match = self._pattern.match(topic)
-        return int(match.group(1)) if match else None
+        """A caller of the newest generation in ``topic`` no longer waits."""
+        for generation in sorted(self.waiting, reverse=True):
+            if self.topic(generation) == topic and self.waiting[generation] > 0:
+                self.waiting[generation] -= 1
+                return
 
     def full(self) -> bool:
         return bool(self.size) and self.sent >= self.size
 
+    def next_free(self) -> bool:
+        """Whether the next generation's slot is free: nobody waits on the one that had it."""
+        self._forget_idle()
+        return self.topic(self.generation + 1) not in self.live()
+
     def rotate(self) -> str:
-        """Start the next generation (already created and read); returns its topic."""
+        """Start the next generation (its slot emptied and read); returns its topic."""
         self.generation += 1
         self.sent = 0
         self.waiting[self.generation] = 0
         self.rotations += 1
         return self.current
 
-    def idle_old(self) -> list[str]:
-        """Older generations nobody waits on any more: to be deleted."""
-        return [self.topic(g) for g, n in self.waiting.items() if g < self.generation and n == 0]
-
-    def forget(self, topic: str) -> None:
-        generation = self.generation_of(topic)
-        if generation is not None and generation != self.generation:
-            self.waiting.pop(generation, None)
-            self.retired += 1
-
-    def stray(self, existing: set[str]) -> list[str]:
-        """Generations that were deleted but exist again: a late answer recreated them."""
-        oldest = min(self.waiting)
-        out = []
-        for name in existing:
-            generation = self.generation_of(name)
-            if generation is not None and generation < oldest:
-                out.append(name)
-        return sorted(out)
+    def _forget_idle(self) -> None:
+        for generation in [g for g, n in self.waiting.items() if g < self.generation and not n]:
+            del self.waiting[generation]
 
 
 class ReplyReader:
@@ -137,9 +138,10 @@ class ReplyReader:
         self.answers = 0  # records handed to the handler
 
     async def start(self) -> None:
-        await ensure_topics(self._bootstrap, [self.topics.current], 1)
+        current, partitions = self.topics.current, self.topics.partitions
+        await ensure_topics(self._bootstrap, [current], partitions)
         await self.consumer.start()
-        self.consumer.assign([TopicPartition(self.topics.current, 0)])
+        self.consumer.assign([TopicPartition(current, p) for p in range(partitions)])
         self._tasks.append(asyncio.create_task(self._read(), name="reply-reader"))
         if self.topics.size:
             self._tasks.append(asyncio.create_task(self._maintain(), name="reply-generations"))
@@ -154,8 +156,8 @@ class ReplyReader:
         await close_consumer(self.consumer)
 
     async def delete_all(self) -> None:
-        """Delete every live generation (the router is stopping)."""
-        await delete_topics(self._bootstrap, self.topics.live())
+        """Delete every reply topic (the router is stopping)."""
+        await delete_topics(self._bootstrap, self.topics.slots())
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -190,8 +192,7 @@ class ReplyReader:
                     kept[tp] = await asyncio.wait_for(self.consumer.position(tp), 1.0)
         wanted = set(kept)
         for topic in self._wanted:
-            partitions = self.consumer.partitions_for_topic(topic) or {0}
-            wanted.update(TopicPartition(topic, p) for p in partitions)
+            wanted.update(TopicPartition(topic, p) for p in range(self.topics.partitions))
         self.consumer.assign(sorted(wanted))
         for tp in wanted:
             if tp in kept:
@@ -209,36 +210,25 @@ class ReplyReader:
     # --- generations --------------------------------------------------------------------------
 
     async def _maintain(self) -> None:
-        checks = 0
         while True:
             await asyncio.sleep(MAINTAIN_S)  # a check interval, not a wait for something
-            checks += 1
             try:
-                await self._maintain_once(strays=checks % STRAYS_EVERY == 0)
+                await self._maintain_once()
             except Exception:
                 log.exception("reply generations: check failed; trying again")
 
-    async def _maintain_once(self, strays: bool = False) -> None:
+    async def _maintain_once(self) -> None:
         topics = self.topics
-        if topics.full():
-            following = topics.topic(topics.generation + 1)
-            await ensure_topics(self._bootstrap, [following], 1, timeout_s=5.0)
-            await self._apply({*topics.live(), following})
-            topics.rotate()
-            log.debug("reply generations: now %s", following)
-        idle = topics.idle_old()
-        if idle:
-            await self._apply(set(topics.live()) - set(idle))
-            for topic in idle:
-                topics.forget(topic)
-            try:
-                await delete_topics(self._bootstrap, idle)
-            except KafkaError as exc:  # gone already; a stray check finds what is left
-                log.warning("reply generations: could not delete %s: %s", idle, exc)
-        if strays:
-            existing = set(await self.consumer.topics())
-            if again := topics.stray(existing):
-                log.info(
-                    "reply generations: deleting %s again (late answers recreated them)", again
-                )
-                await delete_topics(self._bootstrap, again)
+        if not topics.full() or not topics.next_free():
+            return
+        following = topics.topic(topics.generation + 1)
+        await self._apply(set(topics.live()))  # stop reading the slot before it is emptied
+        await self._empty(following)
+        await self._apply({*topics.live(), following})
+        topics.rotate()
+        log.debug("reply generations: generation %d on %s", topics.generation, following)
+
+    async def _empty(self, topic: str) -> None:
+        """Delete ``topic`` and create it again (see ``SLOT_PARTITIONS``)."""
+        await delete_topics(self._bootstrap, [topic])
+        await ensure_topics(self._bootstrap, [topic], SLOT_PARTITIONS, timeout_s=5.0)

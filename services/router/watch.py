@@ -53,11 +53,13 @@ class BrokerWatch:
         topics: Sequence[str] = (),
         partitions: int = 4,
         stall_s: float = 60.0,
+        reply_partitions: int = 1,
     ) -> None:
         self._bootstrap = bootstrap
         self._reply_topic = reply_topic  # the current one: it changes on the embedded broker
         self._topics = list(topics)  # the shared topics the router creates at start
         self._partitions = partitions
+        self._reply_partitions = reply_partitions
         self.ready = True  # Kafka answers and has every topic: requests may be published
         self._why = ""
         self._stall_s = stall_s
@@ -174,9 +176,9 @@ class BrokerWatch:
         try:
             # The broker keeps what was written to a topic it does not know, and deletes it only
             # with the topic: create it, delete it, create it again.
-            await ensure_topics(self._bootstrap, topic, 1, PROBE_TIMEOUT_S)
+            await ensure_topics(self._bootstrap, topic, self._reply_partitions, PROBE_TIMEOUT_S)
             await delete_topics(self._bootstrap, topic)
-            await ensure_topics(self._bootstrap, topic, 1, PROBE_TIMEOUT_S)
+            await ensure_topics(self._bootstrap, topic, self._reply_partitions, PROBE_TIMEOUT_S)
             consumer = self._reply_consumer()
             if consumer is not None and (assigned := consumer.assignment()):
                 await consumer.seek_to_beginning(*assigned)

@@ -1,5 +1,5 @@
-"""Reply topic generations on the real broker: answers arrive across rotations, old generations
-are deleted once nobody waits on them, and one a late answer brings back is deleted again."""
+"""Reply topic generations on the real broker: answers arrive across rotations, generations take
+turns on a fixed set of topics, and a slot is emptied before it is taken again."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.router import replies
-from services.router.replies import ReplyTopics
+from services.common.kafka import log_ends
+from services.router.replies import SLOT_PARTITIONS, SLOTS, ReplyTopics
 from tests.integration.stack import API_KEY, produce, running_stack, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 AUTH = {"authorization": f"Bearer {API_KEY}"}
+SIZE = 4
 
 
 async def _topics(bootstrap: str) -> set[str]:
@@ -27,19 +29,32 @@ async def _topics(bootstrap: str) -> set[str]:
         await admin.close()
 
 
+async def _ends(bootstrap: str, topics: list[str]) -> dict[str, int]:
+    """Records in each topic, over its partitions."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in range(SLOT_PARTITIONS)]
+        ends = await log_ends(consumer, tps)
+    finally:
+        await consumer.stop()
+    out: dict[str, int] = {}
+    for tp, end in ends.items():
+        out[tp.topic] = out.get(tp.topic, 0) + end
+    return out
+
+
 def _chat(i: int) -> dict[str, object]:
     return {"model": "fast", "messages": [{"role": "user", "content": f"question {i}"}]}
 
 
-async def test_answers_arrive_across_generations_and_old_ones_are_deleted(
+async def test_answers_arrive_across_generations_on_a_fixed_set_of_topics(
     kafka_bootstrap: str,
     redis_url: str,
     topic_prefix: str,
     routing_config: Path,
     chdb_data_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(replies, "STRAYS_EVERY", 5)  # look for strays every 0.5 s
     async with running_stack(
         kafka_bootstrap,
         redis_url,
@@ -47,12 +62,14 @@ async def test_answers_arrive_across_generations_and_old_ones_are_deleted(
         routing_config,
         chdb_data_dir,
         ["fast"],
-        router={"reply_generation_size": 4},
+        router={"reply_generation_size": SIZE},
     ) as stack:
         generations: ReplyTopics = stack.router_app.state.ctx.reply_topics
         async with httpx.AsyncClient(base_url=stack.base_url, headers=AUTH, timeout=60) as http:
-            for generation in range(3):  # one at a time: each generation fills, then rotates
-                for i in range(4):
+            for generation in range(SLOTS + 2):  # one at a time: each generation fills, then turns
+                if generation == 1:  # a late answer on a slot before it is emptied for reuse
+                    await produce(kafka_bootstrap, generations.topic(0), b'{"late": true}')
+                for i in range(SIZE):
                     resp = await http.post("/v1/chat/completions", json=_chat(i))
                     assert resp.status_code == 200, resp.text
 
@@ -64,20 +81,10 @@ async def test_answers_arrive_across_generations_and_old_ones_are_deleted(
                 *(http.post("/v1/chat/completions", json=_chat(100 + i)) for i in range(30))
             )
         assert [r.status_code for r in answers] == [200] * 30, [r.text for r in answers]
-        assert generations.rotations >= 3
-        base = generations.base
-
-        async def only_live_left() -> bool:
-            mine = {t for t in await _topics(kafka_bootstrap) if t.startswith(f"{base}.g")}
-            return mine == set(generations.live()) and len(mine) == 1
-
-        await wait_until(only_live_left, 30, "the old generations to be deleted")
-        assert generations.retired == generations.rotations
-
-        gone = generations.topic(0)
-        await produce(kafka_bootstrap, gone, b'{"late": true}')  # a late answer recreates it
-
-        async def deleted_again() -> bool:
-            return gone not in await _topics(kafka_bootstrap)
-
-        await wait_until(deleted_again, 30, f"{gone} to be deleted again")
+        assert generations.rotations >= SLOTS + 2
+        mine = {t for t in await _topics(kafka_bootstrap) if t.startswith(generations.base)}
+        assert mine == set(generations.slots())
+        # each slot holds at most what its last generation got, nothing from the ones before
+        ends = await _ends(kafka_bootstrap, generations.slots())
+        assert all(end <= SIZE + 30 for end in ends.values()), ends
+        assert stack.router_app.state.reply_reader.answers >= (SLOTS + 2) * SIZE + 30

@@ -1,10 +1,8 @@
-"""Reply topic generations: which topic a request names, and when a generation may go."""
+"""Reply topic generations: which topic a request names, and when a slot may be taken again."""
 
 from __future__ import annotations
 
-import pytest
-
-from services.router.replies import ReplyTopics
+from services.router.replies import SLOTS, ReplyTopics
 
 
 def test_without_generations_one_topic_serves_for_ever() -> None:
@@ -12,63 +10,43 @@ def test_without_generations_one_topic_serves_for_ever() -> None:
     for _ in range(10_000):
         assert topics.take() == "sb.replies.r1"
     assert not topics.full()
-    assert topics.live() == ["sb.replies.r1"]
-    assert topics.generation_of("sb.replies.r1") == 0
-    assert topics.generation_of("sb.replies.r1.g0") is None
+    assert topics.live() == topics.slots() == ["sb.replies.r1"]
 
 
-def test_a_generation_is_full_after_its_size_and_the_next_one_is_named() -> None:
-    topics = ReplyTopics("sb.replies.r1", generation_size=3)
-    assert [topics.take() for _ in range(3)] == ["sb.replies.r1.g0"] * 3
-    assert topics.full()
-    assert topics.rotate() == "sb.replies.r1.g1"
-    assert not topics.full()
-    assert topics.take() == "sb.replies.r1.g1"
-
-
-def test_an_old_generation_goes_only_when_no_caller_waits_on_it() -> None:
+def test_generations_take_turns_on_the_slots() -> None:
     topics = ReplyTopics("sb.replies.r1", generation_size=2)
-    first, second = topics.take(), topics.take()
-    topics.rotate()
-    assert topics.idle_old() == []  # two callers still wait on g0
-    topics.release(first)
-    assert topics.idle_old() == []
-    topics.release(second)
-    assert topics.idle_old() == ["sb.replies.r1.g0"]
-    topics.forget("sb.replies.r1.g0")
-    assert topics.live() == ["sb.replies.r1.g1"]
-    topics.release(first)  # a late release of a forgotten generation changes nothing
-    assert topics.live() == ["sb.replies.r1.g1"]
+    seen = []
+    for _ in range(2 * SLOTS):
+        for _ in range(2):
+            topics.release(topics.take())
+        assert topics.full() and topics.next_free()
+        seen.append(topics.current)
+        topics.rotate()
+    assert seen == [f"sb.replies.r1.s{g % SLOTS}" for g in range(2 * SLOTS)]
+    assert topics.slots() == [f"sb.replies.r1.s{g}" for g in range(SLOTS)]
 
 
-def test_the_current_generation_is_never_idle_old_nor_forgotten() -> None:
+def test_a_slot_is_not_taken_while_a_caller_waits_on_its_last_generation() -> None:
+    topics = ReplyTopics("sb.replies.r1", generation_size=1)
+    slow = topics.take()  # generation 0: this caller waits a long time
+    for _ in range(SLOTS - 1):
+        assert topics.next_free()
+        topics.rotate()
+        topics.release(topics.take())
+    assert topics.full()
+    assert not topics.next_free()  # the next generation's slot is generation 0's
+    assert slow in topics.live()
+    topics.release(slow)
+    assert topics.next_free()
+    assert topics.rotate() == slow  # emptied and taken again
+
+
+def test_release_counts_against_the_newest_generation_on_that_topic() -> None:
     topics = ReplyTopics("sb.replies.r1", generation_size=1)
     topics.take()
     topics.rotate()
-    topics.forget(topics.current)
-    assert topics.current in topics.live()
-    assert topics.current not in topics.idle_old()
-
-
-@pytest.mark.parametrize(
-    ("existing", "stray"),
-    [
-        (
-            {"sb.replies.r1.g0", "sb.replies.r1.g1", "sb.replies.r1.g5"},
-            ["sb.replies.r1.g0", "sb.replies.r1.g1"],
-        ),
-        ({"sb.replies.r10.g0", "sb.replies.r1x.g0", "other"}, []),  # other routers, other topics
-        ({"sb.replies.r1.g2", "sb.replies.r1.g3"}, []),  # live ones
-    ],
-)
-def test_deleted_generations_that_came_back_are_found(existing: set[str], stray: list[str]) -> None:
-    topics = ReplyTopics("sb.replies.r1", generation_size=1)
-    for generation in range(3):
-        taken = topics.take()
-        if generation < 2:  # a caller still waits on g2
-            topics.release(taken)
-        topics.rotate()
-    for topic in topics.idle_old():
-        topics.forget(topic)
-    assert topics.live() == ["sb.replies.r1.g2", "sb.replies.r1.g3"]
-    assert topics.stray(existing) == stray
+    assert topics.waiting == {0: 1, 1: 0}
+    topics.release("sb.replies.r1.s0")
+    assert topics.waiting == {0: 0, 1: 0}
+    topics.release("sb.replies.r1.s0")  # a second release changes nothing
+    assert topics.waiting == {0: 0, 1: 0}
