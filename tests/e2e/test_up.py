@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from openai import OpenAI
@@ -152,6 +153,18 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
     assert "n" in table.stdout and "(1 row)" in table.stdout
     refused = sql(data_dir, "DROP TABLE switchboard.llm_events")
     assert refused.returncode == 1 and "readonly" in refused.stderr.lower()
+
+    # the embedded broker's keeper reports every topic; the router is ready and says so
+    keeper_state = data_dir / "run" / "keeper.json"
+    deadline = time.monotonic() + 30
+    while not keeper_state.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    topics = json.loads(keeper_state.read_text())["topics"]
+    assert {"switchboard.tier.fast.v1", "switchboard.events.v1"} <= set(topics)
+    assert any(t.startswith("switchboard.replies.") and t.endswith(".s0") for t in topics)
+    ready = httpx.get(f"{base_url}/ready", timeout=10)
+    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+    assert any(p.name.endswith(".member") for p in (data_dir / "run" / "fences").iterdir())
 
     report = subprocess.run(
         [sys.executable, "-m", "switchboard.cli", "report"],
