@@ -43,7 +43,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.topics import Topics
-from services.common.fences import FILLER_HEADER, HELD, HOLD, MEMBER, fence_dir
+from services.common.fences import FILLER_HEADER, HELD, HOLD, MEMBER, fence_dir, write_file
 from services.common.kafka import MAX_MESSAGE_BYTES, delete_topics, ensure_topics, log_ends
 
 log = logging.getLogger("switchboard.keeper")
@@ -266,7 +266,7 @@ class Keeper:
         folder = fence_dir(self._run_dir)
         token = uuid.uuid4().hex
         hold = folder / f"{topic}{HOLD}"
-        _write(hold, token)
+        write_file(hold, token)
         try:
             deadline = time.monotonic() + HOLD_ACK_S
             while missing := [m for m in _members(folder) if not _held(folder, topic, m, token)]:
@@ -357,13 +357,7 @@ class Keeper:
         }
 
     def _write_state(self) -> None:
-        _write(self._run_dir / "keeper.json", json.dumps(self.snapshot(), indent=1))
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+        write_file(self._run_dir / "keeper.json", json.dumps(self.snapshot(), indent=1))
 
 
 def _members(folder: Path) -> list[str]:

@@ -59,7 +59,8 @@ def fence_dir(run_dir: Path) -> Path:
     return run_dir / "fences"
 
 
-def _write(path: Path, text: str) -> None:
+def write_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole: a reader never sees it half written."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -81,7 +82,7 @@ class Fences:
 
     async def start(self) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
-        _write(self._dir / f"{self.member}{MEMBER}", str(os.getpid()))
+        write_file(self._dir / f"{self.member}{MEMBER}", str(os.getpid()))
         self._task = asyncio.create_task(self._watch(), name="fences")
 
     async def stop(self) -> None:
@@ -128,7 +129,7 @@ class Fences:
                 self._held[topic] = token
                 self._open.clear()
                 await self._wait_written(topic)
-                _write(self._dir / f"{topic}.{self.member}{HELD}", token)
+                write_file(self._dir / f"{topic}.{self.member}{HELD}", token)
                 self.holds += 1
         if not self._held:
             self._open.set()
