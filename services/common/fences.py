@@ -94,6 +94,10 @@ class Fences:
         self._held.clear()
         self._open.set()
 
+    def holding(self, topic: str) -> bool:
+        """Whether the keeper holds ``topic`` now: it may be missing for a few milliseconds."""
+        return topic in self._held
+
     @asynccontextmanager
     async def writing(self, topics: Iterable[str]) -> AsyncIterator[None]:
         """Around a publish to ``topics``: waits while one of them is held."""

@@ -75,6 +75,9 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+KEEP_ALIVE_S = 75
+
+
 async def start_http(
     app: Any, host: str, port: int, *, lifespan: bool = False
 ) -> tuple[HttpServer, asyncio.Task[None]]:
@@ -86,6 +89,10 @@ async def start_http(
         lifespan="on" if lifespan else "off",
         access_log=False,
         http="httptools",  # the C parser: h11 (pure Python) cost ~10% of the router's CPU
+        # Longer than any client keeps an idle connection (httpx and the OpenAI SDK: 5 s,
+        # aiohttp: 15 s): at uvicorn's default of 5 s the server could close a connection just
+        # as a client sent a request on it, and that request failed with a reset.
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     server = HttpServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -68,6 +68,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
             settings.partitions,
             settings.ready_stall_s,
             reply_topics.partitions,
+            holds.holding if holds is not None else lambda topic: False,
         )
         ctx.broker_ready = lambda: watch.ready
         ctx.not_ready = watch.not_ready

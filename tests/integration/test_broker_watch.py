@@ -115,6 +115,53 @@ async def test_readiness_turns_false_while_callers_wait_and_no_answer_comes(
         await watch.stop()
 
 
+async def test_a_topic_the_keeper_is_compacting_is_not_lost(
+    own_broker: tuple[Child, str], topic_prefix: str
+) -> None:
+    """The embedded broker's keeper deletes and creates a topic again while writers hold: the
+    router must neither refuse requests nor create the topic itself in those milliseconds."""
+    _, bootstrap = own_broker
+    reply_topic, shared = f"{topic_prefix}.replies.k", f"{topic_prefix}.tier.k"
+    await ensure_topics(bootstrap, [reply_topic, shared], 1)
+    held = {shared}
+    watch = BrokerWatch(
+        bootstrap,
+        lambda: reply_topic,
+        PendingReplies(),
+        topics=[shared],
+        compacting=held.__contains__,
+    )
+    await watch.start()
+    try:
+        await delete_topics(bootstrap, [shared])
+        probes = watch.probes
+
+        async def probed() -> bool:
+            return watch.probes >= probes + 2
+
+        await wait_until(probed, 30)
+        assert watch.ready and watch.not_ready() is None
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+        await consumer.start()
+        try:
+            assert shared not in await consumer.topics()  # the watch did not create it
+        finally:
+            await consumer.stop()
+        held.clear()  # a hold that ends with the topic still missing: now it is lost
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+        await consumer.start()
+        try:
+
+            async def created_again() -> bool:
+                return shared in await consumer.topics()
+
+            await wait_until(created_again, 30, "the watch to create the lost topic")
+        finally:
+            await consumer.stop()
+    finally:
+        await watch.stop()
+
+
 async def test_a_lost_reply_topic_is_created_again_without_what_was_written_to_it_meanwhile(
     own_broker: tuple[Child, str], topic_prefix: str
 ) -> None:
