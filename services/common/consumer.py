@@ -77,8 +77,11 @@ async def lost_partitions(consumer: AIOKafkaConsumer) -> list[TopicPartition]:
     the group's first commit even stores those old positions. A fetch's high watermark shows it.
     """
     lost = []
-    for tp in consumer.assignment():
-        highwater = consumer.highwater(tp)
+    for tp in list(consumer.assignment()):
+        try:
+            highwater = consumer.highwater(tp)
+        except (AssertionError, IllegalStateError):
+            continue  # reassigned meanwhile (aiokafka asserts the partition is assigned)
         if highwater is None:
             continue
         try:
