@@ -1,6 +1,7 @@
 # The README's two commands: `make up` and `make test`. Both set the project up first.
 # `make bench` runs the benchmark suite (bench/README.md) and writes bench/results/.
 # `make faults` runs the fault and abuse scenarios (docs/reliability.md); `make test` ends with it.
+# `make soak` runs the 30-minute soak (bench/README.md) and writes bench/results/soak-<date>.*.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.installed
 
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: setup up test faults bench check format clean
+.PHONY: setup up test faults bench soak check format clean
 
 setup: $(STAMP)
 
@@ -30,6 +31,9 @@ faults: setup
 
 bench: setup
 	$(PY) -m bench
+
+soak: setup
+	$(PY) -m bench.soak
 
 check: setup
 	$(VENV)/bin/ruff format --check .

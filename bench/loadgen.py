@@ -1,7 +1,9 @@
 """Open-loop HTTP load generator: a fixed arrival rate, latency measured from the schedule.
 
 ``python -m bench.loadgen --url URL --rate R --duration S --body-file F [--header 'K: V']...``
-POSTs the body ``R * S`` times and prints one JSON line (see ``summarise``).
+POSTs the body ``R * S`` times and prints one JSON line (see ``summarise``). With ``--log FILE``
+it also writes one JSON line per request as each one ends (see ``log_line``), so a long run can
+be cut into time windows, and watched while it runs.
 
 Open loop, so slow answers cannot hide themselves (no coordinated omission): request ``i`` is due
 at ``t0 + i / rate`` whatever happened to earlier ones, each runs in its own task, the connection
@@ -25,10 +27,10 @@ import resource
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import aiohttp
 
@@ -80,6 +82,20 @@ class Outcome:
     @property
     def lag_s(self) -> float:
         return self.started - self.due
+
+
+def log_line(outcome: Outcome, wall_offset_s: float, warmup: bool) -> str:
+    """One request of ``--log``: ``due`` in Unix seconds (``wall_offset_s`` turns the
+    ``perf_counter`` schedule into wall-clock time, so other processes' samples line up with it),
+    latency in ms, ``error`` as in ``Outcome`` (null: a 200), and whether it was a warm-up one."""
+    return json.dumps(
+        {
+            "due": round(outcome.due + wall_offset_s, 4),
+            "latency_ms": round(outcome.latency_s * 1000, 3),
+            "error": outcome.error,
+            "warmup": warmup,
+        }
+    )
 
 
 def due_times(t0: float, rate: float, count: int) -> list[float]:
@@ -141,25 +157,35 @@ async def _one(session: aiohttp.ClientSession, spec: LoadSpec, due: float) -> Ou
     return Outcome(due, started, time.perf_counter(), error)
 
 
-async def run_load(spec: LoadSpec) -> dict[str, Any]:
+async def run_load(spec: LoadSpec, log_path: Path | None = None) -> dict[str, Any]:
     """Send ``spec``'s warm-up then measured requests on schedule; summarise the measured ones.
 
     Warm-up requests open the pool's connections at this rate and are not counted. Every task is
-    awaited, so when this returns no request of this run is still in flight.
+    awaited, so when this returns no request of this run is still in flight. With ``log_path``
+    every request, warm-up ones included, gets a ``log_line`` there as soon as it ends.
     """
     total = spec.warmup + spec.measured
+    wall_offset = time.time() - time.perf_counter()
+    log = log_path.open("w", buffering=1) if log_path is not None else None
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False)
-    # No client timeout: each request's deadline runs from its due time (asyncio.timeout_at).
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=None)
-    ) as session:
-        tasks: list[asyncio.Task[Outcome]] = []
-        for due in due_times(time.perf_counter() + _LEAD_S, spec.rate, total):
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(session, spec, due)))
-        outcomes = await asyncio.gather(*tasks)
+    try:
+        # No client timeout: each request's deadline runs from its due time (asyncio.timeout_at).
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+        ) as session:
+            tasks: list[asyncio.Task[Outcome]] = []
+            for i, due in enumerate(due_times(time.perf_counter() + _LEAD_S, spec.rate, total)):
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = asyncio.create_task(_one(session, spec, due))
+                if log is not None:
+                    task.add_done_callback(_logger(log, wall_offset, warmup=i < spec.warmup))
+                tasks.append(task)
+            outcomes = await asyncio.gather(*tasks)
+    finally:
+        if log is not None:
+            log.close()
     result = summarise(outcomes[spec.warmup :], spec.rate)
     result.update(
         url=spec.url,
@@ -168,6 +194,17 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
         timeout_s=spec.timeout_s,
     )
     return result
+
+
+def _logger(
+    log: TextIO, wall_offset_s: float, warmup: bool
+) -> Callable[[asyncio.Task[Outcome]], None]:
+    def write(task: asyncio.Task[Outcome]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return  # the run itself fails on it, in gather
+        log.write(log_line(task.result(), wall_offset_s, warmup) + "\n")
+
+    return write
 
 
 def parse_header(text: str) -> tuple[str, str]:
@@ -186,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
     parser.add_argument("--body-file", type=Path, required=True)
     parser.add_argument("--header", type=parse_header, action="append", default=[])
+    parser.add_argument("--log", type=Path, help="write one JSON line per request here")
     args = parser.parse_args(argv)
     if args.rate <= 0 or args.duration <= 0:
         parser.error("--rate and --duration must be positive")
@@ -202,9 +240,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         import uvloop  # a cheaper loop leaves more headroom before the generator lags
     except ImportError:
-        result, loop_name = asyncio.run(run_load(spec)), "asyncio"
+        result, loop_name = asyncio.run(run_load(spec, args.log)), "asyncio"
     else:
-        result, loop_name = uvloop.run(run_load(spec)), "uvloop"
+        result, loop_name = uvloop.run(run_load(spec, args.log)), "uvloop"
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result.update(loop=loop_name, generator_cpu_s=round(usage.ru_utime + usage.ru_stime, 3))
     return result

@@ -21,7 +21,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import Bench
-from faults import auth, broker, clickhouse, crash, fuzz, poison, redis_down, secrets, shutdown
+from faults import (
+    auth,
+    broker,
+    clickhouse,
+    crash,
+    fuzz,
+    poison,
+    redis_down,
+    secrets,
+    shutdown,
+    soak,
+)
 from faults.common import Tally, leaked_processes
 
 SCENARIOS: dict[str, Callable[[Bench], Tally]] = {
@@ -34,6 +45,7 @@ SCENARIOS: dict[str, Callable[[Bench], Tally]] = {
     "auth": auth.run,
     "secrets": secrets.run,
     "shutdown": shutdown.run,
+    "soak": soak.run,
 }
 
 

@@ -140,6 +140,21 @@ async def test_a_stalled_loop_shows_in_latency_and_lag(server: Server) -> None:
     assert result["p50_ms"] < 100
 
 
+async def test_log_has_one_line_per_request_warmup_flagged(server: Server, tmp_path: Path) -> None:
+    log = tmp_path / "requests.jsonl"
+    before = time.time()
+    result = await run_load(spec(f"{server.url}/fail", 50, 0.2, warmup_s=0.1), log)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(lines) == 15 == server.hits["fail"]  # 5 warm-up + 10 measured
+    assert sum(line["warmup"] for line in lines) == 5
+    assert {line["error"] for line in lines} == {"http_500"}
+    dues = sorted(line["due"] for line in lines)
+    assert before <= dues[0] < before + 1  # wall-clock seconds, not perf_counter's
+    assert dues[-1] - dues[0] == pytest.approx(14 / 50, abs=0.002)  # the schedule, not the sends
+    assert all(line["latency_ms"] > 0 for line in lines)
+    assert result["sent"] == 10
+
+
 async def test_cli_prints_one_json_line(server: Server, tmp_path: Path) -> None:
     body = tmp_path / "body.json"
     body.write_bytes(BODY)
