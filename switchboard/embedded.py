@@ -48,16 +48,22 @@ def port_free(host: str, port: int) -> bool:
 
 
 def wait_for(
-    what: str, check: Callable[[], bool], timeout_s: float, alive: Callable[[], bool] = lambda: True
+    what: str,
+    check: Callable[[], bool],
+    timeout_s: float,
+    alive: Callable[[], bool] = lambda: True,
+    why: Callable[[], str] | None = None,
 ) -> None:
-    """Poll ``check`` until true; fail early if ``alive`` turns false."""
+    """Poll ``check`` until true; fail early if ``alive`` turns false. ``why`` says, when the
+    time is up, what it was still waiting for."""
     deadline = time.monotonic() + timeout_s
     delay = 0.01
     while not check():
         if not alive():
             raise StartFailed(f"{what}: the process exited during start-up")
         if time.monotonic() > deadline:
-            raise StartFailed(f"{what}: not ready after {timeout_s:.0f}s")
+            reason = f": {why()}" if why is not None else ""
+            raise StartFailed(f"{what}: not ready after {timeout_s:.0f}s{reason}")
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
 

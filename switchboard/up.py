@@ -1,9 +1,11 @@
 """``switchboard up``: the whole stack on one machine, no Docker, until Ctrl-C.
 
 Start order: broker, Redis, provider simulator (when no provider key is set), metrics, one worker
-per tier, router. ``switchboard ready <URL>`` is printed once every worker holds its partitions
-and the router listens, so the first request can succeed. Stop order is the reverse, so workers
-drain into a live broker.
+per tier, router. Each service gets its own port and is waited for on its ``GET /ready``, so
+``switchboard ready <URL>`` is printed once every worker has joined its group and the metrics
+writer, the router and the broker answer: the first request can succeed. The broker's address is
+printed and written to ``<data_dir>/run/stack.json`` (``kafka_bootstrap``) for Kafka producers.
+Stop order is the reverse, so workers drain into a live broker.
 """
 
 from __future__ import annotations
@@ -61,6 +63,16 @@ class Plan:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.ports['broker']}"
+
+    def ready_url(self, service: str) -> str:
+        """Where ``service`` (router, metrics, worker-<tier>) answers ``GET /ready``."""
+        if service == "router":
+            return f"{self.base_url}/ready"
+        return f"http://127.0.0.1:{self.ports[service]}/ready"
+
 
 def plan_from_env(env: dict[str, str]) -> Plan:
     port_text = env.get("SWITCHBOARD_PORT", "8080")
@@ -93,13 +105,14 @@ class Stack:
         self.log_dir = plan.data_dir / "logs"
         self.metrics_token = secrets.token_urlsafe(24)
         self.keeper: KeeperThread | None = None
+        self.ready_urls: dict[str, str] = {}  # our services' GET /ready, by child name
 
     def env(self, **extra: str) -> dict[str, str]:
         p = self.plan
         env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
         env.update(
             PYTHONUNBUFFERED="1",
-            SWITCHBOARD_KAFKA_BOOTSTRAP=f"127.0.0.1:{p.ports['broker']}",
+            SWITCHBOARD_KAFKA_BOOTSTRAP=p.kafka_bootstrap,
             SWITCHBOARD_REDIS_URL=f"redis://127.0.0.1:{p.ports['redis']}/0",
             SWITCHBOARD_CONFIG=str(p.config.resolve()),
             SWITCHBOARD_RUN_DIR=str(self.run_dir),
@@ -124,30 +137,26 @@ class Stack:
         env.update(extra)
         return env
 
-    def _ready(self, name_prefix: str) -> bool:
-        ready = self.run_dir / "ready"
-        return ready.exists() and any(p.name.startswith(name_prefix) for p in ready.iterdir())
-
     def _start(self, name: str, args: list[str], **env: str) -> Child:
         child = python_service(name, args, self.env(**env), self.log_dir)
         self.children.append(child)
         return child
 
-    def _wait(self, child: Child, ready_as: str) -> None:
-        wait_for(child.name, lambda: self._ready(ready_as), READY_TIMEOUT_S, child.alive)
-
-    def _service(self, name: str, args: list[str], ready_as: str, **env: str) -> Child:
-        child = self._start(name, args, **env)
-        self._wait(child, ready_as)
-        return child
+    def _wait(self, child: Child) -> None:
+        probe = ReadyProbe(self.plan.ready_url(child.name))
+        self.ready_urls[child.name] = probe.url
+        wait_for(child.name, probe, READY_TIMEOUT_S, child.alive, lambda: probe.last)
 
     def start(self) -> None:
         p = self.plan
         for name in ("broker", "redis", "simulator", "metrics"):
             p.ports[name] = free_port()
+        for tier in self.config.tier_names:
+            p.ports[f"worker-{tier}"] = free_port()
+        # the services still write ready markers (bench/ and faults/ wait on them); not read here
         for stale in (self.run_dir / "ready").glob("*"):
             stale.unlink()
-        say(f"starting the broker (Tansu, in-memory) on 127.0.0.1:{p.ports['broker']}")
+        say(f"starting the broker (Tansu, in-memory) on {p.kafka_bootstrap}")
         self.children.append(start_broker(p.ports["broker"], self.log_dir))
         say(f"starting redis on 127.0.0.1:{p.ports['redis']}")
         self.children.append(start_redis(p.ports["redis"], self.log_dir))
@@ -170,19 +179,22 @@ class Stack:
         workers = {}
         for tier in self.config.tier_names:
             say(f"starting the worker of tier {tier}")
-            workers[tier] = self._start(f"worker-{tier}", ["worker", "--tier", tier])
-        self._wait(metrics, "metrics")
-        for tier, worker in workers.items():
-            self._wait(worker, f"worker-{tier}-")
+            name = f"worker-{tier}"
+            workers[tier] = self._start(
+                name, ["worker", "--tier", tier], SWITCHBOARD_WORKER_PORT=str(p.ports[name])
+            )
+        self._wait(metrics)
+        for worker in workers.values():
+            self._wait(worker)
         say("starting the router")
-        self._service(
+        router = self._start(
             "router",
             ["router"],
-            "router",
             SWITCHBOARD_PORT=str(p.port),
             SWITCHBOARD_HOST=p.host,
             SWITCHBOARD_API_KEY=p.api_key,
         )
+        self._wait(router)
         self._start_keeper()
         self._write_state()
 
@@ -200,7 +212,7 @@ class Stack:
         logger.handlers = [to_file, to_console]
         partitions = int(os.environ.get("SWITCHBOARD_PARTITIONS", "4"))
         keeper = Keeper(
-            f"127.0.0.1:{self.plan.ports['broker']}",
+            self.plan.kafka_bootstrap,
             Topics(os.environ.get("SWITCHBOARD_TOPIC_PREFIX", DEFAULT_PREFIX)),
             self.run_dir,
             partitions,
@@ -213,6 +225,9 @@ class Stack:
             "base_url": self.plan.base_url,
             "metrics_url": f"http://127.0.0.1:{self.plan.ports['metrics']}",
             "metrics_token": self.metrics_token,
+            # where a Kafka producer connects (aiokafka: the embedded broker is Tansu)
+            "kafka_bootstrap": self.plan.kafka_bootstrap,
+            "ready_urls": self.ready_urls,
             "pids": {c.name: c.pid for c in self.children},
             "supervisor_pid": os.getpid(),
         }
@@ -234,6 +249,28 @@ class Stack:
 
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if not c.alive()), None)
+
+
+class ReadyProbe:
+    """``GET /ready`` answers 200; remembers why not, for the message when it never does."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.last = "no answer yet"
+
+    def __call__(self) -> bool:
+        try:
+            response = httpx.get(self.url, timeout=5)
+        except httpx.HTTPError as exc:
+            self.last = f"no answer from {self.url} ({type(exc).__name__})"
+            return False
+        if response.status_code == 200:
+            return True
+        try:
+            self.last = str(response.json()["reason"])
+        except (ValueError, KeyError, TypeError):
+            self.last = f"{self.url} answered {response.status_code}"
+        return False
 
 
 def _http_ok(url: str) -> bool:
@@ -304,5 +341,10 @@ def _banner(plan: Plan, stack: Stack) -> None:
     if plan.simulated:
         say("models are served by the provider SIMULATOR; set a provider key for real models")
     say(f"config {plan.config} ({len(stack.config.tier_names)} tiers); logs in {stack.log_dir}")
+    ingress = Topics(os.environ.get("SWITCHBOARD_TOPIC_PREFIX", DEFAULT_PREFIX)).ingress
+    say(
+        f"Kafka bootstrap {plan.kafka_bootstrap}: jobs to {ingress} "
+        "(an aiokafka client; librdkafka-based ones fail on the embedded broker)"
+    )
     say('query the metrics with: switchboard sql "SELECT * FROM switchboard.llm_events LIMIT 10"')
     print(f"switchboard ready {plan.base_url}", flush=True)

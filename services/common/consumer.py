@@ -223,6 +223,11 @@ class ConcurrentConsumer:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    @property
+    def running(self) -> bool:
+        """The fetch loop runs: started, and neither stopped nor ended by an error."""
+        return self._loop_task is not None and not self._loop_task.done()
+
     async def _fetch_loop(self) -> None:
         while not self._stopping.is_set():
             free = self._concurrency - len(self._tasks)
@@ -389,6 +394,11 @@ class BatchConsumer:
         await self._consumer.start()
         self._fetch_task = asyncio.create_task(self._fetch_loop(), name="consume-batch")
         self._commit_task = asyncio.create_task(self._commit_loop(), name="commit-batch")
+
+    @property
+    def running(self) -> bool:
+        """The fetch loop runs: started, and neither stopped nor ended by an error."""
+        return self._fetch_task is not None and not self._fetch_task.done()
 
     async def _fetch_loop(self) -> None:
         while not self._stopping.is_set():

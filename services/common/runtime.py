@@ -1,4 +1,4 @@
-"""Process plumbing shared by the services: logging set-up and waiting for SIGINT/SIGTERM."""
+"""Process plumbing shared by the services: logging, signals, the HTTP server, health routes."""
 
 from __future__ import annotations
 
@@ -8,11 +8,17 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 import uvicorn
 import uvloop
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+# Why a service should get no work now, or None when it is ready (``GET /ready``).
+NotReady = Callable[[], Awaitable[str | None]]
 
 
 def setup_logging(level: str, name: str) -> None:
@@ -108,6 +114,26 @@ async def start_http(
 async def stop_http(server: HttpServer, task: asyncio.Task[None]) -> None:
     server.should_exit = True
     await task
+
+
+def health_routes(not_ready: NotReady) -> list[Route]:
+    """``GET /health``: alive (the process and its event loop answer), always 200.
+    ``GET /ready``: 200 ``{"status": "ready"}``, or 503 ``{"status": "not ready", "reason": ...}``.
+
+    Kept apart, so an orchestrator restarts a process that hangs (health) but only waits for one
+    whose dependencies are away (ready): a restart would not bring them back.
+    """
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> JSONResponse:
+        reason = await not_ready()
+        if reason:
+            return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    return [Route("/health", health), Route("/ready", ready)]
 
 
 class PortInUse(OSError):

@@ -55,7 +55,10 @@ class CommonSettings(BaseSettings):
     )
     run_dir: Path | None = Field(
         default=None,
-        description="Directory where a service writes its ready marker (set by `switchboard up`).",
+        description=(
+            "Directory of the embedded broker's write holds (set by `switchboard up`) and of the "
+            "ready markers the benchmarks wait on."
+        ),
     )
     embedded_broker: bool = Field(
         default=False,
@@ -71,7 +74,11 @@ class CommonSettings(BaseSettings):
         return Topics(self.topic_prefix)
 
     def mark_ready(self, name: str, detail: str = "") -> None:
-        """Tell the supervisor this process can do its work (no-op outside `switchboard up`)."""
+        """Write ``<run_dir>/ready/<name>`` once this process can work (no-op without run_dir).
+
+        The benchmarks and fault scenarios (bench/, faults/) wait on these files; `switchboard up`
+        and orchestrators ask the service's ``GET /ready`` instead, which also turns back to 503.
+        """
         if self.run_dir is None:
             return
         ready = self.run_dir / "ready"

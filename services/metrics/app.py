@@ -1,7 +1,8 @@
 """``MetricsApp``: events topic → ClickHouse, plus the read-only query endpoint.
 
 The query endpoint exists because an embedded (chDB) store can be opened by one process only:
-while the metrics service owns it, ``switchboard sql`` and ``switchboard report`` ask here.
+while the metrics service owns it, ``switchboard sql`` and ``switchboard report`` ask here. It
+also answers ``GET /health`` and ``GET /ready`` (``MetricsApp.not_ready`` says what ready means).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -20,16 +22,31 @@ from starlette.routing import Route
 from services.common import fences
 from services.common.consumer import BatchConsumer
 from services.common.kafka import KafkaBatchPublisher, ensure_topics
-from services.common.runtime import HttpServer, serve_until_signal, start_http, stop_http
+from services.common.runtime import (
+    HttpServer,
+    NotReady,
+    health_routes,
+    serve_until_signal,
+    start_http,
+    stop_http,
+)
 from services.metrics.adapters.store import ClickHouseStore, EventStore
 from services.metrics.config import MetricsSettings
 from services.metrics.handlers import BatchHandler
 
 log = logging.getLogger("switchboard.metrics")
 MAX_SQL_BYTES = 100_000
+# How long a readiness probe waits for the store to answer ``SELECT 1``.
+STORE_PROBE_S = 2.0
 
 
-def query_app(store: EventStore, token: str | None) -> Starlette:
+async def _ready_anyway() -> None:
+    return None
+
+
+def query_app(
+    store: EventStore, token: str | None, not_ready: NotReady = _ready_anyway
+) -> Starlette:
     async def query(request: Request) -> Response:
         if token and not secrets.compare_digest(
             request.headers.get("authorization", ""), f"Bearer {token}"
@@ -53,10 +70,7 @@ def query_app(store: EventStore, token: str | None) -> Starlette:
         payload = json.dumps({"columns": columns, "rows": rows}, default=str)
         return Response(payload, media_type="application/json")
 
-    async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
-
-    return Starlette(routes=[Route("/query", query, methods=["POST"]), Route("/health", health)])
+    return Starlette(routes=[Route("/query", query, methods=["POST"]), *health_routes(not_ready)])
 
 
 class MetricsApp:
@@ -80,13 +94,27 @@ class MetricsApp:
             max_in_flight=2,
             linger_ms=settings.insert_linger_ms,
             session_timeout_ms=settings.kafka_session_timeout_ms,
+            # records a crashed owner may have inserted and not committed are looked up first
             # the first batches after an assignment may repeat what a crashed owner inserted:
             # up to two batches (max_in_flight) were inserted and not committed
             on_assign=lambda: self.handler.recheck(2 * settings.batch_size),
         )
         self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
+        self._phase = "starting"
+        self._store_probe: asyncio.Future[Any] | None = None
 
     async def start(self) -> None:
+        """Serve the endpoint first (alive, not ready while the rest starts)."""
+        if self.settings.metrics_port:
+            await self._start_query_server()
+        try:
+            await self._start_writing()
+        except BaseException:
+            await self._stop_http()
+            raise
+        self._phase = "running"
+
+    async def _start_writing(self) -> None:
         topics = self.settings.topics
         await self.store.migrate()
         await ensure_topics(
@@ -98,20 +126,59 @@ class MetricsApp:
             await self.fences.start()
         await self.publisher.start()
         await self.consumer.start()
-        if self.settings.metrics_port:
-            await self._start_query_server()
 
     async def _start_query_server(self) -> None:
         token = (
             self.settings.metrics_token.get_secret_value() if self.settings.metrics_token else None
         )
-        app = query_app(self.store, token)
+        app = query_app(self.store, token, self.not_ready)
         self._http = await start_http(app, self.settings.metrics_host, self.settings.metrics_port)
 
-    async def stop(self) -> None:
-        await self.consumer.stop()
+    @property
+    def http_port(self) -> int | None:
+        """Where the endpoint answers (the bound port, also when asked for 0)."""
+        return self._http[0].bound_port if self._http else None  # type: ignore[attr-defined]
+
+    async def not_ready(self) -> str | None:
+        """Why events are not being written now (``GET /ready``), or None.
+
+        Ready means: the consumer's fetch loop runs, it has joined its group once (no partitions
+        counts, as for a worker: an extra member is a standby), and the store answers
+        ``SELECT 1`` within ``STORE_PROBE_S``. The probe goes through the store's one thread, so
+        it also fails while an insert hangs there; a probe still waiting is shared by the next
+        ones instead of queueing more behind it.
+        """
+        if self._phase != "running":
+            return self._phase
+        if not self.consumer.running:
+            return "the consumer's fetch loop stopped (its error is in the log)"
+        if not self.consumer.assigned.is_set():
+            return (
+                f"joining consumer group {self.settings.topics.metrics_group}: "
+                "no partition assignment received yet"
+            )
+        probe = self._store_probe
+        if probe is None or probe.done():
+            probe = self._store_probe = asyncio.ensure_future(self.store.query("SELECT 1"))
+        try:
+            await asyncio.wait_for(asyncio.shield(probe), STORE_PROBE_S)
+        except TimeoutError:
+            return f"ClickHouse did not answer SELECT 1 in {STORE_PROBE_S:g} s"
+        except Exception as exc:
+            # the endpoint needs no token: the error's text (hosts, SQL) goes to the log only
+            log.warning("readiness probe: ClickHouse refused SELECT 1: %s", exc)
+            return f"ClickHouse refused SELECT 1 ({type(exc).__name__}; see the log)"
+        return None
+
+    async def _stop_http(self) -> None:
         if self._http:
             await stop_http(*self._http)
+            self._http = None
+
+    async def stop(self) -> None:
+        self._phase = "shutting down"
+        await self.consumer.stop()
+        await self._stop_http()
         await self.publisher.stop()
         if self.fences is not None:
             await self.fences.stop()

@@ -1,4 +1,8 @@
-"""``create_worker(settings)``: one tier's worker, wired; ``run(settings)``: serve until a signal."""
+"""``WorkerApp(settings)``: one tier's worker, wired; ``run(settings)``: serve until a signal.
+
+With ``worker_port`` set, the worker answers ``GET /health`` and ``GET /ready`` there
+(``WorkerApp.not_ready`` says what ready means).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,19 @@ import asyncio
 import logging
 import os
 
+from starlette.applications import Starlette
+
 from services.common import fences
 from services.common.consumer import ConcurrentConsumer
 from services.common.kafka import BrokerPublisher, ensure_topics, make_broker
 from services.common.routing_config import load_config
-from services.common.runtime import serve_until_signal
+from services.common.runtime import (
+    HttpServer,
+    health_routes,
+    serve_until_signal,
+    start_http,
+    stop_http,
+)
 from services.workers.adapters.llm import LiteLLMClient, missing_keys
 from services.workers.adapters.outcomes import RedisOutcomeStore
 from services.workers.adapters.sent import SentCheck
@@ -19,6 +31,8 @@ from services.workers.handlers import RecordHandler
 from services.workers.service import TierService
 
 log = logging.getLogger("switchboard.worker")
+# How long a readiness probe waits for Kafka and for Redis to answer (both asked at once).
+PROBE_TIMEOUT_S = 2.0
 
 
 class WorkerApp:
@@ -58,7 +72,7 @@ class WorkerApp:
         self.consumer = ConcurrentConsumer(
             bootstrap=settings.kafka_bootstrap,
             topics=[topics.tier(settings.tier)],
-            group_id=topics.worker_group(settings.tier),
+            group_id=self.consumer_group,
             handler=self.handler,
             concurrency=concurrency,
             fetch_max_wait_ms=wait,
@@ -66,8 +80,22 @@ class WorkerApp:
             drain_timeout_s=settings.drain_timeout_s,
             session_timeout_ms=settings.kafka_session_timeout_ms,
         )
+        self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
+        self._phase = "starting"
 
     async def start(self) -> None:
+        """Serve ``/health`` and ``/ready`` first (alive, not ready while the rest starts)."""
+        if self.settings.worker_port:
+            app = Starlette(routes=health_routes(self.not_ready))
+            self._http = await start_http(app, self.settings.worker_host, self.settings.worker_port)
+        try:
+            await self._start_consuming()
+        except BaseException:
+            await self._stop_http()
+            raise
+        self._phase = "running"
+
+    async def _start_consuming(self) -> None:
         topics = self.settings.topics
         await ensure_topics(
             self.settings.kafka_bootstrap,
@@ -83,7 +111,61 @@ class WorkerApp:
     async def wait_assigned(self, timeout_s: float = 60.0) -> None:
         await asyncio.wait_for(self.consumer.assigned.wait(), timeout_s)
 
+    @property
+    def http_port(self) -> int | None:
+        """Where ``/health`` and ``/ready`` answer (the bound port, also when asked for 0)."""
+        return self._http[0].bound_port if self._http else None  # type: ignore[attr-defined]
+
+    async def not_ready(self) -> str | None:
+        """Why this worker is not doing its tier's work as designed (``GET /ready``), or None.
+
+        Ready means: the consumer's fetch loop runs; it has joined its group once (an assignment
+        of no partitions counts: a group with more members than partitions keeps the extra
+        ones idle, ready to take over when a member goes; a later rebalance does not count
+        against it, the member is rejoining, not broken); Kafka answers now; and Redis answers.
+        Without Redis the worker keeps serving (fail open) but a redelivered request costs a
+        second model call and may be answered twice: that is degraded, so /ready says so while
+        /health stays 200 (a restart would not bring Redis back).
+        """
+        if self._phase != "running":
+            return self._phase
+        if not self.consumer.running:
+            return "the consumer's fetch loop stopped (its error is in the log)"
+        if not self.consumer.assigned.is_set():
+            return (
+                f"joining consumer group {self.consumer_group}: "
+                "no partition assignment received yet"
+            )
+        kafka, redis = await asyncio.gather(self.broker.ping(PROBE_TIMEOUT_S), self._redis_ok())
+        if not kafka:
+            return (
+                f"Kafka at {self.settings.kafka_bootstrap} did not answer in {PROBE_TIMEOUT_S:g} s"
+            )
+        if not redis:
+            return (
+                f"Redis did not answer in {PROBE_TIMEOUT_S:g} s: serving without de-duplication "
+                "(fail open), a redelivered request may be answered twice"
+            )
+        return None
+
+    @property
+    def consumer_group(self) -> str:
+        return self.settings.topics.worker_group(self.settings.tier)
+
+    async def _redis_ok(self) -> bool:
+        try:
+            return await asyncio.wait_for(self.outcomes.ping(), PROBE_TIMEOUT_S)
+        except TimeoutError:
+            return False
+
+    async def _stop_http(self) -> None:
+        if self._http:
+            await stop_http(*self._http)
+            self._http = None
+
     async def stop(self) -> None:
+        """Drain and close; ``/health`` answers until the end, ``/ready`` says why not."""
+        self._phase = "shutting down: draining in-flight calls"
         await self.consumer.stop()
         await self.broker.stop()
         if self.fences is not None:
@@ -91,11 +173,14 @@ class WorkerApp:
         await self.outcomes.close()
         await self.sent.close()
         await self.client.aclose()
+        await self._stop_http()
 
 
 async def run(settings: WorkerSettings) -> None:
     app = WorkerApp(settings)
     await app.start()
+    if app.http_port:
+        log.info("worker health: http://%s:%d/ready", settings.worker_host, app.http_port)
     await app.wait_assigned()
     log.info("worker for tier %s consuming %s", settings.tier, settings.topics.tier(settings.tier))
     settings.mark_ready(f"worker-{settings.tier}-{os.getpid()}")

@@ -20,3 +20,19 @@ class WorkerSettings(CommonSettings):
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long in-flight calls may finish."
     )
+    worker_host: str = Field(
+        default="127.0.0.1",
+        description=(
+            "Bind address of `GET /health` and `GET /ready` (0.0.0.0 when a probe comes from "
+            "outside the container, e.g. Kubernetes)."
+        ),
+    )
+    worker_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description=(
+            "Port of `GET /health` and `GET /ready` (0: no HTTP server). Off by default: several "
+            "workers often share a host (`switchboard up` gives each its own port)."
+        ),
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -17,8 +18,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 from openai import OpenAI
 
+from services.common.routing_config import load_config
 from switchboard.embedded import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -90,6 +93,15 @@ def stack(tmp_path: Path) -> Iterator[tuple[Up, str, str, Path]]:
         yield up, ready.group(1), key, data_dir
     finally:
         up.stop()
+
+
+async def kafka_topics(bootstrap: str) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await asyncio.wait_for(admin.start(), 30)
+    try:
+        return list(await asyncio.wait_for(admin.list_topics(), 30))
+    finally:
+        await asyncio.wait_for(admin.close(), 30)
 
 
 def sql(data_dir: Path, query: str, fmt: str = "json") -> subprocess.CompletedProcess[str]:
@@ -164,6 +176,22 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
     assert any(t.startswith("switchboard.replies.") and t.endswith(".s0") for t in topics)
     ready = httpx.get(f"{base_url}/ready", timeout=10)
     assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+
+    # every service says it is ready where stack.json says it answers, and is alive
+    tiers = load_config(ROOT / "config" / "simulated.yaml").tier_names
+    assert set(state["ready_urls"]) == {"router", "metrics", *(f"worker-{t}" for t in tiers)}
+    assert state["ready_urls"]["router"] == f"{base_url}/ready"
+    for name, url in state["ready_urls"].items():
+        answer = httpx.get(url, timeout=10)
+        assert (answer.status_code, answer.json()) == (200, {"status": "ready"}), (name, answer)
+        alive = httpx.get(url.removesuffix("/ready") + "/health", timeout=10)
+        assert alive.status_code == 200, (name, alive)
+
+    # the broker's address, in the banner and in stack.json, is where Kafka answers
+    bootstrap = state["kafka_bootstrap"]
+    banner = up.wait_for_line(r"Kafka bootstrap (\S+): jobs to (\S+) ", 5)
+    assert banner.groups() == (bootstrap, "switchboard.ingress.v1")
+    assert "switchboard.ingress.v1" in asyncio.run(kafka_topics(bootstrap))
     assert any(p.name.endswith(".member") for p in (data_dir / "run" / "fences").iterdir())
 
     report = subprocess.run(

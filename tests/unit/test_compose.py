@@ -22,9 +22,12 @@ import yaml
 from pydantic_settings import BaseSettings
 
 from services.common.routing_config import LoadedConfig, load_config
+from services.common.runtime import health_routes
 from services.common.settings import ENV_PREFIX
+from services.metrics import app as metrics_app
 from services.metrics.config import MetricsSettings
 from services.router.config import RouterSettings
+from services.workers import app as worker_app
 from services.workers.config import WorkerSettings
 from switchboard import cli
 
@@ -38,6 +41,19 @@ SETTINGS_BY_COMMAND: dict[str, type[BaseSettings]] = {
     "router": RouterSettings,
     "worker": WorkerSettings,
     "metrics": MetricsSettings,
+}
+# `switchboard <command>` → the settings fields of the host and port its /health and /ready answer on.
+HEALTH_ADDRESS_FIELDS = {
+    "router": ("host", "port"),
+    "worker": ("worker_host", "worker_port"),
+    "metrics": ("metrics_host", "metrics_port"),
+}
+# The longest a service's /ready takes to answer before it says "not ready" (its own probe bound):
+# a Docker timeout shorter than that would turn a clear reason into a bare timeout.
+READY_PROBE_S = {
+    "router": 0.0,  # the router reads its broker watch's last verdict
+    "worker": worker_app.PROBE_TIMEOUT_S,
+    "metrics": metrics_app.STORE_PROBE_S,
 }
 # Values for the variables compose requires (`${VAR:?message}`), when a test must resolve them.
 REQUIRED_STANDINS = {"SWITCHBOARD_API_KEY": "test-api-key", "CLICKHOUSE_PASSWORD": "test-password"}
@@ -361,14 +377,11 @@ def test_router_and_metrics_listen_where_they_are_reached(
         else:
             published.append(int(str(entry).split("/")[0].rsplit(":", 1)[-1]))
     assert published == [port], f"{name}: publishes {published}, listens on {port}"
-    assert f":{port}/health" in " ".join(map(str, router["healthcheck"]["test"]))
 
     name, metrics = only(services, "metrics")
     env = resolved_env(metrics)
     assert env["SWITCHBOARD_METRICS_HOST"] == "0.0.0.0", f"{name}: must bind all interfaces"
-    metrics_port = int(env["SWITCHBOARD_METRICS_PORT"])
-    assert metrics_port > 0
-    assert f":{metrics_port}/health" in " ".join(map(str, metrics["healthcheck"]["test"]))
+    assert int(env["SWITCHBOARD_METRICS_PORT"]) > 0
 
 
 def test_dockerfile_builds_the_image_compose_expects() -> None:
@@ -477,6 +490,86 @@ def test_every_service_has_a_healthcheck(services: dict[str, dict[str, Any]]) ->
     for name, svc in services.items():
         check = svc.get("healthcheck")
         assert check and check.get("test") and not check.get("disable"), f"{name}: no healthcheck"
+
+
+def settings_of(
+    svc: Mapping[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, BaseSettings]:
+    """The command a service runs and the settings it reads from its compose environment."""
+    command = command_of(svc)[0]
+    with monkeypatch.context() as mp:
+        for key in list(os.environ):
+            if key.startswith(ENV_PREFIX):
+                mp.delenv(key)
+        for key, value in resolved_env(svc).items():
+            mp.setenv(key, value)
+        return command, SETTINGS_BY_COMMAND[command]()
+
+
+def probed_url(check: Mapping[str, Any]) -> str:
+    """The one URL a healthcheck asks, which must be an exec form the image can run."""
+    test = [str(word) for word in check["test"]]
+    assert test[:3] == ["CMD", "python", "-c"], f"expected [CMD, python, -c, <code>]: {test}"
+    urls = re.findall(r"https?://[^\s'\"]+", test[3])
+    assert len(urls) == 1, f"expected one URL in {test[3]!r}"
+    return urls[0]
+
+
+async def _ready() -> None:
+    return None
+
+
+HEALTH_PATHS = {route.path for route in health_routes(_ready)}
+
+
+def check_healthcheck(name: str, svc: Mapping[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``svc``'s healthcheck asks its own /ready or /health, from inside its container, on the
+    port its settings serve them on, and waits longer than that answer may take."""
+    check = svc.get("healthcheck")
+    assert check and check.get("test") and not check.get("disable"), f"{name}: no healthcheck"
+    command, settings = settings_of(svc, monkeypatch)
+    host_field, port_field = HEALTH_ADDRESS_FIELDS[command]
+    port, host = getattr(settings, port_field), getattr(settings, host_field)
+    assert port > 0, f"{name}: {port_field} is 0, so it serves no /health or /ready"
+    assert host in ("0.0.0.0", "127.0.0.1"), f"{name}: binds {host}, loopback cannot reach it"
+    url = urlsplit(probed_url(check))
+    assert (url.scheme, url.hostname) == ("http", "127.0.0.1"), f"{name}: asks {url.geturl()}"
+    assert url.port == port, f"{name}: healthcheck asks port {url.port}, {port_field}={port}"
+    assert url.path in HEALTH_PATHS, f"{name}: healthcheck asks {url.path}, not {HEALTH_PATHS}"
+    timeout = seconds(check.get("timeout", "30s"))
+    assert timeout > READY_PROBE_S[command], f"{name}: timeout {timeout}s < its /ready's bound"
+    assert seconds(check.get("start_period", "0s")) > 0, f"{name}: no start_period"
+
+
+def test_app_healthchecks_ask_the_service_where_its_settings_serve(
+    app_services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renamed setting, a changed port or a typo in the path fails here, not as a container
+    that never turns healthy."""
+    assert HEALTH_PATHS == {"/health", "/ready"}
+    for name, svc in app_services.items():
+        check_healthcheck(name, svc, monkeypatch)
+
+
+def test_the_healthcheck_check_fails_on_a_wrong_port_or_path_or_none(
+    workers: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name, worker = next(iter(workers.items()))
+    port = settings_of(worker, monkeypatch)[1].worker_port  # type: ignore[attr-defined]
+    for old, new, says in (
+        (f":{port}/", f":{port + 1}/", f"asks port {port + 1}"),
+        ("/ready'", "/readyz'", "asks /readyz"),
+    ):
+        broken = {**worker, "healthcheck": dict(worker["healthcheck"])}
+        broken["healthcheck"]["test"] = [
+            str(w).replace(old, new) for w in worker["healthcheck"]["test"]
+        ]
+        with pytest.raises(AssertionError, match=says):
+            check_healthcheck(name, broken, monkeypatch)
+    with pytest.raises(AssertionError, match="no healthcheck"):
+        check_healthcheck(
+            name, {k: v for k, v in worker.items() if k != "healthcheck"}, monkeypatch
+        )
 
 
 def test_services_wait_for_healthy_dependencies(services: dict[str, dict[str, Any]]) -> None:
