@@ -344,7 +344,7 @@ def _banner(plan: Plan, stack: Stack) -> None:
     ingress = Topics(os.environ.get("SWITCHBOARD_TOPIC_PREFIX", DEFAULT_PREFIX)).ingress
     say(
         f"Kafka bootstrap {plan.kafka_bootstrap}: jobs to {ingress} "
-        "(an aiokafka client; librdkafka-based ones fail on the embedded broker)"
+        "(aiokafka, or librdkafka 2.2 and later: docs/embedded-broker.md)"
     )
     say('query the metrics with: switchboard sql "SELECT * FROM switchboard.llm_events LIMIT 10"')
     print(f"switchboard ready {plan.base_url}", flush=True)
