@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from services.common.fences import is_filler
-from services.common.kafka import METADATA_MAX_AGE_MS
+from services.common.kafka import METADATA_MAX_AGE_MS, log_ends
 from services.common.offsets import OffsetTracker
 
 log = logging.getLogger(__name__)
@@ -317,6 +317,17 @@ class ConcurrentConsumer:
 
 
 class _BatchRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Drains the batches in progress before partitions go. When partitions come, and before any
+    is read (they are paused meanwhile), tells ``on_assign`` which offsets of each a previous
+    owner may have handled without committing: from the group's committed offset (the
+    partition's start if none) to the partition's end. If those cannot be read within
+    ``RANGES_TIMEOUT_S`` (Kafka unreachable), every offset from there on counts until the next
+    assignment: slower, never short.
+    """
+
+    RANGES_TIMEOUT_S = 15.0
+    NO_END = 2**63 - 1
+
     def __init__(self, owner: BatchConsumer) -> None:
         self.owner = owner
 
@@ -325,8 +336,52 @@ class _BatchRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         if self.owner.on_assign is not None:
-            self.owner.on_assign()
+            consumer = self.owner._consumer
+            # aiokafka fetches for new partitions while this runs: none is read before on_assign
+            consumer.pause(*assigned)
+            try:
+                self.owner.on_assign(await self._unsettled(list(assigned)))
+            finally:
+                consumer.resume(*(tp for tp in assigned if tp in consumer.assignment()))
         self.owner.assigned.set()
+
+    async def _unsettled(self, assigned: list[TopicPartition]) -> dict[TopicPartition, range]:
+        starts: dict[TopicPartition, int] = {}
+        try:
+            async with asyncio.timeout(self.RANGES_TIMEOUT_S):
+                starts = await self._starts(assigned)
+                ends = await self._ends(assigned)
+        except Exception as exc:
+            log.warning(
+                "where the assigned partitions end is unknown (%r): every record of them "
+                "counts as possibly handled and not committed until the next assignment",
+                exc,
+            )
+            return {tp: range(starts.get(tp, 0), self.NO_END) for tp in assigned}
+        return {tp: range(starts[tp], ends[tp]) for tp in assigned}
+
+    async def _starts(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        consumer = self.owner._consumer
+        committed = dict(zip(tps, await asyncio.gather(*map(consumer.committed, tps)), strict=True))
+        fresh = [tp for tp, offset in committed.items() if offset is None]
+        first = await consumer.beginning_offsets(fresh) if fresh else {}
+        return {tp: first[tp] if at is None else at for tp, at in committed.items()}
+
+    async def _ends(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        if not tps:
+            return {}
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=self.owner._bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=20,
+            metadata_max_age_ms=METADATA_MAX_AGE_MS,
+        )
+        try:
+            await reader.start()
+            # a fetch's high watermark (log_ends), as Tansu's ListOffsets stops at its last batch
+            return await log_ends(reader, tps, timeout_s=self.RANGES_TIMEOUT_S)
+        finally:
+            await close_consumer(reader)
 
 
 @dataclass
@@ -365,9 +420,12 @@ class BatchConsumer:
         drain_timeout_s: float = 30.0,
         linger_ms: int = 0,
         session_timeout_ms: int = SESSION_TIMEOUT_MS,
-        on_assign: Callable[[], None] | None = None,
+        on_assign: Callable[[dict[TopicPartition, range]], None] | None = None,
     ) -> None:
-        self.on_assign = on_assign  # called when partitions are assigned, before any is read
+        # called when partitions are assigned, before any is read, with the offsets of each that
+        # a previous owner may have handled and not committed (_BatchRebalance)
+        self.on_assign = on_assign
+        self._bootstrap = bootstrap  # where _BatchRebalance reads the partitions' ends
         self._consumer = _consumer(
             bootstrap, topics, group_id, fetch_max_wait_ms, client_id, session_timeout_ms
         )

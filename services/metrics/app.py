@@ -95,9 +95,8 @@ class MetricsApp:
             linger_ms=settings.insert_linger_ms,
             session_timeout_ms=settings.kafka_session_timeout_ms,
             # records a crashed owner may have inserted and not committed are looked up first
-            # the first batches after an assignment may repeat what a crashed owner inserted:
-            # up to two batches (max_in_flight) were inserted and not committed
-            on_assign=lambda: self.handler.recheck(2 * settings.batch_size),
+            # records a crashed owner may have inserted and not committed are looked up first
+            on_assign=self.handler.assigned,
         )
         self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
         self._phase = "starting"

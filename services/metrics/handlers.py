@@ -4,20 +4,66 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
 
 from schemas.topics import Topics
 from services.common.deadletter import from_record
 from services.common.kafka import BatchPublisher, Outgoing
 from services.metrics.adapters.store import EventStore
-from services.metrics.domain.columns import decode, dedup_token
+from services.metrics.domain.columns import Decoded, decode, dedup_token
 
 log = logging.getLogger(__name__)
+
+_NONE = range(0)
+
+
+class _Unsettled:
+    """Per partition, the offsets whose records may have rows already (``BatchHandler.assigned``).
+
+    A range only shrinks from its start, once a batch that holds its first offset is stored: two
+    batches are handled at once, and a later one stored first must not let an earlier one that
+    is being retried skip its lookup. So a range may keep offsets already stored (a later batch
+    stored first, a first offset never handed to this handler); a record there read again is
+    looked up again, which costs a lookup and nothing else.
+    """
+
+    def __init__(self) -> None:
+        self.ranges: dict[tuple[str, int], range] = {}
+        self.assignment = 0  # which assignment ``ranges`` belong to
+
+    def reset(self, unsettled: Mapping[TopicPartition, range]) -> None:
+        self.ranges = {(tp.topic, tp.partition): r for tp, r in unsettled.items() if r}
+        self.assignment += 1
+
+    def mask(self, records: Sequence[ConsumerRecord]) -> pa.Array | None:
+        """Which records are in a range, or None when none can be."""
+        if not self.ranges:
+            return None
+        ranges = self.ranges
+        return pa.array([r.offset in ranges.get((r.topic, r.partition), _NONE) for r in records])
+
+    def settle(self, records: Sequence[ConsumerRecord], assignment: int) -> None:
+        """``records`` are stored (looked up, inserted, dead letters out): ranges move past them."""
+        if assignment != self.assignment or not self.ranges:
+            return  # a batch of an earlier assignment says nothing about this one's ranges
+        spans: dict[tuple[str, int], tuple[int, int]] = {}
+        for r in records:
+            low, high = spans.get((r.topic, r.partition), (r.offset, r.offset))
+            spans[(r.topic, r.partition)] = (min(low, r.offset), max(high, r.offset))
+        for key, (low, high) in spans.items():
+            offsets = self.ranges.get(key)
+            if offsets is None or low > offsets.start:
+                continue
+            rest = range(max(offsets.start, high + 1), offsets.stop)
+            if rest:
+                self.ranges[key] = rest
+            else:
+                del self.ranges[key]
 
 
 class BatchHandler:
@@ -34,35 +80,31 @@ class BatchHandler:
         self.inserted = 0
         self.dead_letters = 0
         self.already_stored = 0  # events read again after a crash whose rows were there
-        self._recheck = 0
+        self.lookups = 0  # batches whose events were looked up before insert
+        self._unsettled = _Unsettled()
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
 
-    def recheck(self, events: int) -> None:
-        """The next ``events`` events may have rows already: partitions were just assigned,
-        and whoever had them before may have inserted batches it never committed (it crashed
-        between the two). Those events are looked up and only the missing ones inserted.
+    def assigned(self, unsettled: Mapping[TopicPartition, range]) -> None:
+        """Partitions were just assigned; ``unsettled`` holds, for each, the offsets from the
+        group's committed one to the partition's end. Whoever had the partition before may have
+        inserted those records and never committed them (it crashed between the two), so they
+        are looked up before insert and only the missing ones inserted. Records past the range
+        go straight in.
 
         The insert token alone cannot catch them: a batch read again starts at the committed
         offset but ends wherever this fetch ends, so it is not the batch that was inserted."""
-        self._recheck = events
+        self._unsettled.reset(unsettled)
 
     def close(self) -> None:
         self._decoder.shutdown(wait=True)
 
     async def __call__(self, records: Sequence[ConsumerRecord]) -> None:
+        assignment = self._unsettled.assignment
         values = [r.value for r in records]
         decoded = await asyncio.get_running_loop().run_in_executor(self._decoder, decode, values)
         # Insert first: if it fails the batch is retried whole, dead letters included, so
         # dead letters are published once the batch is known to go through.
-        table = decoded.table
-        if self._recheck > 0 and table.num_rows:
-            self._recheck -= table.num_rows
-            have = await self.store.stored(table.column("event_id").to_pylist())
-            if have:
-                known = pc.is_in(table.column("event_id"), value_set=pa.array(sorted(have)))
-                table = table.filter(pc.invert(known))
-                self.already_stored += len(have)
-                log.warning("%d events read again had rows already; not inserted again", len(have))
+        table = await self._not_stored(decoded, records)
         await self.store.insert_table(table, dedup_token(table.column("event_id").combine_chunks()))
         self.inserted += table.num_rows
         if decoded.refused:
@@ -74,3 +116,26 @@ class BatchHandler:
                 [Outgoing(self.topics.dead_letter, v) for v in letters]
             )
             self.dead_letters += len(letters)
+        self._unsettled.settle(records, assignment)
+
+    async def _not_stored(self, decoded: Decoded, records: Sequence[ConsumerRecord]) -> pa.Table:
+        """The rows to insert: all of them, less rows of unsettled records that are stored."""
+        table = decoded.table
+        unsettled = self._unsettled.mask(records)
+        if unsettled is None or not table.num_rows:
+            return table
+        looked_up = pc.take(unsettled, decoded.positions)  # record → row
+        if not pc.any(looked_up).as_py():
+            return table
+        self.lookups += 1
+        have = await self.store.stored(table.filter(looked_up))
+        if not have:
+            return table
+        known = pc.and_(
+            looked_up,
+            pc.is_in(table.column("event_id"), value_set=pa.array(list(have), pa.string())),
+        )
+        found = pc.sum(known).as_py()
+        self.already_stored += found
+        log.warning("%d events read again had rows already; not inserted again", found)
+        return table.filter(pc.invert(known))

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
 import clickhouse_connect
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from schemas.topics import EVENTS_TABLE
 from schemas.v1 import AttemptEvent
@@ -40,12 +42,32 @@ CREATE TABLE IF NOT EXISTS {db}.{table} (
     ttft_ms         Nullable(Float64),
     cost_usd        Float64 COMMENT 'from the litellm price map',
     response_sha256 String,
-    tenant_hash     String
+    tenant_hash     String,
+    INDEX {index}
 ) ENGINE = MergeTree
 PARTITION BY toDate(ts)
 ORDER BY (tier, model, ts)
 TTL toDateTime(ts) + INTERVAL 7 DAY
 SETTINGS non_replicated_deduplication_window = 10000
+"""
+
+# What ``stored`` looks rows up by: one bloom filter a granule (8192 rows), so a lookup of a few
+# ids reads the granules that may hold them instead of the whole event_id column (with thousands
+# of ids nearly every granule may; then the bound on ts below is what narrows the read).
+EVENT_ID_INDEX_NAME = "event_id_idx"
+EVENT_ID_INDEX = f"{EVENT_ID_INDEX_NAME} event_id TYPE bloom_filter GRANULARITY 1"
+# The ids are a bound parameter (in the query text ClickHouse would stop at 256 KiB), sent this
+# many bytes of ids at a time: over HTTP a large parameter is a form field, and ClickHouse takes
+# at most 128 KiB in one (http_max_field_value_size).
+LOOKUP_CHUNK_BYTES = 64 * 1024
+# A record read again decodes to the ts its row was stored with, so the lookup is bounded by the
+# rows' ts (partitions and primary key skip the rest); the margin only absorbs rounding.
+LOOKUP_MARGIN_MS = 60_000
+LOOKUP_SQL = """
+SELECT event_id FROM {table}
+WHERE ts BETWEEN fromUnixTimestamp64Milli({{low:Int64}}, 'UTC')
+             AND fromUnixTimestamp64Milli({{high:Int64}}, 'UTC')
+  AND event_id IN {{ids:Array(String)}}
 """
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -58,11 +80,29 @@ class EventStore(Protocol):
 
     async def insert_table(self, table: pa.Table, token: str) -> None: ...
 
-    async def stored(self, event_ids: Sequence[str]) -> set[str]: ...
+    async def stored(self, rows: pa.Table) -> set[str]: ...
 
     async def query(self, sql: str) -> tuple[list[str], list[list[Any]]]: ...
 
     async def close(self) -> None: ...
+
+
+def _lookups(rows: pa.Table) -> Iterator[dict[str, Any]]:
+    """The parameters of ``LOOKUP_SQL`` for ``rows`` (event_id and ts columns), chunk by chunk."""
+    sizes = pc.binary_length(rows.column("event_id")).to_numpy(zero_copy_only=False)
+    ends = np.cumsum(sizes, dtype=np.int64)
+    start = 0
+    while start < rows.num_rows:
+        done = int(ends[start - 1]) if start else 0
+        stop = max(int(np.searchsorted(ends, done + LOOKUP_CHUNK_BYTES, side="right")), start + 1)
+        chunk = rows.slice(start, stop - start)
+        ts = pc.min_max(chunk.column("ts").cast(pa.int64()))
+        yield {
+            "ids": chunk.column("event_id").to_pylist(),
+            "low": ts["min"].as_py() - LOOKUP_MARGIN_MS,
+            "high": ts["max"].as_py() + LOOKUP_MARGIN_MS,
+        }
+        start = stop
 
 
 def _client(url: str) -> Any:
@@ -96,7 +136,17 @@ class ClickHouseStore:
     def _migrate(self) -> None:
         client = self._connect()
         client.command(f"CREATE DATABASE IF NOT EXISTS {self._db}")
-        client.command(DDL.format(db=self._db, table=EVENTS_TABLE))
+        client.command(DDL.format(db=self._db, table=EVENTS_TABLE, index=EVENT_ID_INDEX))
+        indexed = client.query(
+            "SELECT count() FROM system.data_skipping_indices"
+            " WHERE database = {db:String} AND table = {table:String} AND name = {name:String}",
+            parameters={"db": self._db, "table": EVENTS_TABLE, "name": EVENT_ID_INDEX_NAME},
+        ).result_rows[0][0]
+        if not indexed:
+            # A table created before the index: new parts get it at once; the parts it holds
+            # get it from a background mutation (until then a lookup reads them whole).
+            client.command(f"ALTER TABLE {self._table} ADD INDEX IF NOT EXISTS {EVENT_ID_INDEX}")
+            client.command(f"ALTER TABLE {self._table} MATERIALIZE INDEX {EVENT_ID_INDEX_NAME}")
 
     async def migrate(self) -> None:
         await self._run(self._migrate)
@@ -118,18 +168,30 @@ class ClickHouseStore:
         table = events_table(events)
         await self.insert_table(table, dedup_token(table.column("event_id").combine_chunks()))
 
-    def _stored(self, event_ids: tuple[str, ...]) -> set[str]:
-        result = self._connect().query(
-            f"SELECT event_id FROM {self._table} WHERE event_id IN %(ids)s",
-            parameters={"ids": event_ids},
-        )
-        return {row[0] for row in result.result_rows}
+    def _stored(self, lookups: list[dict[str, Any]]) -> set[str]:
+        sql = LOOKUP_SQL.format(table=self._table)
+        found: set[str] = set()
+        for parameters in lookups:
+            result = self._connect().query(sql, parameters=parameters)
+            found.update(row[0] for row in result.result_rows)
+        return found
 
-    async def stored(self, event_ids: Sequence[str]) -> set[str]:
-        """Which of these events have a row already (a batch read again after a crash)."""
-        if not event_ids:
+    async def stored(self, rows: pa.Table) -> set[str]:
+        """Which of these rows' events have a row already (records read again after a crash).
+
+        ``rows`` needs the ``event_id`` and ``ts`` columns of ``TABLE_SCHEMA``."""
+        if not rows.num_rows:
             return set()
-        return set(await self._run(self._stored, tuple(event_ids)))
+        return set(await self._run(self._stored, list(_lookups(rows))))
+
+    def _plan(self, parameters: dict[str, Any]) -> list[str]:
+        sql = "EXPLAIN indexes = 1 " + LOOKUP_SQL.format(table=self._table)
+        return [row[0] for row in self._connect().query(sql, parameters=parameters).result_rows]
+
+    async def lookup_plan(self, rows: pa.Table) -> list[str]:
+        """How ClickHouse reads for ``stored(rows)`` (its first query): the parts and granules
+        each index leaves, as ``EXPLAIN indexes = 1`` lists them."""
+        return list(await self._run(self._plan, next(_lookups(rows))))
 
     def _query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
         result = self._connect().query(sql, settings={"readonly": 1})

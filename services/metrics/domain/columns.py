@@ -8,15 +8,21 @@
                                                                    └─▶ refused: dead letter
     table ──store limits (UInt16, UInt32, DateTime64 range)──▶ out of range: dead letter
 
+Whatever a record holds, it ends as a row or a refusal, never as an exception out of ``decode``:
+a chunk that fails in any way is decoded again in halves until the record at fault is alone, and
+that record is refused with the error (so a value no step foresaw costs a dead letter, not a
+writer stuck retrying the batch).
+
 Why two paths: validating each record with pydantic and turning its objects into Arrow columns
 cost ~67k instructions an event (~38k validating, ~29k converting), about as much as the rest of
 the writer together; Arrow's reader goes from the bytes to typed columns in ~33k, and the checks
 below run on whole columns. The fast path only takes rows it can vouch for: every field present
 and non-null (``ttft_ms`` excepted), the JSON type of each field exactly as AttemptEvent reads it
 (Arrow refuses ``1.0`` for an integer or ``"1"`` for a number, pydantic may coerce: such records
-take the slow path), ``ts`` in the exact ISO 8601 form, and the schema's own constraints. Anything
-else is decided by ``AttemptEvent`` itself, so no record is stored that the schema refuses, and
-both paths store the same values (tests/unit/test_event_columns.py holds them to it).
+take the slow path), ``ts`` in the exact ISO 8601 form, the schema's own constraints, and
+integers within their columns (whatever bounds the schema sets). Anything else is decided by
+``AttemptEvent`` itself, so no record is stored that the schema refuses, and both paths store the
+same values (tests/unit/test_event_columns.py holds them to it).
 """
 
 from __future__ import annotations
@@ -32,7 +38,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
-from pydantic import ValidationError
 
 from schemas.v1 import SCHEMA_VERSION, AttemptEvent, AttemptStatus
 
@@ -92,6 +97,14 @@ _UINT16_MAX = 2**16 - 1
 _UINT32_MAX = 2**32 - 1
 _TS_MIN = datetime(1900, 1, 1, tzinfo=UTC)
 _TS_MAX = datetime(2299, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
+_LIMITS: dict[str, tuple[Any, Any, str]] = {
+    "attempt": (0, _UINT16_MAX, "UInt16"),
+    "tokens_in": (0, _UINT32_MAX, "UInt32"),
+    "tokens_out": (0, _UINT32_MAX, "UInt32"),
+    "ts": (_TS_MIN, _TS_MAX, "DateTime64(3)"),
+}
+# Rows as stored, plus the input record each came from.
+_STORED_SCHEMA = TABLE_SCHEMA.append(pa.field("_record", pa.int64()))
 
 
 class Unstorable(ValueError):
@@ -104,59 +117,101 @@ class _Unframed(ValueError):
 
 @dataclass
 class Decoded:
-    """A batch's storable rows, and why each other record is refused (by input position)."""
+    """A batch's storable rows, the input position each row came from, and why each other
+    record is refused (by input position)."""
 
     table: pa.Table
     refused: list[tuple[int, Exception]] = field(default_factory=list)
+    positions: pa.Array = field(default_factory=lambda: pa.array([], pa.int64()))
 
     def event_ids(self) -> pa.Array:
         return self.table.column("event_id").combine_chunks()
 
 
 def decode(values: Sequence[bytes | None]) -> Decoded:
-    """``values`` (Kafka record values) → storable rows and refused records."""
-    parts: list[pa.Table] = []
-    slow: list[int] = []
-    _fast(values, list(range(len(values))), parts, slow)
-    refused: list[tuple[int, Exception]] = []
-    events: list[AttemptEvent] = []
-    positions: list[int] = []
-    for i in slow:
-        try:
-            events.append(AttemptEvent.model_validate_json(values[i] or b""))
-            positions.append(i)
-        except ValidationError as exc:
-            refused.append((i, exc))
-    if events:
-        parts.append(_wide_from_events(events, positions))
-    wide = pa.concat_tables(parts) if parts else _WIDE_SCHEMA.empty_table()
-    table, unstorable = _apply_store_limits(wide)
-    refused.extend(unstorable)
+    """``values`` (Kafka record values) → storable rows and refused records; every record ends
+    as exactly one of the two."""
+    tables, refused = _isolating(values, list(range(len(values))))
+    table = pa.concat_tables(tables) if tables else _STORED_SCHEMA.empty_table()
     refused.sort(key=lambda r: r[0])
-    return Decoded(table, refused)
+    positions = table.column("_record").combine_chunks()
+    return Decoded(table.drop_columns(["_record"]), refused, positions)
 
 
 def events_table(events: Sequence[AttemptEvent]) -> pa.Table:
     """Already validated events → rows (events the table cannot hold raise ``Unstorable``)."""
+    for event in events:
+        if misfit := _misfit(event):
+            raise misfit
     table, unstorable = _apply_store_limits(_wide_from_events(events, range(len(events))))
     if unstorable:
         raise unstorable[0][1]
-    return table
+    return table.drop_columns(["_record"])
 
 
 def dedup_token(event_ids: pa.Array) -> str:
     """Same events → same token: a batch inserted twice (redelivery) is stored once.
 
-    sha256 of the event ids in sorted order, concatenated (UTF-8 byte order is code point order).
+    sha256 of the number of ids, then each id's length in UTF-8 bytes, then the ids, all in
+    sorted order (UTF-8 byte order is code point order); numbers as 8 bytes little-endian. The
+    lengths say where each id ends, so ``["ab", "c"]`` and ``["a", "bc"]`` differ.
     """
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(np.array([len(event_ids)], dtype="<u8").tobytes())
     if len(event_ids):
         ordered = pc.take(event_ids.cast(pa.string()), pc.array_sort_indices(event_ids))
         _, offsets_buffer, data = ordered.buffers()
         offsets = np.frombuffer(offsets_buffer, dtype=np.int32)
-        start, end = offsets[ordered.offset], offsets[ordered.offset + len(ordered)]
-        digest.update(memoryview(data)[start:end])
+        offsets = offsets[ordered.offset : ordered.offset + len(ordered) + 1]
+        digest.update(np.diff(offsets).astype("<u8").tobytes())
+        digest.update(memoryview(data)[offsets[0] : offsets[-1]])
     return digest.hexdigest()
+
+
+# --- one record's fault stays its own -------------------------------------------------------------
+
+
+def _isolating(
+    values: Sequence[bytes | None], positions: list[int]
+) -> tuple[list[pa.Table], list[tuple[int, Exception]]]:
+    """``_decode``; if it raises, each half again, so only the record at fault is refused."""
+    try:
+        return _decode(values, positions)
+    except Exception as exc:
+        if not positions:
+            raise  # not a record's doing
+        if len(positions) == 1:
+            return [], [(positions[0], exc)]
+    middle = len(positions) // 2
+    left, left_refused = _isolating(values, positions[:middle])
+    right, right_refused = _isolating(values, positions[middle:])
+    return left + right, left_refused + right_refused
+
+
+def _decode(
+    values: Sequence[bytes | None], positions: list[int]
+) -> tuple[list[pa.Table], list[tuple[int, Exception]]]:
+    parts: list[pa.Table] = []
+    slow: list[int] = []
+    _fast(values, positions, parts, slow)
+    refused: list[tuple[int, Exception]] = []
+    events: list[AttemptEvent] = []
+    at: list[int] = []
+    for i in slow:
+        try:
+            event = AttemptEvent.model_validate_json(values[i] or b"")
+        except Exception as exc:  # ValidationError, or whatever else the content provokes
+            refused.append((i, exc))
+            continue
+        if misfit := _misfit(event):
+            refused.append((i, misfit))
+        else:
+            events.append(event)
+            at.append(i)
+    if events:
+        parts.append(_wide_from_events(events, at))
+    wide = pa.concat_tables(parts) if parts else _WIDE_SCHEMA.empty_table()
+    table, unstorable = _apply_store_limits(wide)
+    return [table], refused + unstorable
 
 
 # --- fast path ------------------------------------------------------------------------------------
@@ -166,9 +221,11 @@ def _fast(
     values: Sequence[bytes | None], positions: list[int], parts: list[pa.Table], slow: list[int]
 ) -> None:
     """Read ``positions`` with Arrow; halve on failure so one bad record costs log2(n) reads."""
+    if not positions:
+        return
     try:
         table, vouched = _read([values[i] or b"" for i in positions])
-    except (pa.ArrowInvalid, _Unframed):
+    except Exception:  # whatever Arrow makes of it: alone, the record is AttemptEvent's to judge
         if len(positions) == 1:
             slow.append(positions[0])
             return
@@ -192,6 +249,9 @@ def _read(chunk: list[bytes]) -> tuple[pa.Table, pa.ChunkedArray]:
     raw = pj.read_json(io.BytesIO(data), read_options=_READ_OPTIONS, parse_options=_PARSE_OPTIONS)
     if raw.num_rows != len(chunk):
         raise _Unframed
+    # Arrow's reader keeps invalid UTF-8 in strings (AttemptEvent refuses it): this raises,
+    # and halving hands the record to AttemptEvent
+    raw.validate(full=True)
     vouched = _vouched(raw)
     # Parse timestamps only where the form is right; an impossible date (Feb 30) raises, and
     # halving hands that record to pydantic.
@@ -210,9 +270,15 @@ def _vouched(raw: pa.Table) -> pa.ChunkedArray:
         pc.equal(raw.column("schema_version"), SCHEMA_VERSION),
         pc.match_substring_regex(raw.column("ts"), _TS_FORM),
         pc.is_in(raw.column("status"), value_set=_STATUSES),
-        pc.greater_equal(raw.column("attempt"), 0),
         pc.greater_equal(raw.column("latency_ms"), 0),
         pc.greater_equal(raw.column("cost_usd"), 0),
+        pc.fill_null(pc.greater_equal(raw.column("ttft_ms"), 0), True),  # may be null
+    ]
+    # integers past their column go to AttemptEvent, which may refuse them itself
+    checks += [
+        pc.and_(pc.greater_equal(raw.column(name), low), pc.less_equal(raw.column(name), high))
+        for name, (low, high, _) in _LIMITS.items()
+        if name != "ts"
     ]
     ok = checks[0]
     for check in checks[1:]:
@@ -221,6 +287,19 @@ def _vouched(raw: pa.Table) -> pa.ChunkedArray:
 
 
 # --- slow path and store limits -------------------------------------------------------------------
+
+
+def _misfit(event: AttemptEvent) -> Unstorable | None:
+    """An integer its column cannot hold, checked before Arrow (whose int64 it may overflow)."""
+    for name in ("attempt", "tokens_in", "tokens_out"):
+        low, high, _ = _LIMITS[name]
+        if not low <= getattr(event, name) <= high:
+            return _unstorable(name, getattr(event, name))
+    return None
+
+
+def _unstorable(name: str, value: Any) -> Unstorable:
+    return Unstorable(f"{name}: {value} does not fit the {_LIMITS[name][2]} column")
 
 
 def _wide_from_events(events: Sequence[AttemptEvent], positions: Sequence[int]) -> pa.Table:
@@ -234,30 +313,23 @@ def _wide_from_events(events: Sequence[AttemptEvent], positions: Sequence[int]) 
 
 def _apply_store_limits(wide: pa.Table) -> tuple[pa.Table, list[tuple[int, Exception]]]:
     """Drop (and explain) rows whose values the ClickHouse columns cannot hold; cast the rest."""
-    limits = {
-        "attempt": (0, _UINT16_MAX, "UInt16"),
-        "tokens_in": (0, _UINT32_MAX, "UInt32"),
-        "tokens_out": (0, _UINT32_MAX, "UInt32"),
-        "ts": (_TS_MIN, _TS_MAX, "DateTime64(3)"),
-    }
     fits = {
         name: pc.and_(
             pc.greater_equal(wide.column(name), low), pc.less_equal(wide.column(name), high)
         )
-        for name, (low, high, _) in limits.items()
+        for name, (low, high, _) in _LIMITS.items()
     }
     ok = fits["attempt"]
     for name in ("tokens_in", "tokens_out", "ts"):
         ok = pc.and_(ok, fits[name])
+    ok = pc.fill_null(ok, False)
     refused: list[tuple[int, Exception]] = []
     if not pc.all(ok).as_py():
         bad = wide.filter(pc.invert(ok))
         for row in bad.to_pylist():
-            name = next(n for n, (lo, hi, _) in limits.items() if not lo <= row[n] <= hi)
-            kind = limits[name][2]
-            refused.append(
-                (row["_record"], Unstorable(f"{name}: {row[name]} does not fit the {kind} column"))
+            name = next(
+                n for n, (lo, hi, _) in _LIMITS.items() if row[n] is None or not lo <= row[n] <= hi
             )
+            refused.append((row["_record"], _unstorable(name, row[name])))
         wide = wide.filter(ok)
-    narrow = wide.drop_columns(["_record"]).cast(TABLE_SCHEMA, safe=False)
-    return narrow, refused
+    return wide.cast(_STORED_SCHEMA, safe=False), refused

@@ -1,0 +1,157 @@
+"""The event-id lookup on the real engine (chDB): it uses the skip index, fits any batch, and a
+table created before the index gets it on migrate."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from schemas.topics import EVENTS_TABLE
+from services.metrics.adapters import store as store_module
+from services.metrics.adapters.store import DDL, EVENT_ID_INDEX, ClickHouseStore
+from services.metrics.domain.columns import TABLE_SCHEMA
+from tests.integration.stack import wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+GRANULE = 8192  # ClickHouse's default index_granularity
+
+
+def rows(n: int, ts: datetime, start: int = 0) -> pa.Table:
+    """``n`` rows with distinct ids, ``ts`` a millisecond apart."""
+    columns: dict[str, Any] = {name: [""] * n for name in TABLE_SCHEMA.names}
+    columns |= {
+        "ts": [ts + timedelta(milliseconds=i) for i in range(n)],
+        "event_id": [uuid.UUID(int=start + i).hex for i in range(n)],
+        "attempt": [0] * n,
+        "tokens_in": [0] * n,
+        "tokens_out": [0] * n,
+        "latency_ms": [1.0] * n,
+        "ttft_ms": [None] * n,
+        "cost_usd": [0.0] * n,
+    }
+    return pa.table(columns, schema=TABLE_SCHEMA)
+
+
+def skip_index_granules(plan: list[str]) -> tuple[int, int] | None:
+    """(granules kept, granules before) by the event_id skip index, if the plan uses it."""
+    text = "\n".join(plan)
+    found = re.search(
+        r"Skip\s+Name: event_id_idx\s+Description: [^\n]*\s+Parts: \d+/\d+\s+"
+        r"Granules: (\d+)/(\d+)",
+        text,
+    )
+    return (int(found[1]), int(found[2])) if found else None
+
+
+@pytest.fixture
+async def store(chdb_data_dir: Path) -> AsyncIterator[ClickHouseStore]:
+    store = ClickHouseStore(f"chdb://{chdb_data_dir}", f"lookup_{uuid.uuid4().hex[:8]}")
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def run(store: ClickHouseStore, call: Callable[[Any], Any]) -> Any:
+    """``call(client)`` in the store's own thread (chDB: one thread owns the directory)."""
+    return await store._run(lambda: call(store._connect()))
+
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+async def test_the_id_lookup_reads_only_the_granules_the_skip_index_lets_through(
+    store: ClickHouseStore,
+) -> None:
+    await store.migrate()
+    table = rows(12 * GRANULE, NOW)
+    await store.insert_table(table, "t1")
+    looked_for = pa.concat_tables([table.slice(5, 2), table.slice(11 * GRANULE, 1)])
+    granules = skip_index_granules(await store.lookup_plan(looked_for))
+    assert granules is not None, "the lookup does not use the event_id skip index"
+    kept, before = granules
+    assert kept <= 3 < before
+    assert await store.stored(looked_for) == set(looked_for.column("event_id").to_pylist())
+
+
+async def test_a_lookup_of_a_whole_large_batch_answers(
+    store: ClickHouseStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20,000 ids (a default batch) would make a 720 KB query text; ClickHouse stops at 256 KiB."""
+    await store.migrate()
+    table = rows(30_000, NOW)
+    await store.insert_table(table, "t1")
+    looked_for = pa.concat_tables([table.slice(0, 20_000), rows(500, NOW, start=10**6)])
+    assert await store.stored(looked_for) == set(table.slice(0, 20_000)["event_id"].to_pylist())
+    monkeypatch.setattr(store_module, "LOOKUP_CHUNK_BYTES", 1000)  # in chunks, the same answer
+    assert await store.stored(looked_for) == set(table.slice(0, 20_000)["event_id"].to_pylist())
+
+
+async def test_rows_of_other_days_are_found_whatever_the_ts_of_the_lookup(
+    store: ClickHouseStore,
+) -> None:
+    await store.migrate()
+    days = [rows(10, NOW - timedelta(days=d), start=d * 100) for d in range(3)]
+    for i, day in enumerate(days):
+        await store.insert_table(day, f"t{i}")
+    looked_for = pa.concat_tables([d.slice(0, 2) for d in days])
+    assert await store.stored(looked_for) == set(looked_for["event_id"].to_pylist())
+    plan = "\n".join(await store.lookup_plan(days[1].slice(0, 2)))
+    assert re.search(r"Min-Max\s+Keys:\s+ts\s+Condition: [^\n]*\s+Parts: 1/3", plan), plan
+
+
+async def test_a_table_created_before_the_index_gets_it_on_migrate(
+    store: ClickHouseStore,
+) -> None:
+    db = store.table.split(".")[0]
+    old_ddl = DDL.replace("    INDEX {index}\n", "").replace(
+        "tenant_hash     String,", "tenant_hash     String"
+    )
+    assert "INDEX" not in old_ddl
+
+    def create_old(client: Any) -> None:
+        client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+        client.command(old_ddl.format(db=db, table=EVENTS_TABLE))
+
+    await run(store, create_old)
+    table = rows(4 * GRANULE, NOW)
+    await store.insert_table(table, "before")
+    assert skip_index_granules(await store.lookup_plan(table.slice(0, 1))) is None
+    await store.migrate()
+    await store.migrate()  # again: nothing to add or build
+
+    async def built() -> bool:
+        done = await run(
+            store,
+            lambda c: c.query(
+                "SELECT count(), countIf(is_done) FROM system.mutations"
+                " WHERE database = {db:String} AND table = {t:String}",
+                parameters={"db": db, "t": EVENTS_TABLE},
+            ).result_rows[0],
+        )
+        assert done[0] == 1, f"one MATERIALIZE INDEX expected, found {done[0]}"
+        return bool(done[1])
+
+    await wait_until(built, 60, "the index built for the parts inserted before it")
+    indexes = await run(
+        store,
+        lambda c: (
+            c.query(
+                "SELECT expr, type_full FROM system.data_skipping_indices"
+                " WHERE database = {db:String}",
+                parameters={"db": db},
+            ).result_rows
+        ),
+    )
+    assert indexes == [("event_id", "bloom_filter")]
+    assert EVENT_ID_INDEX.startswith("event_id_idx event_id TYPE bloom_filter")
+    granules = skip_index_granules(await store.lookup_plan(table.slice(0, 1)))
+    assert granules is not None and granules[0] < granules[1]
