@@ -95,7 +95,6 @@ class MetricsApp:
             linger_ms=settings.insert_linger_ms,
             session_timeout_ms=settings.kafka_session_timeout_ms,
             # records a crashed owner may have inserted and not committed are looked up first
-            # records a crashed owner may have inserted and not committed are looked up first
             on_assign=self.handler.assigned,
         )
         self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
