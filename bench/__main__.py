@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import decisions, ingest, jobs, startup, sync, worker
+from bench import decisions, ingest, jobs, redis_sizing, startup, sync, worker
 from bench.common import RESULTS_DIR, Bench, Section, machine_info
 from bench.targets import evaluate, targets_markdown
 
@@ -36,6 +36,7 @@ SCENARIOS: dict[str, Callable[[Bench], Section]] = {
     "router": decisions.run,
     "metrics": ingest.run,
     "jobs": jobs.run,
+    "redis": redis_sizing.run,
 }
 
 

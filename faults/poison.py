@@ -1,9 +1,11 @@
-"""Scenario 5, poison messages: every topic a service consumes gets the same five kinds of bad
+"""Scenario 5, poison messages: every topic a service consumes gets the same kinds of bad
 message, then a good one behind them on the same partition.
 
 Topics: the ingress (router), a tier topic (worker), the events topic (metrics) and the router's
-reply topic. Kinds: invalid JSON, a schema version we do not speak, wrong field types, 10 MB, and
-an unknown tier (where a message names one). Passing means: each bad message is on the
+reply topic. Kinds: invalid JSON, a schema version we do not speak, wrong field types, 10 MB, an
+unknown tier (where a message names one), and numbers past their bounds (a 10^15 ms deadline,
+2^63 tokens, an attempt past the UInt16 column) or OpenAI parameters Switchboard does not carry
+out (tools). Passing means: each bad message is on the
 dead-letter topic exactly once with a reason; each one that named a request id got a
 ``ChatError`` (ingress); the good message behind them was handled (answered, or committed by the
 metrics writer); each group's committed offset reached the end of the partition; and an HTTP
@@ -111,6 +113,10 @@ def poison_sets(topics: Topics, reply_topic: str) -> dict[str, list[tuple[str, b
             ("wrong types", _j({"request_id": "poison-types", "messages": "hello"})),
             ("10 MB", _j(_chat("poison-big", messages=[{"role": "user", "content": "x" * BIG}]))),
             ("unknown tier", _j(_chat("poison-tier", model="no-such-tier"))),
+            ("deadline 10^15 ms", _j(_chat("poison-deadline", metadata={"deadline_ms": 10**15}))),
+            ("max_tokens 2^63", _j(_chat("poison-max-tokens", max_tokens=2**63))),
+            ("priority -1", _j(_chat("poison-priority", metadata={"priority": -1}))),
+            ("tools", _j(_chat("poison-tools", tools=[{"type": "function"}]))),
         ],
         topics.tier("bench"): [
             ("invalid JSON", b"{not json"),
@@ -118,18 +124,36 @@ def poison_sets(topics: Topics, reply_topic: str) -> dict[str, list[tuple[str, b
             ("wrong types", _j(_routed("t-types", topics.results, attempt="first"))),
             ("10 MB", junk),
             ("unknown tier", _j(_routed("t-tier", topics.results, tier="no-such-tier"))),
+            ("attempt 2^63", _j(_routed("t-attempt", topics.results, attempt=2**63))),
+            (
+                "deadline 10^15 ms",
+                _j(
+                    _routed(
+                        "t-deadline",
+                        topics.results,
+                        request={
+                            **_chat("t-deadline", model="bench"),
+                            "metadata": {"deadline_ms": 10**15},
+                        },
+                    )
+                ),
+            ),
         ],
         topics.events: [
             ("invalid JSON", b"{not json"),
             ("schema version 2", _j(_event("e-version", schema_version=2))),
             ("wrong types", _j(_event("e-types", tokens_in="many"))),
             ("10 MB", junk),
+            ("tokens 2^63", _j(_event("e-tokens", tokens_in=2**63))),
+            ("attempt 2^16", _j(_event("e-attempt", attempt=2**16))),
+            ("latency NaN", json.dumps(_event("e-nan", latency_ms=float("nan"))).encode()),
         ],
         reply_topic: [
             ("invalid JSON", b"{not json"),
             ("schema version 2", _j(_result("r-version", schema_version=2))),
             ("wrong types", _j(_result("r-types", attempts="one"))),
             ("10 MB", junk),
+            ("attempts 2^63", _j(_result("r-attempts", attempts=2**63))),
         ],
     }
 
@@ -262,6 +286,10 @@ async def _scenario(stack: RunningStack) -> Tally:
         "poison-types",
         "poison-big",
         "poison-tier",
+        "poison-deadline",
+        "poison-max-tokens",
+        "poison-priority",
+        "poison-tools",
         "good-ingress",
         "good-tier",
     }

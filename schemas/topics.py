@@ -59,9 +59,11 @@ class Topics:
         return f"{self.reply_prefix}{instance}"
 
     def is_reply_topic(self, topic: str) -> bool:
-        return topic == self.results or (
-            topic.startswith(self.reply_prefix) and len(topic) > len(self.reply_prefix)
-        )
+        return topic == self.results or self.is_router_reply_topic(topic)
+
+    def is_router_reply_topic(self, topic: str) -> bool:
+        """One HTTP router's own reply topic (it lives as long as that router)."""
+        return topic.startswith(self.reply_prefix) and len(topic) > len(self.reply_prefix)
 
     @property
     def router_group(self) -> str:

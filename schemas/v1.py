@@ -16,10 +16,20 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION: Literal[1] = 1
 AUTO_MODEL = "switchboard/auto"
+
+# Bounds of the numbers in the contracts (README "Limits"): a value outside them is refused by
+# name (HTTP 400, or a dead letter and a ChatError on Kafka) instead of failing later.
+MAX_DEADLINE_MS = 7 * 24 * 3600 * 1000  # a week: long enough for any queued job
+MAX_TOKENS = 1_000_000  # above every model's output limit
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_TAGS = 32
+MAX_FALLBACKS = 8  # cross-tier re-routes of one request (RoutedRequest.attempt)
+TOKEN_COUNT_MAX = 2**32 - 1  # ClickHouse UInt32 (tokens_in, tokens_out)
+ATTEMPT_MAX = 2**16 - 1  # ClickHouse UInt16 (attempt)
 
 
 def utcnow() -> datetime:
@@ -85,24 +95,73 @@ class RequestMetadata(_Message):
     deadline_ms: int | None = Field(
         default=None,
         gt=0,
-        description="Time budget in milliseconds from when the router accepts it.",
+        le=MAX_DEADLINE_MS,
+        description="Time budget in milliseconds from when the router accepts it (at most a week).",
     )
     idempotency_key: str | None = Field(default=None, max_length=200)
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, Annotated[str, Field(max_length=500)]] = Field(
+        default_factory=dict, max_length=MAX_TAGS
+    )
+
+
+# OpenAI chat parameters Switchboard does not carry out yet, with the values that ask for nothing
+# (what a client sends when it does not use the feature): any other value is refused by name.
+UNSUPPORTED_PARAMETERS: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False),
+    "response_format": (None, {"type": "text"}),
+    "stream": (None, False),
+    "stream_options": (None,),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "n": (None, 1),
+    "logit_bias": (None, {}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "web_search_options": (None,),
+    "service_tier": (None, "auto", "default"),
+    "store": (None, False),
+    "prompt_cache_key": (None,),
+    "safety_identifier": (None,),
+    "user": (None,),
+}
 
 
 class ChatRequest(_Message):
-    """A chat completion request as a producer sends it (HTTP body or ingress topic)."""
+    """A chat completion request as a producer sends it (HTTP body or ingress topic).
+
+    Unknown fields are kept (``model_extra``) only to refuse OpenAI parameters that would
+    otherwise be dropped silently (``UNSUPPORTED_PARAMETERS``); anything else unknown is ignored.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     schema_version: Literal[1] = SCHEMA_VERSION
     request_id: str = Field(default_factory=new_request_id, min_length=1, max_length=200)
-    model: str = AUTO_MODEL
+    model: str = Field(default=AUTO_MODEL, min_length=1, max_length=200)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0, le=MAX_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     metadata: RequestMetadata = Field(default_factory=RequestMetadata)
+
+    @model_validator(mode="after")
+    def _no_unsupported_parameters(self) -> ChatRequest:
+        """OpenAI parameters Switchboard does not carry out are refused by name, not dropped."""
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED_PARAMETERS and value not in UNSUPPORTED_PARAMETERS[name]:
+                raise ValueError(f"'{name}' is not supported by Switchboard yet")
+        return self
 
     def last_user_text(self) -> str:
         for message in reversed(self.messages):
@@ -120,21 +179,42 @@ class RoutedRequest(_Message):
     rule: str = Field(description="Name of the rule that chose the tier, or 'default' / 'forced'.")
     config_hash: str
     attempt: int = Field(
-        default=0, ge=0, description="0 on first routing; +1 per cross-tier fallback."
+        default=0,
+        ge=0,
+        le=MAX_FALLBACKS,
+        description="0 on first routing; +1 per cross-tier fallback.",
     )
     routed_at: datetime = Field(default_factory=utcnow)
     deadline_at: datetime | None = None
     reply_to: str = Field(description="Topic the worker publishes the ChatResult/ChatError to.")
+    outcome_key: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Where the worker keeps the final outcome, scoped to the tenant or the "
+        "producer's key: a resend with the same request id in that scope is answered from it. "
+        "None: the request id.",
+    )
+    fingerprint: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Hash of the request's content. A stored outcome of another fingerprint "
+        "under the same key is not served: the key was reused for a different request.",
+    )
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
 
 
+TokenCount = Annotated[int, Field(ge=0, le=TOKEN_COUNT_MAX)]
+# A duration or price: never negative, never NaN or infinite.
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
 class Usage(_Message):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
+    prompt_tokens: TokenCount = 0
+    completion_tokens: TokenCount = 0
+    total_tokens: int = Field(default=0, ge=0, le=2 * TOKEN_COUNT_MAX)
 
 
 class ChatResult(_Message):
@@ -149,11 +229,13 @@ class ChatResult(_Message):
     provider: str
     rule: str
     config_hash: str
-    attempts: int = Field(description="Model calls made for this request, failed ones included.")
-    latency_ms: float
+    attempts: int = Field(
+        ge=0, le=ATTEMPT_MAX, description="Model calls made for this request, failed ones included."
+    )
+    latency_ms: float = Field(allow_inf_nan=False)
     completion: dict[str, Any]
     usage: Usage
-    cost_usd: float = 0.0
+    cost_usd: NonNegative = 0.0
     completed_at: datetime = Field(default_factory=utcnow)
 
 
@@ -171,7 +253,7 @@ class ChatError(_Message):
     code: str
     message: str
     retryable: bool = False
-    attempts: int = 0
+    attempts: int = Field(default=0, ge=0, le=ATTEMPT_MAX)
     completed_at: datetime = Field(default_factory=utcnow)
 
 
@@ -192,23 +274,18 @@ class AttemptEvent(_Message):
     provider: str
     rule: str
     config_hash: str
-    attempt: int = Field(ge=0, description="0-based index of this call within the request.")
+    attempt: int = Field(
+        ge=0, le=ATTEMPT_MAX, description="0-based index of this call within the request."
+    )
     status: AttemptStatus
     error_code: str = ""
-    tokens_in: int = 0
-    tokens_out: int = 0
-    latency_ms: float = 0.0
-    ttft_ms: float | None = None
-    cost_usd: float = 0.0
+    tokens_in: TokenCount = 0
+    tokens_out: TokenCount = 0
+    latency_ms: NonNegative = 0.0
+    ttft_ms: NonNegative | None = None
+    cost_usd: NonNegative = 0.0
     response_sha256: str = ""
     tenant_hash: str = ""
-
-    @field_validator("latency_ms", "cost_usd")
-    @classmethod
-    def _non_negative(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError("must be >= 0")
-        return value
 
 
 class DeadLetter(_Message):

@@ -8,10 +8,13 @@ Two loops, both committing only what has been fully handled:
 * ``BatchConsumer`` hands a batch to one handler (a ClickHouse insert, a batch publish) and
   commits after it, in batch order, with a few batches in flight.
 
-A handler that raises is retried with backoff: handlers turn bad input into dead letters
-themselves, so a raise means infrastructure trouble (broker or store down), and skipping the record
-would lose it. On shutdown, in-flight work gets ``drain_timeout_s`` to finish; what does not finish
-is not committed and is redelivered to the next owner.
+A handler that raises is retried only when the error is transient (the broker or a store is
+away: ``services/common/retry.py``), with capped backoff; skipping the record would lose it. Any
+other error is the record's own: it goes to ``on_poison`` (which dead-letters it, and answers its
+caller where there is one) and the partition moves on. A batch that fails so is split until the
+record at fault is alone. On shutdown, in-flight work gets ``drain_timeout_s`` to finish; what does
+not finish is not committed and is redelivered to the next owner. A fetch or commit loop that
+dies stops the process (``retry.supervise``) rather than leave its partitions held and unread.
 """
 
 from __future__ import annotations
@@ -29,13 +32,15 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from services.common.fences import is_filler
 from services.common.kafka import METADATA_MAX_AGE_MS, log_ends
 from services.common.offsets import OffsetTracker
+from services.common.retry import describe_error, retry_transient, supervise
 
 log = logging.getLogger(__name__)
 
 RecordHandler = Callable[[ConsumerRecord], Awaitable[None]]
 BatchHandler = Callable[[Sequence[ConsumerRecord]], Awaitable[None]]
+# A record no handler can take, and why: dead-letter it (and answer its caller, if any).
+PoisonHandler = Callable[[ConsumerRecord, Exception], Awaitable[None]]
 
-_BACKOFF_MAX_S = 5.0
 REWIND_CHECK_S = 1.0  # how often a consumer looks for partitions that ended before its position
 SESSION_TIMEOUT_MS = 6_000  # the least a Kafka broker accepts by default
 # aiokafka retries a commit while Kafka is unreachable with no end: a stop waits this long for it
@@ -49,6 +54,7 @@ def _consumer(
     fetch_max_wait_ms: int,
     client_id: str,
     session_timeout_ms: int,
+    drain_timeout_s: float,
 ) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
@@ -59,6 +65,9 @@ def _consumer(
         # short heartbeat also makes the living members notice a rebalance sooner
         session_timeout_ms=session_timeout_ms,
         heartbeat_interval_ms=max(250, session_timeout_ms // 6),
+        # a member finishing its in-flight work before giving partitions up (up to the drain
+        # timeout) must not be dropped from the group for it
+        rebalance_timeout_ms=max(session_timeout_ms, int(drain_timeout_s * 1000) + 5_000),
         auto_offset_reset="earliest",
         fetch_max_wait_ms=fetch_max_wait_ms,
         max_partition_fetch_bytes=16 * 1024 * 1024,
@@ -151,24 +160,29 @@ async def close_consumer(consumer: AIOKafkaConsumer) -> None:
         log.warning("the Kafka consumer stopped with a fetch cut short (Kafka unreachable?)")
 
 
-async def _retry_until_done(
-    what: str, call: Callable[[], Awaitable[None]], stopping: asyncio.Event
-) -> bool:
-    """Run ``call`` until it succeeds (True) or shutdown begins while it keeps failing (False)."""
-    delay = 0.1
-    while True:
-        try:
-            await call()
+class _Poison:
+    """Hands records no handler can take to ``on_poison``, and counts them."""
+
+    def __init__(self, on_poison: PoisonHandler | None, stopping: asyncio.Event) -> None:
+        self._on_poison, self._stopping = on_poison, stopping
+        self.count = 0
+
+    async def __call__(self, record: ConsumerRecord, exc: Exception) -> bool:
+        """False only when shutdown began while the dead letter could not be written."""
+        self.count += 1
+        where = f"{record.topic}[{record.partition}]@{record.offset}"
+        log.error("%s cannot be handled (%s); dead-lettering it", where, describe_error(exc))
+        if self._on_poison is None:
+            log.error("%s: this consumer has no dead-letter topic; the record is skipped", where)
             return True
-        except asyncio.CancelledError:
-            raise
+        handler = self._on_poison
+        try:
+            return await retry_transient(
+                f"dead-lettering {where}", lambda: handler(record, exc), self._stopping
+            )
         except Exception:
-            log.exception("%s failed; retrying in %.1fs", what, delay)
-        if stopping.is_set():
-            return False
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), delay)
-        delay = min(delay * 2, _BACKOFF_MAX_S)
+            log.exception("%s: writing its dead letter failed; the record is skipped", where)
+            return True
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -195,9 +209,16 @@ class ConcurrentConsumer:
         client_id: str,
         drain_timeout_s: float = 30.0,
         session_timeout_ms: int = SESSION_TIMEOUT_MS,
+        on_poison: PoisonHandler | None = None,
     ) -> None:
         self._consumer = _consumer(
-            bootstrap, topics, group_id, fetch_max_wait_ms, client_id, session_timeout_ms
+            bootstrap,
+            topics,
+            group_id,
+            fetch_max_wait_ms,
+            client_id,
+            session_timeout_ms,
+            drain_timeout_s,
         )
         self._topics = list(topics)
         self._handler = handler
@@ -209,15 +230,23 @@ class ConcurrentConsumer:
         self._slot_free = asyncio.Event()
         self._finished = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._poison = _Poison(on_poison, self._stopping)
         self._loop_task: asyncio.Task[None] | None = None
         self._commit_task: asyncio.Task[None] | None = None
         self.assigned = asyncio.Event()
+
+    @property
+    def poisoned(self) -> int:
+        """Records handed to ``on_poison`` (dead-lettered) since the start."""
+        return self._poison.count
 
     async def start(self) -> None:
         self._consumer.subscribe(self._topics, listener=_Rebalance(self))
         await self._consumer.start()
         self._loop_task = asyncio.create_task(self._fetch_loop(), name="consume")
         self._commit_task = asyncio.create_task(self._commit_loop(), name="commit")
+        supervise(self._loop_task, "the Kafka fetch loop", self._stopping)
+        supervise(self._commit_task, "the Kafka commit loop", self._stopping)
 
     @property
     def in_flight(self) -> int:
@@ -251,7 +280,10 @@ class ConcurrentConsumer:
     async def _process(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         what = f"handling {tp.topic}[{tp.partition}]@{record.offset}"
         try:
-            done = await _retry_until_done(what, lambda: self._handler(record), self._stopping)
+            try:
+                done = await retry_transient(what, lambda: self._handler(record), self._stopping)
+            except Exception as exc:
+                done = await self._poison(record, exc)
         finally:
             self._tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             self._slot_free.set()
@@ -294,7 +326,7 @@ class ConcurrentConsumer:
         self._slot_free.set()
         if self._loop_task:
             self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # logged by supervise
                 await self._loop_task
         await self._drain(None)
         for task in list(self._tasks):
@@ -303,7 +335,7 @@ class ConcurrentConsumer:
             await asyncio.wait(list(self._tasks))
         if self._commit_task:
             self._commit_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # logged by supervise
                 await self._commit_task
         try:
             await asyncio.wait_for(self._commit(), LAST_COMMIT_S)
@@ -421,13 +453,20 @@ class BatchConsumer:
         linger_ms: int = 0,
         session_timeout_ms: int = SESSION_TIMEOUT_MS,
         on_assign: Callable[[dict[TopicPartition, range]], None] | None = None,
+        on_poison: PoisonHandler | None = None,
     ) -> None:
         # called when partitions are assigned, before any is read, with the offsets of each that
         # a previous owner may have handled and not committed (_BatchRebalance)
         self.on_assign = on_assign
         self._bootstrap = bootstrap  # where _BatchRebalance reads the partitions' ends
         self._consumer = _consumer(
-            bootstrap, topics, group_id, fetch_max_wait_ms, client_id, session_timeout_ms
+            bootstrap,
+            topics,
+            group_id,
+            fetch_max_wait_ms,
+            client_id,
+            session_timeout_ms,
+            drain_timeout_s,
         )
         self._topics = list(topics)
         self._handler = handler
@@ -443,15 +482,23 @@ class BatchConsumer:
         self._idle = asyncio.Event()  # nothing handled and not yet committed
         self._idle.set()
         self._stopping = asyncio.Event()
+        self._poison = _Poison(on_poison, self._stopping)
         self._fetch_task: asyncio.Task[None] | None = None
         self._commit_task: asyncio.Task[None] | None = None
         self.assigned = asyncio.Event()
+
+    @property
+    def poisoned(self) -> int:
+        """Records handed to ``on_poison`` (dead-lettered) since the start."""
+        return self._poison.count
 
     async def start(self) -> None:
         self._consumer.subscribe(self._topics, listener=_BatchRebalance(self))
         await self._consumer.start()
         self._fetch_task = asyncio.create_task(self._fetch_loop(), name="consume-batch")
         self._commit_task = asyncio.create_task(self._commit_loop(), name="commit-batch")
+        supervise(self._fetch_task, "the Kafka fetch loop", self._stopping)
+        supervise(self._commit_task, "the Kafka commit loop", self._stopping)
 
     @property
     def running(self) -> bool:
@@ -509,13 +556,31 @@ class BatchConsumer:
 
     async def _handle(self, records: list[ConsumerRecord]) -> bool:
         try:
-            return await _retry_until_done(
+            return await self._handle_or_split(records)
+        finally:
+            self._slots.release()
+
+    async def _handle_or_split(self, records: list[ConsumerRecord]) -> bool:
+        """The handler on ``records``; if it fails for a reason that is not transient, on each
+        half, down to the record at fault, which goes to ``on_poison``. The rest are handled."""
+        try:
+            return await retry_transient(
                 f"handling a batch of {len(records)}",
                 lambda: self._handler(records),
                 self._stopping,
             )
-        finally:
-            self._slots.release()
+        except Exception as exc:
+            if len(records) == 1:
+                return await self._poison(records[0], exc)
+            log.warning(
+                "a batch of %d failed (%s); handling it in halves to find the record at fault",
+                len(records),
+                describe_error(exc),
+            )
+        middle = len(records) // 2
+        return await self._handle_or_split(records[:middle]) and await self._handle_or_split(
+            records[middle:]
+        )
 
     async def _commit_loop(self) -> None:
         while True:
@@ -544,7 +609,10 @@ class BatchConsumer:
             except (CommitFailedError, IllegalStateError) as exc:
                 log.warning("batch not committed, its partitions moved (%s); redelivered", exc)
 
-        await _retry_until_done("committing", commit, self._stopping)
+        try:
+            await retry_transient("committing", commit, self._stopping)
+        except Exception as exc:  # the next batch's commit carries these points too
+            log.warning("commit failed (%s); the next commit carries it", describe_error(exc))
 
     async def _drained(self) -> None:
         """Every batch handed out is committed, or committing stopped for shutdown."""
@@ -569,7 +637,7 @@ class BatchConsumer:
         self._stopping.set()
         if self._fetch_task:
             self._fetch_task.cancel()  # records fetched but not handed out are redelivered
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # logged by supervise
                 await self._fetch_task
             self._gathering = False  # records gathered but not handed out are redelivered
             if not self._batches:
@@ -581,6 +649,6 @@ class BatchConsumer:
             if self._batches:
                 await asyncio.wait([b.task for b in self._batches])
             self._commit_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # logged by supervise
                 await self._commit_task
         await close_consumer(self._consumer)

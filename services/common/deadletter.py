@@ -20,7 +20,7 @@ def describe(exc: Exception) -> str:
             parts.append(f"{loc}: {err['msg']}")
         more = f" (+{exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
         return "; ".join(parts) + more
-    return str(exc) or type(exc).__name__
+    return str(exc)[:1000] or type(exc).__name__  # the type is the letter's error_type
 
 
 def dead_letter(

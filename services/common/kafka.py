@@ -189,6 +189,16 @@ async def ensure_topics(
             await admin.close()
 
 
+async def topic_exists(bootstrap: str, name: str) -> bool:
+    """Does the broker have topic ``name``? (A listing, which creates nothing, even on Tansu.)"""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    try:
+        await admin.start()
+        return name in await admin.list_topics()
+    finally:
+        await admin.close()
+
+
 async def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     try:

@@ -17,6 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from services.common import retry
+
 # Why a service should get no work now, or None when it is ready (``GET /ready``).
 NotReady = Callable[[], Awaitable[str | None]]
 
@@ -60,6 +62,8 @@ def run_service(main: Coroutine[Any, Any, None]) -> None:
     """
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main)
+    if retry.failed():  # a consumer loop died: exit non-zero so the supervisor starts it again
+        sys.exit(1)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -92,6 +92,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
             client_id=f"{name}-ingress",
             max_in_flight=INGRESS_IN_FLIGHT,
             session_timeout_ms=settings.kafka_session_timeout_ms,
+            on_poison=ingress.poisoned,
         )
         await consumer.start()
         await watch.start()
@@ -121,7 +122,9 @@ def create_app(settings: RouterSettings) -> FastAPI:
 
     app = FastAPI(title="Switchboard router", version="1", lifespan=lifespan)
     key = settings.api_key.get_secret_value() if settings.api_key else None
-    ctx = HttpContext(router, replies, reply_topics, key, settings.reply_grace_s)
+    ctx = HttpContext(
+        router, replies, reply_topics, key, settings.reply_grace_s, settings.max_waiting
+    )
     app.include_router(api(ctx))
     install_error_handlers(app, settings.max_body_bytes)
     app.state.ctx = ctx

@@ -53,6 +53,14 @@ class RouterSettings(CommonSettings):
             "at all: above the slowest answer a tier can take, so a lone long request is no stall."
         ),
     )
+    max_waiting: int = Field(
+        default=5000,
+        ge=1,
+        description=(
+            "HTTP requests that may wait for their answers at once; past it a request gets 503 "
+            "with Retry-After instead of joining a queue that only grows."
+        ),
+    )
     reply_grace_s: float = Field(
         default=5.0, ge=0, description="How long past a request's deadline the router still waits."
     )

@@ -6,9 +6,11 @@
     ├── 400 invalid_request_error   bad field, unknown model, unsupported feature
     ├── 401 authentication_error    missing or wrong bearer key
     ├── 413 invalid_request_error   body over the size limit
+    ├── 422 invalid_request_error   an Idempotency-Key sent again with a different request
     ├── 429 rate_limit_error        every model of the tier was rate limited
     ├── 502 upstream_error          every model of the tier failed
-    ├── 503 service_unavailable     broker unreachable
+    ├── 500 server_error            an error nobody expected (logged with the request id)
+    ├── 503 service_unavailable     broker unreachable; too many callers waiting (Retry-After)
     └── 504 timeout_error           no answer within the request's deadline
 """
 
@@ -28,6 +30,7 @@ class ApiError(Exception):
         type: str,
         code: str | None = None,
         param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = (
@@ -37,6 +40,7 @@ class ApiError(Exception):
             code,
             param,
         )
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {
@@ -54,6 +58,7 @@ def invalid(message: str, param: str | None = None, code: str = "invalid_value")
 
 
 _BY_CODE = {
+    "idempotency_key_reused": (422, "invalid_request_error"),
     "rate_limited": (429, "rate_limit_error"),
     "deadline_exceeded": (504, "timeout_error"),
     "bad_request": (400, "invalid_request_error"),
@@ -63,7 +68,19 @@ _BY_CODE = {
 
 def from_outcome(error: ChatError) -> ApiError:
     status, kind = _BY_CODE.get(error.code, (502, "upstream_error"))
-    return ApiError(status, error.message, type=kind, code=error.code)
+    param = "Idempotency-Key" if error.code == "idempotency_key_reused" else None
+    return ApiError(status, error.message, type=kind, code=error.code, param=param)
+
+
+def key_reused() -> ApiError:
+    return ApiError(
+        422,
+        "this Idempotency-Key was sent before with a different request; use a new key for a "
+        "new request",
+        type="invalid_request_error",
+        code="idempotency_key_reused",
+        param="Idempotency-Key",
+    )
 
 
 def param_path(loc: tuple[int | str, ...]) -> str:

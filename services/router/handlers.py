@@ -14,7 +14,7 @@ from services.common.deadletter import describe, from_record
 from services.common.kafka import BatchPublisher, Outgoing, Publisher
 from services.router.domain.classify import UnknownModel
 from services.router.domain.images import BadImage
-from services.router.service import PendingReplies, Router
+from services.router.service import PendingReplies, Router, payload_fingerprint
 
 log = logging.getLogger(__name__)
 _OUTCOME = TypeAdapter(Outcome)
@@ -24,7 +24,7 @@ def _request_id_of(payload: bytes | None) -> str | None:
     """The producer's request id, if the message is JSON enough to have one."""
     try:
         value = json.loads(payload or b"").get("request_id")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, too deep
         return None
     return value if isinstance(value, str) and 0 < len(value) <= 200 else None
 
@@ -62,26 +62,47 @@ class IngressHandler:
 
     def _route(self, record: ConsumerRecord, out: list[Outgoing]) -> bool:
         """Append what ``record`` turns into to ``out``; False when it is a dead letter."""
-        topics = self.router.topics
         payload: bytes | None = record.value
         try:
             if self.max_bytes is not None and len(payload or b"") > self.max_bytes:
                 raise TooLarge(f"request of {len(payload or b'')} bytes, over {self.max_bytes}")
             request = ChatRequest.model_validate_json(payload or b"")
-            routed = self.router.route(request, topics.results, caller_waits=False)
+            own_id = "request_id" in request.model_fields_set  # else a fresh one: no resend
+            routed = self.router.route(
+                request,
+                self.router.topics.results,
+                caller_waits=False,
+                scope=request.metadata.tenant or record.key,
+                content_hash=payload_fingerprint(payload or b"") if own_id else None,
+            )
             out.append(self.router.encode(routed, payload))
             return True
-        except (ValidationError, UnknownModel, BadImage, TooLarge) as exc:
-            letter = from_record(record, self.name, exc)
-            out.append(Outgoing(topics.dead_letter, letter.model_dump_json().encode()))
-            if request_id := _request_id_of(payload):
-                error = ChatError(
-                    request_id=request_id, code="invalid_request", message=describe(exc)
-                )
-                out.append(
-                    Outgoing(topics.results, error.model_dump_json().encode(), request_id.encode())
-                )
+        except Exception as exc:  # routing is pure computation: whatever fails is this record's
+            out.extend(self._refusal(record, exc))
             return False
+
+    def _refusal(self, record: ConsumerRecord, exc: Exception) -> list[Outgoing]:
+        """The dead letter for ``record``, and the ChatError its producer waits for (when the
+        record names a request id)."""
+        topics = self.router.topics
+        letter = from_record(record, self.name, exc)
+        out = [Outgoing(topics.dead_letter, letter.model_dump_json().encode())]
+        if request_id := _request_id_of(record.value):
+            refused = isinstance(exc, ValidationError | UnknownModel | BadImage | TooLarge)
+            error = ChatError(
+                request_id=request_id,
+                code="invalid_request" if refused else "internal_error",
+                message=describe(exc),
+            )
+            out.append(
+                Outgoing(topics.results, error.model_dump_json().encode(), request_id.encode())
+            )
+        return out
+
+    async def poisoned(self, record: ConsumerRecord, exc: Exception) -> None:
+        """The consumer's ``on_poison``: a record the batch failed on for no transient reason."""
+        await self.publisher.publish_all(self._refusal(record, exc))
+        self.dead_letters += 1
 
 
 class ReplyHandler:
@@ -99,7 +120,7 @@ class ReplyHandler:
     async def __call__(self, record: ConsumerRecord) -> None:
         try:
             outcome = _OUTCOME.validate_json(record.value or b"")
-        except ValidationError as exc:
+        except ValueError as exc:  # ValidationError, and anything else the bytes cause
             log.error("unreadable reply dead-lettered: %s", describe(exc))
             await self.publisher.publish(self.dead_letter, from_record(record, self.name, exc))
             self.dead_letters += 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -16,38 +18,57 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.v1 import (
     AUTO_MODEL,
+    MAX_STOP_SEQUENCES,
+    MAX_TOKENS,
+    UNSUPPORTED_PARAMETERS,
     ChatMessage,
     ChatRequest,
     ChatResult,
+    Outcome,
     RequestMetadata,
     RoutedRequest,
+    new_request_id,
 )
 from services.router.domain.classify import UnknownModel
 from services.router.domain.images import BadImage
-from services.router.errors import ApiError, from_outcome, invalid, param_path
+from services.router.errors import ApiError, from_outcome, invalid, key_reused, param_path
 from services.router.replies import ReplyTopics
-from services.router.service import PendingReplies, Router, idempotent_request_id
+from services.router.service import (
+    KeyReused,
+    PendingReplies,
+    Router,
+    fingerprint,
+    idempotent_request_id,
+)
+
+log = logging.getLogger(__name__)
 
 # How long a request may wait for the broker to take it (a broker that is up takes it in ms).
 PUBLISH_TIMEOUT_S = 10.0
-# OpenAI request fields Switchboard does not implement yet: refused by name rather than dropped.
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "audio")
+RETRY_AFTER_S = 1  # what an overloaded router tells callers to wait
 
 
 class ChatCompletionBody(BaseModel):
-    """The subset of OpenAI's chat completion request Switchboard acts on; other fields are ignored."""
+    """The part of OpenAI's chat completion request Switchboard carries out. Other OpenAI
+    parameters are refused by name unless they ask for nothing (``UNSUPPORTED_PARAMETERS``), and
+    so is any field OpenAI does not define, as OpenAI's API does."""
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(description=f"`{AUTO_MODEL}` to classify, or a tier name to force it.")
+    model: str = Field(
+        min_length=1,
+        max_length=200,
+        description=f"`{AUTO_MODEL}` to classify, or a tier name to force it.",
+    )
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, gt=0)
-    max_completion_tokens: int | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, gt=0, le=MAX_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = Field(default=1, ge=1, le=1)
+    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     metadata: RequestMetadata = Field(default_factory=RequestMetadata)
 
 
@@ -59,9 +80,11 @@ class HttpContext:
         reply_topics: ReplyTopics,
         api_key: str | None,
         reply_grace_s: float,
+        max_waiting: int = 5000,
     ) -> None:
         self.router, self.replies, self.reply_topics = router, replies, reply_topics
         self.api_key, self.reply_grace_s = api_key, reply_grace_s
+        self.max_waiting = max_waiting
         self.broker_ready: Callable[[], bool] = lambda: True  # the broker watch's verdict
         self.not_ready: Callable[[], str | None] = lambda: None  # why to send no traffic
 
@@ -82,18 +105,28 @@ def _check_key(ctx: HttpContext, request: Request) -> None:
         raise ApiError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
 
 
-def to_chat_request(body: ChatCompletionBody, idempotency_header: str | None) -> ChatRequest:
-    if body.stream:
-        raise invalid(
-            "streaming responses are not supported yet; send stream=false",
-            "stream",
-            "unsupported_value",
-        )
-    for name in UNSUPPORTED:
-        if (body.model_extra or {}).get(name) is not None:
+def _refuse_extras(body: ChatCompletionBody) -> None:
+    for name, value in (body.model_extra or {}).items():
+        allowed = UNSUPPORTED_PARAMETERS.get(name)
+        if allowed is None:
             raise invalid(
-                f"'{name}' is not supported by Switchboard yet", name, "unsupported_parameter"
+                f"unrecognized request argument supplied: '{name}'", name, "unknown_parameter"
             )
+        if value not in allowed:
+            raise invalid(
+                f"'{name}' is not supported by Switchboard yet; omit it or send "
+                f"{_plain(allowed[-1])}",
+                name,
+                "unsupported_parameter",
+            )
+
+
+def _plain(value: Any) -> str:
+    return "null" if value is None else json.dumps(value)
+
+
+def to_chat_request(body: ChatCompletionBody, idempotency_header: str | None) -> ChatRequest:
+    _refuse_extras(body)
     meta = body.metadata
     key = idempotency_header or meta.idempotency_key
     extra: dict[str, Any] = {}
@@ -107,6 +140,9 @@ def to_chat_request(body: ChatCompletionBody, idempotency_header: str | None) ->
         temperature=body.temperature,
         top_p=body.top_p,
         stop=body.stop,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
         metadata=meta,
         **extra,
     )
@@ -147,17 +183,35 @@ async def _publish(ctx: HttpContext, routed: RoutedRequest) -> None:
         ) from exc
 
 
+def _admit(ctx: HttpContext) -> None:
+    """Refuse a caller past ``max_waiting``: a queue that only grows answers nobody in time."""
+    if len(ctx.replies) >= ctx.max_waiting:
+        raise ApiError(
+            503,
+            f"{ctx.max_waiting} requests are waiting for answers here already; send it again "
+            "after Retry-After seconds (with an Idempotency-Key it is answered once)",
+            type="service_unavailable",
+            code="overloaded",
+            headers={"retry-after": str(RETRY_AFTER_S)},
+        )
+
+
 async def _answer(ctx: HttpContext, chat: ChatRequest, reply_to: str) -> JSONResponse:
+    _admit(ctx)
+    content = fingerprint(chat) if chat.metadata.idempotency_key else None
     try:
-        routed = ctx.router.route(chat, reply_to)
+        routed = ctx.router.route(chat, reply_to, content_hash=content)
     except UnknownModel as exc:
         raise invalid(str(exc), "model", "model_not_found") from exc
     except BadImage as exc:
         raise invalid(f"'{exc.param}': {exc.message}", exc.param, exc.code) from exc
-    future, first = ctx.replies.expect(chat.request_id)
+    try:
+        future, first = ctx.replies.expect(chat.request_id, content)
+    except KeyReused as exc:
+        raise key_reused() from exc
     try:
         if first:
-            await _publish(ctx, routed)
+            await _publish_for_all(ctx, routed, future)
         wait_s = (
             (routed.deadline_at - routed.routed_at).total_seconds() if routed.deadline_at else 600
         )
@@ -165,17 +219,39 @@ async def _answer(ctx: HttpContext, chat: ChatRequest, reply_to: str) -> JSONRes
     except TimeoutError as exc:
         raise ApiError(
             504,
-            f"no answer from tier {routed.tier!r} within the deadline",
+            f"no answer from tier {routed.tier!r} within the deadline; send it again with the "
+            "same Idempotency-Key: an answer that came since is served, else it is tried afresh",
             type="timeout_error",
             code="deadline_exceeded",
         ) from exc
     finally:
-        if first and not future.done():
-            ctx.replies.forget(chat.request_id, future)
+        ctx.replies.leave(chat.request_id, future)
     if not isinstance(outcome, ChatResult):
         raise from_outcome(outcome)
     completion = {**outcome.completion, "id": outcome.request_id}
     return JSONResponse(completion, headers=_headers(outcome))
+
+
+async def _publish_for_all(
+    ctx: HttpContext, routed: RoutedRequest, future: asyncio.Future[Outcome]
+) -> None:
+    """Publish as the first caller of a request id; if that fails, or this caller leaves before
+    it is done, callers who joined with the same key are told rather than left waiting."""
+    try:
+        await _publish(ctx, routed)
+    except ApiError as exc:
+        ctx.replies.fail(routed.request_id, future, exc)
+        raise
+    except BaseException:
+        left = ApiError(
+            503,
+            "the first caller with this Idempotency-Key left before its request was sent; "
+            "send it again",
+            type="service_unavailable",
+            code="broker_unavailable",
+        )
+        ctx.replies.fail(routed.request_id, future, left)
+        raise
 
 
 def api(ctx: HttpContext) -> APIRouter:
@@ -189,6 +265,7 @@ def api(ctx: HttpContext) -> APIRouter:
     @routes.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(body: ChatCompletionBody, request: Request) -> JSONResponse:
         chat = to_chat_request(body, request.headers.get("idempotency-key"))
+        request.state.request_id = chat.request_id  # for the 500 of an unexpected error
         # the reply topic (generation) is kept while this caller waits on it
         reply_to = ctx.reply_topics.take()
         try:
@@ -247,7 +324,7 @@ _HTTP_CODES = {
 def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -283,6 +360,44 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
         return JSONResponse(invalid(f"'{param}': {first['msg']}", param).body(), status_code=400)
 
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
+    app.add_middleware(UnexpectedErrors)
+
+
+class UnexpectedErrors:
+    """An error no handler expected: logged once with its traceback, answered with an
+    OpenAI-shaped 500 that carries the request id (the caller's reference in a report)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            request_id = scope.get("state", {}).get("request_id") or new_request_id()
+            log.exception("request %s: unexpected error", request_id)
+            if started:
+                raise
+            err = ApiError(
+                500,
+                f"internal error; quote request id {request_id} when reporting it",
+                type="server_error",
+                code="internal_error",
+            )
+            response = JSONResponse(
+                err.body(), status_code=500, headers={"x-switchboard-request-id": request_id}
+            )
+            await response(scope, receive, send)
 
 
 class BodyLimit:

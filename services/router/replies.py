@@ -30,6 +30,7 @@ from aiokafka.errors import KafkaError
 
 from services.common.consumer import close_consumer
 from services.common.kafka import MAX_MESSAGE_BYTES, delete_topics, ensure_topics
+from services.common.retry import describe_error, retry_transient, supervise
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ SLOTS = 3  # reply topics a router takes turns on: the current, the last, one fo
 # producer that ever wrote to a slot keeps asking about it; so a slot emptied while one asks comes
 # back like that, and the reader reads every partition either way.
 SLOT_PARTITIONS = 4
-_HANDLER_BACKOFF_MAX_S = 2.0
 
 
 class ReplyTopics:
@@ -136,6 +136,8 @@ class ReplyReader:
         self._applied = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.answers = 0  # records handed to the handler
+        self.unhandled = 0  # records the handler failed on for a reason that was not transient
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         current, partitions = self.topics.current, self.topics.partitions
@@ -143,10 +145,12 @@ class ReplyReader:
         await self.consumer.start()
         self.consumer.assign([TopicPartition(current, p) for p in range(partitions)])
         self._tasks.append(asyncio.create_task(self._read(), name="reply-reader"))
+        supervise(self._tasks[-1], "the reply reader", self._stopping)
         if self.topics.size:
             self._tasks.append(asyncio.create_task(self._maintain(), name="reply-generations"))
 
     async def stop(self) -> None:
+        self._stopping.set()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -172,17 +176,20 @@ class ReplyReader:
                     await self._handle(record)
 
     async def _handle(self, record: ConsumerRecord) -> None:
-        """The handler, again after a pause while it raises (it only raises when Kafka does)."""
-        delay = 0.05
-        while True:
-            try:
-                await self._handler(record)
-                self.answers += 1
-                return
-            except Exception:
-                log.exception("reply handler failed; retrying in %.2fs", delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _HANDLER_BACKOFF_MAX_S)
+        """The handler, again while it fails transiently (its dead-letter publish found Kafka
+        away). Anything else is logged and counted, and the reader goes on."""
+        self.answers += 1
+        try:
+            await retry_transient("handling a reply", lambda: self._handler(record), self._stopping)
+        except Exception as exc:
+            self.unhandled += 1
+            log.exception(
+                "reply %s[%d]@%d could not be handled (%s); skipped",
+                record.topic,
+                record.partition,
+                record.offset,
+                describe_error(exc),
+            )
 
     async def _reassign(self) -> None:
         kept: dict[TopicPartition, int] = {}

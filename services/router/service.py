@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from schemas.topics import Topics
@@ -22,6 +23,30 @@ def idempotent_request_id(tenant: str | None, key: str) -> str:
     return f"sbr-idem-{digest}"
 
 
+def outcome_key(scope: str | bytes | None, request_id: str) -> str:
+    """Where a request's final outcome is kept: its id within ``scope`` (the tenant, or the
+    Kafka producer's record key), so two producers that pick the same id never share answers."""
+    raw = scope if isinstance(scope, bytes) else (scope or "").encode()
+    digest = hashlib.sha256(raw + b"\x00" + request_id.encode()).hexdigest()[:32]
+    return f"oc-{digest}"
+
+
+def fingerprint(request: ChatRequest) -> str:
+    """Hash of what was asked: a resend under the same key asking for something else is refused
+    instead of answered with the first request's outcome. The id, the key, the deadline and the
+    priority say how to deliver, not what: a resend after a 504 may give itself longer."""
+    content = request.model_dump_json(
+        exclude={"request_id": True, "metadata": {"idempotency_key", "deadline_ms", "priority"}}
+    )
+    return hashlib.sha256(content.encode()).hexdigest()[:32]
+
+
+def payload_fingerprint(payload: bytes) -> str:
+    """``fingerprint`` of a Kafka producer's request: its bytes. A producer's resend repeats
+    them; hashing them costs the ingress a microsecond, where re-serialising cost it tens."""
+    return hashlib.sha256(payload).hexdigest()[:32]
+
+
 class Router:
     def __init__(
         self,
@@ -36,7 +61,13 @@ class Router:
         self.max_image_bytes = max_image_bytes
 
     def route(
-        self, request: ChatRequest, reply_to: str, *, caller_waits: bool = True
+        self,
+        request: ChatRequest,
+        reply_to: str,
+        *,
+        caller_waits: bool = True,
+        scope: str | bytes | None = None,
+        content_hash: str | None = None,
     ) -> RoutedRequest:
         """Classify ``request`` and stamp what a worker needs: tier, rule, config, deadline.
 
@@ -45,7 +76,9 @@ class Router:
         ingress gets none: it waits in its tier's queue as long as the backlog takes, and only
         each model attempt is timed (``timeout_s``). A queued job is never dropped for age.
 
-        Raises ``UnknownModel`` or ``BadImage`` for a request no tier can take.
+        ``scope`` and ``content_hash`` make the outcome key and the fingerprint (see
+        ``outcome_key``, ``fingerprint``). Raises ``UnknownModel`` or ``BadImage`` for a request
+        no tier can take.
         """
         check_images(request, self.max_image_bytes)
         decision = classify(request, self.config)
@@ -64,6 +97,8 @@ class Router:
             routed_at=now,
             deadline_at=None if budget_s is None else now + timedelta(seconds=budget_s),
             reply_to=reply_to,
+            outcome_key=outcome_key(scope or request.metadata.tenant, request.request_id),
+            fingerprint=content_hash,
         )
 
     async def publish(self, routed: RoutedRequest) -> None:
@@ -85,11 +120,27 @@ class Router:
         return Outgoing(topic, b'{"request":' + raw_request + b"," + envelope[1:], key)
 
 
+class KeyReused(Exception):
+    """An idempotency key sent again with a different request while the first still waits."""
+
+
+@dataclass
+class _Waiting:
+    future: asyncio.Future[Outcome]
+    fingerprint: str | None
+    callers: int = 1
+
+
 class PendingReplies:
-    """Futures of HTTP callers waiting for their answer, by request id."""
+    """Futures of HTTP callers waiting for their answer, by request id.
+
+    Callers that share an idempotency key share one future: the first publishes, the others
+    join. The future stays until the last of them leaves, so a joined caller still gets the
+    answer when the first one goes away.
+    """
 
     def __init__(self) -> None:
-        self._waiting: dict[str, asyncio.Future[Outcome]] = {}
+        self._waiting: dict[str, _Waiting] = {}
         # progress, for readiness: when the last answer came, when the current wait began
         self.answered_at = 0.0
         self.waiting_since = 0.0
@@ -97,29 +148,50 @@ class PendingReplies:
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def expect(self, request_id: str) -> tuple[asyncio.Future[Outcome], bool]:
-        """The future for ``request_id``, and whether this caller created it (must publish)."""
+    def expect(
+        self, request_id: str, fingerprint: str | None = None
+    ) -> tuple[asyncio.Future[Outcome], bool]:
+        """The future for ``request_id``, and whether this caller created it (must publish).
+        Every call is matched by one ``leave``. Raises ``KeyReused`` when a caller with another
+        fingerprint waits on the id."""
         existing = self._waiting.get(request_id)
-        if existing is not None and not existing.done():
-            return existing, False
+        if existing is not None and not existing.future.done():
+            if existing.fingerprint != fingerprint:
+                raise KeyReused(request_id)
+            existing.callers += 1
+            return existing.future, False
         loop = asyncio.get_running_loop()
         if not self._waiting:
             self.waiting_since = loop.time()
         future: asyncio.Future[Outcome] = loop.create_future()
-        self._waiting[request_id] = future
+        self._waiting[request_id] = _Waiting(future, fingerprint)
         return future, True
 
     def resolve(self, outcome: Outcome) -> bool:
         self.answered_at = asyncio.get_running_loop().time()
-        future = self._waiting.pop(outcome.request_id, None)
-        if future is None or future.done():
+        waiting = self._waiting.pop(outcome.request_id, None)
+        if waiting is None or waiting.future.done():
             return False  # a late or repeated answer nobody waits for any more
-        future.set_result(outcome)
+        waiting.future.set_result(outcome)
         return True
 
-    def forget(self, request_id: str, future: asyncio.Future[Outcome]) -> None:
-        if self._waiting.get(request_id) is future:
+    def leave(self, request_id: str, future: asyncio.Future[Outcome]) -> None:
+        """A caller of ``expect`` stops waiting; the last one to leave removes the future."""
+        waiting = self._waiting.get(request_id)
+        if waiting is None or waiting.future is not future:
+            return
+        waiting.callers -= 1
+        if waiting.callers <= 0 or future.done():
             del self._waiting[request_id]
+
+    def fail(self, request_id: str, future: asyncio.Future[Outcome], exc: Exception) -> None:
+        """The request was not sent: the callers who joined it get ``exc`` rather than wait."""
+        waiting = self._waiting.get(request_id)
+        if waiting is not None and waiting.future is future:
+            del self._waiting[request_id]
+        if not future.done():
+            future.set_exception(exc)
+            future.exception()  # retrieved: nobody else may be waiting
 
     def stalled_for(self, now: float) -> float:
         """How long callers have waited with no answer arriving at all (0 when nobody waits)."""
@@ -128,7 +200,7 @@ class PendingReplies:
         return now - max(self.answered_at, self.waiting_since)
 
     def fail_all(self, exc: BaseException) -> None:
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_exception(exc)
+        for waiting in self._waiting.values():
+            if not waiting.future.done():
+                waiting.future.set_exception(exc)
         self._waiting.clear()

@@ -7,6 +7,7 @@ With ``worker_port`` set, the worker answers ``GET /health`` and ``GET /ready`` 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 
@@ -14,7 +15,7 @@ from starlette.applications import Starlette
 
 from services.common import fences
 from services.common.consumer import ConcurrentConsumer
-from services.common.kafka import BrokerPublisher, ensure_topics, make_broker
+from services.common.kafka import BrokerPublisher, ensure_topics, make_broker, topic_exists
 from services.common.routing_config import load_config
 from services.common.runtime import (
     HttpServer,
@@ -54,7 +55,13 @@ class WorkerApp:
         publisher = BrokerPublisher(self.broker, self.fences)
         concurrency = settings.concurrency or tier.concurrency
         self.client = LiteLLMClient(max_connections=concurrency)
-        self.outcomes = RedisOutcomeStore(settings.redis_url, settings.topic_prefix, name)
+        self.outcomes = RedisOutcomeStore(
+            settings.redis_url,
+            settings.topic_prefix,
+            name,
+            outcome_ttl_s=settings.outcome_ttl_s,
+            outcome_url=settings.outcome_redis_url,
+        )
         self.sent = SentCheck(settings.kafka_bootstrap, f"{name}-sent")
         self.service = TierService(
             tier=settings.tier,
@@ -64,6 +71,7 @@ class WorkerApp:
             client=self.client,
             outcomes=self.outcomes,
             sent=self.sent,
+            topic_exists=functools.partial(topic_exists, settings.kafka_bootstrap),
         )
         self.handler = RecordHandler(self.service, publisher, topics, name)
         wait = (
@@ -79,6 +87,7 @@ class WorkerApp:
             client_id=name,
             drain_timeout_s=settings.drain_timeout_s,
             session_timeout_ms=settings.kafka_session_timeout_ms,
+            on_poison=self.handler.poisoned,
         )
         self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
         self._phase = "starting"

@@ -17,6 +17,23 @@ class WorkerSettings(CommonSettings):
         le=10_000,
         description="In-flight requests; default: the tier's setting.",
     )
+    outcome_ttl_s: int = Field(
+        default=24 * 3600,
+        ge=60,
+        description=(
+            "How long a final outcome is kept to answer a resend with the same key (or a "
+            "redelivery) without another model call. Redis holds about one outcome per request "
+            "for this long: README 'Sizing Redis'."
+        ),
+    )
+    outcome_redis_url: str | None = Field(
+        default=None,
+        description=(
+            "A Redis for outcomes alone (a cache that may evict: maxmemory with allkeys-lru). "
+            "Unset: outcomes share redis_url with the leases and notes, which must never be "
+            "evicted."
+        ),
+    )
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long in-flight calls may finish."
     )

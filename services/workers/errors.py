@@ -10,7 +10,9 @@
     └── PermanentError                               no: go straight to the next model
         ├── BadRequest             bad_request
         ├── AuthFailed             auth_failed
-        └── ModelNotFound          model_not_found
+        ├── ModelNotFound          model_not_found
+        └── AdapterError           adapter_error    (our side: mapping parameters, reading the
+                                                     stream; the same call would fail again)
 
 The policy reads ``transient`` and never parses messages. Only the litellm adapter maps provider
 exceptions onto this tree.
@@ -60,3 +62,7 @@ class AuthFailed(PermanentError):
 
 class ModelNotFound(PermanentError):
     code = "model_not_found"
+
+
+class AdapterError(PermanentError):
+    code = "adapter_error"

@@ -6,10 +6,10 @@ from aiokafka import ConsumerRecord
 from pydantic import ValidationError
 
 from schemas.topics import Topics
-from schemas.v1 import RoutedRequest
-from services.common.deadletter import from_record
+from schemas.v1 import ChatError, RoutedRequest
+from services.common.deadletter import describe, from_record
 from services.common.kafka import Publisher
-from services.workers.service import TierService
+from services.workers.service import KeyReused, TierService
 
 
 class Misrouted(ValueError):
@@ -43,3 +43,23 @@ class RecordHandler:
             self.dead_letters += 1
             return
         await self.service.process(routed, f"{record.topic}:{record.partition}:{record.offset}")
+
+    async def poisoned(self, record: ConsumerRecord, exc: Exception) -> None:
+        """The consumer's ``on_poison``: handling ``record`` failed for no transient reason.
+        Dead-letter it and answer its caller, so neither the partition nor the caller waits."""
+        await self.publisher.publish(self.topics.dead_letter, from_record(record, self.name, exc))
+        self.dead_letters += 1
+        try:
+            routed = parse(record.value, self.service.tier, self.topics)
+        except (ValidationError, Misrouted):
+            return
+        error = ChatError(
+            request_id=routed.request_id,
+            tenant=routed.request.metadata.tenant,
+            tier=self.service.tier,
+            rule=routed.rule,
+            config_hash=routed.config_hash,
+            code=exc.code if isinstance(exc, KeyReused) else "internal_error",
+            message=describe(exc),
+        )
+        await self.publisher.publish(routed.reply_to, error, key=routed.request_id)

@@ -3,12 +3,15 @@
 1. This very record's answer already sent, or being sent by a worker that is alive (a redelivery
    after a crash, or a record the group gave it while its last owner still works on it)? Nothing
    to do.
-2. Answered before (a redelivery, or a repeat with the same idempotency key)? Publish the stored
-   outcome again; no model call.
+2. Answered before with a final outcome (a redelivery, or a resend with the same idempotency key)?
+   Publish the stored outcome again; no model call. Stored for a different request under the same
+   key? Refuse it (``KeyReused``: a dead letter and an ``idempotency_key_reused`` error).
 3. Try the tier's models in order, with retries on transient errors, inside the deadline;
    publish an ``AttemptEvent`` per call.
 4. Every model failed transiently and a fallback tier exists? Re-route there once.
-5. Otherwise store the outcome, then publish it to the request's reply topic.
+5. Otherwise store the outcome if it is final (an answer, or an error a retry would repeat),
+   then publish it to the request's reply topic. A retryable error is not stored: a resend gets
+   a fresh try.
 
 The caller (the consumer) commits the offset only after this returns, so a crash anywhere
 above means redelivery, never loss. Every publish of an answer carries the record it answers
@@ -23,9 +26,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
+from aiokafka.errors import KafkaTimeoutError, UnknownTopicOrPartitionError
 from pydantic import TypeAdapter
 
 from schemas.topics import Topics
@@ -33,7 +37,7 @@ from schemas.v1 import AttemptEvent, AttemptStatus, ChatError, ChatResult, Outco
 from services.common.kafka import Publisher
 from services.common.routing_config import LoadedConfig
 from services.workers.adapters.llm import Completion, ModelClient
-from services.workers.adapters.outcomes import OutcomeStore, Sending
+from services.workers.adapters.outcomes import OutcomeStore, Sending, Stored
 from services.workers.adapters.sent import DELIVERY_HEADER, SentCheck
 from services.workers.domain import policy
 from services.workers.errors import ModelCallError, RateLimited
@@ -49,6 +53,17 @@ SEARCH_EVERY_S = 1.0
 _WAIT_WARN_S = 60.0
 
 
+class KeyReused(ValueError):
+    """A stored outcome answers another request than the one sent under its key."""
+
+    code = "idempotency_key_reused"
+
+
+def is_final(outcome: Outcome) -> bool:
+    """Would a resend get the same outcome? An answer, or an error that is not retryable."""
+    return isinstance(outcome, ChatResult) or not outcome.retryable
+
+
 class TierService:
     def __init__(
         self,
@@ -60,6 +75,7 @@ class TierService:
         client: ModelClient,
         outcomes: OutcomeStore,
         sent: SentCheck,
+        topic_exists: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.tier = tier
         self.spec = config.tier(tier)
@@ -69,6 +85,8 @@ class TierService:
         self.client = client
         self.outcomes = outcomes
         self.sent = sent
+        self.topic_exists = topic_exists
+        self.orphaned = 0  # answers dropped: the router's reply topic no longer exists
         self.replayed = 0  # answered again from the stored outcome
         self.already_sent = 0  # deliveries whose answer another send had put out already
         self.waited = 0  # deliveries that waited for a living owner to send their answer
@@ -78,15 +96,22 @@ class TierService:
     async def process(self, routed: RoutedRequest, delivery: str) -> None:
         """Answer ``routed``, which arrived as ``delivery`` (``topic:partition:offset``)."""
         request_id = routed.request_id
+        key = routed.outcome_key or request_id
         async with self._one_sender(delivery):
-            cached, note = await self.outcomes.lookup(request_id, delivery)
+            stored, note = await self.outcomes.lookup(key, request_id, delivery)
             if note is not None and await self._answered(request_id, delivery, note):
                 return
-            if cached is not None:
+            if stored is not None and stored.fingerprint and routed.fingerprint:
+                if stored.fingerprint != routed.fingerprint:
+                    raise KeyReused(
+                        f"request id {request_id} was answered before for a different request "
+                        "(same idempotency key, other content); use a new key for a new request"
+                    )
+            previous = _OUTCOME.validate_json(stored.payload) if stored is not None else None
+            if previous is not None and is_final(previous):
                 self.replayed += 1
-                stored = _OUTCOME.validate_json(cached)
                 # a note read above is this worker's now (its own, or taken over)
-                await self._send_once(routed, stored, delivery, noted=note is not None)
+                await self._send_once(routed, previous, delivery, noted=note is not None)
                 return
         # The successful attempt's event is published, then the outcome stored, then the answer
         # sent. A redelivery after a crash finds the outcome stored (and then answers from it)
@@ -99,7 +124,13 @@ class TierService:
             payload = outcome.model_dump_json().encode()
             await asyncio.gather(*events)
             async with self._one_sender(delivery):
-                earlier = await self.outcomes.put(request_id, payload, delivery, routed.reply_to)
+                if is_final(outcome):
+                    kept = Stored(payload, routed.fingerprint)
+                    earlier = await self.outcomes.put(
+                        key, kept, request_id, delivery, routed.reply_to
+                    )
+                else:
+                    earlier = await self.outcomes.sending(request_id, delivery, routed.reply_to)
                 if earlier is not None and await self._answered(request_id, delivery, earlier):
                     return
                 await self._publish(routed.reply_to, outcome, request_id, delivery)
@@ -139,7 +170,28 @@ class TierService:
     ) -> None:
         # (not marked sent here: one more Redis round trip on every answer, for what a search finds
         # anyway; docs/reliability.md has what it cost)
-        await self.publisher.publish(topic, message, key, {DELIVERY_HEADER: delivery})
+        try:
+            await self.publisher.publish(topic, message, key, {DELIVERY_HEADER: delivery})
+        except (KafkaTimeoutError, UnknownTopicOrPartitionError):
+            if not await self._reply_topic_gone(topic):
+                raise  # Kafka is away, or slow: the consumer retries
+            self.orphaned += 1
+            log.warning(
+                "request %s: answer dropped; the reply topic %s of the router that took the "
+                "request no longer exists (that router stopped, its caller with it)",
+                key,
+                topic,
+            )
+
+    async def _reply_topic_gone(self, topic: str) -> bool:
+        """Is ``topic`` an HTTP router's reply topic that no longer exists? Never the results
+        topic of the Kafka ingress: those answers wait for Kafka, however long it takes."""
+        if self.topic_exists is None or not self.topics.is_router_reply_topic(topic):
+            return False
+        try:
+            return not await self.topic_exists(topic)
+        except Exception:  # the broker does not answer either: keep retrying
+            return False
 
     async def _answered(self, request_id: str, delivery: str, note: Sending) -> bool:
         """``note`` says a send of this delivery's answer began. True: the answer is out (this
@@ -220,7 +272,11 @@ class TierService:
             left = policy.remaining_s(routed.deadline_at, datetime.now(UTC))
             if left is not None and left <= 0:
                 return self._error(
-                    routed, "deadline_exceeded", "the request's deadline passed", len(errors)
+                    routed,
+                    "deadline_exceeded",
+                    "the request's deadline passed",
+                    len(errors),
+                    retryable=True,
                 )
             if attempt.retry and errors and not errors[-1].transient:
                 continue  # a permanent error: this model will not change its mind

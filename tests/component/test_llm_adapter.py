@@ -18,6 +18,7 @@ from schemas.v1 import ChatRequest, Usage
 from services.common.routing_config import ModelSpec
 from services.workers.adapters.llm import LiteLLMClient, _direct_route, cost_usd
 from services.workers.errors import (
+    AdapterError,
     ModelNotFound,
     ModelTimeout,
     ProviderUnavailable,
@@ -120,3 +121,56 @@ def test_cost_from_the_price_map_matches_litellm() -> None:
     assert cost_usd(model, usage) == pytest.approx(prompt + completion)
     unknown = ModelSpec(model="openai/sim-light", price_as="no-such-model")
     assert cost_usd(unknown, usage) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("transport", "target"),
+    [
+        ("auto", "litellm.llms.openai.chat.gpt_transformation.OpenAIGPTConfig.map_openai_params"),
+        ("litellm", "litellm.stream_chunk_builder"),
+    ],
+)
+async def test_a_failure_on_our_side_of_the_call_is_permanent(
+    simulator: str,
+    client: LiteLLMClient,
+    monkeypatch: pytest.MonkeyPatch,
+    transport: str,
+    target: str,
+) -> None:
+    # mapping the parameters (direct) or folding the stream (litellm) raising must not look
+    # like an outage: the tier policy would call the same model again, paid, for ever
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise KeyError("choices")
+
+    monkeypatch.setattr(target, broken)
+    with pytest.raises(AdapterError) as caught:
+        await client.complete(spec(simulator, transport=transport), REQUEST, 10)
+    assert not caught.value.transient and "KeyError" in str(caught.value)
+
+
+async def test_sampling_parameters_reach_the_model(
+    simulator: str, client: LiteLLMClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from litellm.llms.openai.chat.gpt_transformation import OpenAIGPTConfig
+
+    sent: list[dict[str, Any]] = []
+    transform, acompletion = OpenAIGPTConfig.transform_request, litellm.acompletion
+
+    def spy_transform(self: Any, *args: Any, **kwargs: Any) -> Any:
+        optional = kwargs["optional_params"] if "optional_params" in kwargs else args[2]
+        sent.append(dict(optional))
+        return transform(self, *args, **kwargs)
+
+    async def spy_acompletion(**kwargs: Any) -> Any:
+        sent.append(kwargs)
+        return await acompletion(**kwargs)
+
+    monkeypatch.setattr(OpenAIGPTConfig, "transform_request", spy_transform)
+    monkeypatch.setattr(litellm, "acompletion", spy_acompletion)
+    wanted = {"seed": 7, "presence_penalty": 0.5, "frequency_penalty": -0.5}
+    request = REQUEST.model_copy(update=wanted)
+    for transport in ("auto", "litellm"):
+        sent.clear()
+        answer = await client.complete(spec(simulator, transport=transport), request, 10)
+        assert answer.text
+        assert sent and all(sent[0].get(k) == v for k, v in wanted.items()), (transport, sent)

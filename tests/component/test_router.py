@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from faststream.kafka.annotations import KafkaMessage
 from schemas.v1 import ChatResult, RoutedRequest, Usage
 from services.router.app import create_app
 from services.router.config import RouterSettings
+from tests.integration.stack import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-component"
@@ -38,10 +40,13 @@ async def wired() -> AsyncIterator[
     topics = app.state.ctx.router.topics
     routed: list[RoutedRequest] = []
     dead: list[dict[str, Any]] = []
+    gate = asyncio.Event()  # the stand-in worker answers while it is set
+    gate.set()
 
     async def answer(msg: KafkaMessage) -> None:
         request = RoutedRequest.model_validate_json(msg.body)
         routed.append(request)
+        await gate.wait()
         result = ChatResult(
             request_id=request.request_id,
             tier=request.tier,
@@ -84,7 +89,12 @@ async def wired() -> AsyncIterator[
             transport=transport, base_url="http://router", headers=AUTH
         ) as c:
             c.app = app  # type: ignore[attr-defined]
+            c.gate = gate  # type: ignore[attr-defined]
             yield c, routed, dead
+
+
+async def _now(value: bool) -> bool:
+    return value
 
 
 def chat(content: Any = "Hello", **body: Any) -> dict[str, Any]:
@@ -104,13 +114,43 @@ async def test_http_request_is_classified_published_and_answered(wired: Any) -> 
 
 
 async def test_forced_tier_and_idempotency_key(wired: Any) -> None:
-    client, _, _ = wired
+    client, routed, _ = wired
     headers = {"idempotency-key": "order-42"}
-    a = await client.post("/v1/chat/completions", json=chat(model="reasoning"), headers=headers)
-    b = await client.post("/v1/chat/completions", json=chat(model="reasoning"), headers=headers)
+    client.gate.clear()  # the answer waits until both callers are in
+    first = asyncio.create_task(
+        client.post("/v1/chat/completions", json=chat(model="reasoning"), headers=headers)
+    )
+    await wait_until(lambda: _now(bool(routed)), 10, "the first caller to publish")
+    second = asyncio.create_task(
+        client.post("/v1/chat/completions", json=chat(model="reasoning"), headers=headers)
+    )
+    waiting = client.app.state.ctx.replies._waiting[routed[0].request_id]
+    await wait_until(lambda: _now(waiting.callers == 2), 10, "the second caller to join")
+    client.gate.set()
+    a, b = await asyncio.wait_for(asyncio.gather(first, second), 10)
+    assert a.status_code == b.status_code == 200, (a.text, b.text)
     assert a.headers["x-switchboard-tier"] == "reasoning"
     assert a.headers["x-switchboard-rule"] == "forced"
     assert a.headers["x-switchboard-request-id"] == b.headers["x-switchboard-request-id"]
+    assert len(routed) == 1  # published once: the second caller joined the first
+    assert a.json() == b.json()
+
+
+async def test_a_caller_sharing_a_key_with_other_content_gets_a_422(wired: Any) -> None:
+    client, routed, _ = wired
+    headers = {"idempotency-key": "order-43"}
+    client.gate.clear()
+    first = asyncio.create_task(
+        client.post("/v1/chat/completions", json=chat("one thing"), headers=headers)
+    )
+    await wait_until(lambda: _now(bool(routed)), 10, "the first caller to publish")
+    other = await client.post("/v1/chat/completions", json=chat("another"), headers=headers)
+    client.gate.set()
+    assert (await asyncio.wait_for(first, 10)).status_code == 200
+    assert other.status_code == 422
+    error = other.json()["error"]
+    assert error["param"] == "Idempotency-Key" and error["code"] == "idempotency_key_reused"
+    assert len(routed) == 1
 
 
 async def test_models_lists_the_tiers(wired: Any) -> None:
@@ -131,9 +171,24 @@ async def test_models_lists_the_tiers(wired: Any) -> None:
             "invalid_value",
         ),
         (chat(temperature=7), "temperature", "invalid_value"),
-        (chat(stream=True), "stream", "unsupported_value"),
+        (chat(stream=True), "stream", "unsupported_parameter"),
         (chat(tools=[{"type": "function"}]), "tools", "unsupported_parameter"),
+        (chat(logprobs=True), "logprobs", "unsupported_parameter"),
+        (chat(n=2), "n", "unsupported_parameter"),
+        (chat(frobnicate=1), "frobnicate", "unknown_parameter"),
         (chat(metadata={"priority": 99}), "metadata.priority", "invalid_value"),
+        (chat(metadata={"deadline_ms": 10**15}), "metadata.deadline_ms", "invalid_value"),
+        (chat(metadata={"deadline_ms": 0}), "metadata.deadline_ms", "invalid_value"),
+        (chat(max_tokens=10**9), "max_tokens", "invalid_value"),
+        (chat(max_completion_tokens=0), "max_completion_tokens", "invalid_value"),
+        (chat(stop=["a", "b", "c", "d", "e"]), "stop", "invalid_value"),
+        (chat(seed=2**64), "seed", "invalid_value"),
+        (chat(presence_penalty=3), "presence_penalty", "invalid_value"),
+        (
+            chat(metadata={"tags": {f"k{i}": "v" for i in range(40)}}),
+            "metadata.tags",
+            "invalid_value",
+        ),
         (chat(metadata={"deadline_ms": "soon"}), "metadata.deadline_ms", "invalid_value"),
         (chat([{"type": "image_url", "image_url": {}}]), "messages[0].content", "invalid_value"),
     ],
@@ -148,6 +203,38 @@ async def test_bad_input_is_a_400_naming_the_field(
     assert error["type"] == "invalid_request_error"
     assert error["param"].startswith(param) and error["code"] == code
     assert error["message"]
+    assert routed == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [chat(stream=False, n=1, logprobs=False, tools=[], response_format={"type": "text"})],
+)
+async def test_parameters_that_ask_for_nothing_are_accepted(wired: Any, body: Any) -> None:
+    client, routed, _ = wired
+    assert routed == []
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    assert len(routed) == 1
+
+
+async def test_an_unexpected_error_is_an_openai_shaped_500_with_the_request_id(
+    wired: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, routed, _ = wired
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OverflowError("date value out of range")
+
+    monkeypatch.setattr(client.app.state.ctx.router, "route", broken)
+    resp = await client.post("/v1/chat/completions", json=chat(), headers={"idempotency-key": "k"})
+    assert resp.status_code == 500
+    error = resp.json()["error"]
+    request_id = resp.headers["x-switchboard-request-id"]
+    assert request_id.startswith("sbr-idem-") and request_id in error["message"]
+    assert error["type"] == "server_error" and error["code"] == "internal_error"
+    logged = [r for r in caplog.records if r.exc_info and request_id in r.getMessage()]
+    assert len(logged) == 1 and "OverflowError" in caplog.text
     assert routed == []
 
 
@@ -288,3 +375,32 @@ async def test_ready_says_why_when_the_router_should_get_no_traffic(wired: Any) 
         "status": "not ready",
         "reason": "3 callers waiting and no answer for 61 s",
     }
+
+
+async def test_a_body_nested_too_deep_is_a_400(wired: Any) -> None:
+    client, routed, _ = wired
+    deep = b'{"model": "fast", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    resp = await client.post(
+        "/v1/chat/completions", content=deep, headers={"content-type": "application/json"}
+    )
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert routed == []
+
+
+async def test_past_the_cap_of_waiting_callers_a_request_gets_503_with_retry_after(
+    wired: Any,
+) -> None:
+    client, routed, _ = wired
+    ctx = client.app.state.ctx
+    ctx.max_waiting = 1
+    future, _ = ctx.replies.expect("someone-waiting")  # one caller already waits
+    try:
+        resp = await client.post("/v1/chat/completions", json=chat())
+        assert resp.status_code == 503, resp.text
+        assert resp.headers["retry-after"] == "1"
+        assert resp.json()["error"]["code"] == "overloaded"
+        assert routed == []
+    finally:
+        ctx.replies.leave("someone-waiting", future)
+    assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200

@@ -198,3 +198,54 @@ async def test_an_image_over_the_limit_is_a_dead_letter_naming_the_part() -> Non
     [error] = [json.loads(m.value) for m in out if m.topic == TOPICS.results]
     assert (error["request_id"], error["code"]) == ("img-1", "invalid_request")
     assert (handler.routed, handler.dead_letters) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"metadata": {"deadline_ms": 10**15}}, "metadata.deadline_ms"),
+        ({"max_tokens": 2**63}, "max_tokens"),
+        ({"metadata": {"priority": -1}}, "metadata.priority"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "'tools'"),
+        ({"response_format": {"type": "json_object"}}, "'response_format'"),
+        ({"stream": True}, "'stream'"),
+        ({"logprobs": True}, "'logprobs'"),
+    ],
+)
+async def test_out_of_bounds_or_unsupported_fields_are_refused_and_the_next_routed(
+    router: Router, fields: dict[str, object], named: str
+) -> None:
+    # nothing over Kafka is dropped silently: what HTTP refuses with a 400 is a dead letter and
+    # a ChatError here, and the request behind it on the partition is routed
+    publisher = RecordingPublisher()
+    handler = IngressHandler(router, publisher, "router-test")
+    await handler([record(20, request("bad-1", **fields)), record(21, request("good-1"))])
+    out = publisher.calls[0]
+    routed = [RoutedRequest.model_validate_json(m.value) for m in out if ".tier." in m.topic]
+    assert [r.request_id for r in routed] == ["good-1"]
+    (letter,) = [json.loads(m.value) for m in out if m.topic == TOPICS.dead_letter]
+    assert named in letter["reason"] and letter["offset"] == 20
+    (error,) = [json.loads(m.value) for m in out if m.topic == TOPICS.results]
+    assert (error["request_id"], error["code"]) == ("bad-1", "invalid_request")
+
+
+async def test_an_unexpected_routing_failure_is_a_dead_letter_not_a_stalled_batch(
+    router: Router, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = router.route
+
+    def route(request: ChatRequest, *args: object, **kwargs: object) -> RoutedRequest:
+        if request.request_id == "boom":
+            raise OverflowError("date value out of range")
+        return real(request, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(router, "route", route)
+    publisher = RecordingPublisher()
+    handler = IngressHandler(router, publisher, "router-test")
+    await handler([record(30, request("boom")), record(31, request("fine"))])
+    out = publisher.calls[0]
+    assert [m.topic for m in out].count(TOPICS.tier("fast")) == 1
+    (letter,) = [json.loads(m.value) for m in out if m.topic == TOPICS.dead_letter]
+    assert letter["error_type"] == "OverflowError" and "out of range" in letter["reason"]
+    (error,) = [json.loads(m.value) for m in out if m.topic == TOPICS.results]
+    assert error["code"] == "internal_error"

@@ -14,8 +14,15 @@ import pyarrow as pa
 import pytest
 
 from schemas.topics import EVENTS_TABLE
+from schemas.v1 import AttemptEvent
+from services.common.retry import is_transient
 from services.metrics.adapters import store as store_module
-from services.metrics.adapters.store import DDL, EVENT_ID_INDEX, ClickHouseStore
+from services.metrics.adapters.store import (
+    DDL,
+    EVENT_ID_INDEX,
+    ClickHouseStore,
+    StoreUnavailable,
+)
 from services.metrics.domain.columns import TABLE_SCHEMA
 from tests.integration.stack import wait_until
 
@@ -155,3 +162,29 @@ async def test_a_table_created_before_the_index_gets_it_on_migrate(
     assert EVENT_ID_INDEX.startswith("event_id_idx event_id TYPE bloom_filter")
     granules = skip_index_granules(await store.lookup_plan(table.slice(0, 1)))
     assert granules is not None and granules[0] < granules[1]
+
+
+async def test_a_failing_store_is_transient_so_the_batch_is_retried_not_dead_lettered(
+    chdb_data_dir: Path,
+) -> None:
+    store = ClickHouseStore(f"chdb://{chdb_data_dir}/broken", "switchboard")
+    await store.migrate()
+    try:
+        # the store breaks under us (the table goes)
+        drop = "DROP TABLE switchboard.llm_events"
+        await store._run(lambda: store._connect().command(drop))
+        with pytest.raises(StoreUnavailable) as caught:
+            event = AttemptEvent(
+                request_id="r",
+                tier="t",
+                model="m",
+                provider="p",
+                rule="x",
+                config_hash="h",
+                attempt=0,
+                status="ok",
+            )
+            await store.insert([event])
+        assert is_transient(caught.value)
+    finally:
+        await store.close()

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 
 from schemas.v1 import ChatRequest, ChatResult, Usage
 from services.common.kafka import log_ends, partition_for_key
-from services.workers.adapters.outcomes import RedisOutcomeStore
+from services.workers.adapters.outcomes import RedisOutcomeStore, Stored
 from services.workers.adapters.sent import DELIVERY_HEADER
 from services.workers.app import WorkerApp
 from tests.integration.stack import Stack, collect, wait_until
@@ -97,6 +97,13 @@ async def publish_answer(stack: Stack, result: ChatResult, delivery: str) -> Non
         await producer.stop()
 
 
+def kept(record: ConsumerRecord, result: ChatResult) -> tuple[str, Stored, str]:
+    """What a worker stores for ``record`` answered with ``result``: where, what, for whom."""
+    routed = json.loads(record.value)
+    payload = result.model_dump_json().encode()
+    return routed["outcome_key"], Stored(payload, routed["fingerprint"]), result.request_id
+
+
 def delivery_of(record: ConsumerRecord) -> str:
     return f"{record.topic}:{record.partition}:{record.offset}"
 
@@ -133,9 +140,7 @@ async def test_an_answer_out_but_not_marked_sent_is_found_on_the_topic(fast_stac
     gone = other_worker(worker, "killed")
     try:
         result = stored_result(request_id)
-        await gone.put(
-            request_id, result.model_dump_json().encode(), delivery_of(record), stack.topics.results
-        )
+        await gone.put(*kept(record, result), delivery_of(record), stack.topics.results)
         await publish_answer(stack, result, delivery_of(record))
     finally:
         await gone.close()
@@ -159,9 +164,7 @@ async def test_a_record_whose_answer_was_noted_but_never_sent_is_answered(
     # what a worker killed between storing its answer and publishing it leaves behind
     gone = other_worker(worker, "killed")
     try:
-        await gone.put(
-            request_id, stored.model_dump_json().encode(), delivery_of(record), stack.topics.results
-        )
+        await gone.put(*kept(record, stored), delivery_of(record), stack.topics.results)
     finally:
         await gone.close()
 
@@ -189,8 +192,7 @@ async def test_a_living_owner_still_sending_is_waited_for(fast_stack: Stack) -> 
     await owner.start()
     try:
         for record, result in zip(records, results, strict=True):
-            payload = result.model_dump_json().encode()
-            await owner.put(result.request_id, payload, delivery_of(record), stack.topics.results)
+            await owner.put(*kept(record, result), delivery_of(record), stack.topics.results)
         handling = [asyncio.create_task(worker.handler(record)) for record in records]
         await wait_until(lambda: _true(worker.service.waited == 2), what="the worker waits")
         for record, result in zip(records, results, strict=True):
@@ -215,8 +217,8 @@ async def test_a_living_owner_that_stops_without_sending_is_taken_over(fast_stac
     owner = other_worker(worker, "stopping")
     await owner.start()
     try:
-        stored = stored_result(request_id).model_dump_json().encode()
-        await owner.put(request_id, stored, delivery_of(record), stack.topics.results)
+        stored = stored_result(request_id)
+        await owner.put(*kept(record, stored), delivery_of(record), stack.topics.results)
         handling = asyncio.create_task(worker.handler(record))
         await wait_until(lambda: _true(worker.service.waited == 1), what="the worker waits")
         assert not handling.done()

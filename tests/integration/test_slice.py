@@ -8,9 +8,24 @@ from pathlib import Path
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.v1 import ChatRequest
+from services.common.kafka import log_ends
 from tests.integration.stack import API_KEY, collect, produce, running_stack, wait_until
+from tests.integration.test_batch_kafka import committed
+
+
+async def caught_up(bootstrap: str, group: str, topic: str) -> bool:
+    """Has ``group`` committed every record of ``topic`` (2 partitions, as the stack makes it)?"""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        ends = await log_ends(consumer, [TopicPartition(topic, p) for p in range(2)])
+    finally:
+        await consumer.stop()
+    return await committed(bootstrap, group, topic, 2) == sum(ends.values())
+
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 AUTH = {"authorization": f"Bearer {API_KEY}"}
@@ -179,7 +194,20 @@ async def test_a_redelivered_request_is_answered_from_redis_without_a_second_mod
         mine = [m for m in answers if m["request_id"] == job.request_id]
         assert mine[0] == mine[1]  # the same answer, byte for byte
         assert stack.workers["fast"].service.replayed == 1
-        _, rows = await stack.metrics.store.query(
-            f"SELECT count() FROM switchboard.llm_events WHERE request_id = '{job.request_id}'"
+
+        async def recorded() -> int:
+            _, rows = await stack.metrics.store.query(
+                f"SELECT count() FROM switchboard.llm_events WHERE request_id = '{job.request_id}'"
+            )
+            return int(rows[0][0])
+
+        # the event of a model call is published before its answer, so by now both calls' events
+        # (if there were two) are on the events topic; once the writer has caught up with it,
+        # exactly one row
+        await wait_until(recorded, 60, "the model call's event to be stored")
+        await wait_until(
+            lambda: caught_up(kafka_bootstrap, stack.topics.metrics_group, stack.topics.events),
+            60,
+            "the metrics writer to catch up",
         )
-        assert rows[0][0] <= 1  # one model call recorded (or not yet flushed), never two
+        assert await recorded() == 1

@@ -8,6 +8,7 @@ tier added to the config without a worker, a typo in a host name or a port: each
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -464,6 +465,26 @@ def test_redis_url_points_at_the_redis_service(services: dict[str, dict[str, Any
         parts = urlsplit(url)
         assert parts.scheme == "redis", f"{name}: {url}"
         assert (parts.hostname, parts.port or 6379) == ("redis", 6379), f"{name}: {url}"
+
+
+def _redis_flags(svc: Mapping[str, Any]) -> dict[str, str]:
+    args = [interpolate(a, os.environ) for a in svc.get("command") or []]
+    return {a[2:]: b for a, b in itertools.pairwise(args) if a.startswith("--")}
+
+
+def test_leases_and_notes_never_evict_and_outcomes_have_a_bounded_redis(
+    services: dict[str, dict[str, Any]], workers: dict[str, dict[str, Any]]
+) -> None:
+    # a Redis that evicts may hold only outcomes (a cache); leases and delivery notes must stay
+    main, outcomes = _redis_flags(services["redis"]), _redis_flags(services["redis-outcomes"])
+    assert main.get("maxmemory-policy") == "noeviction"
+    assert outcomes.get("maxmemory-policy") == "allkeys-lru" and outcomes.get("maxmemory")
+    for name, svc in workers.items():
+        env = resolved_env(svc)
+        url = urlsplit(env["SWITCHBOARD_OUTCOME_REDIS_URL"])
+        assert (url.hostname, url.port or 6379) == ("redis-outcomes", 6379), name
+        assert int(env["SWITCHBOARD_OUTCOME_TTL_S"]) == WorkerSettings().outcome_ttl_s, name
+        assert svc["depends_on"]["redis-outcomes"]["condition"] == "service_healthy", name
 
 
 def test_clickhouse_url_points_at_the_clickhouse_service(

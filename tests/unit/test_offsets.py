@@ -27,3 +27,26 @@ def test_partitions_are_independent_and_forgettable() -> None:
     t.finished("a", 0)  # finished after revocation: ignored, the new owner redoes it
     assert "a" not in t.to_commit()
     assert t.in_flight("b") == 0
+
+
+def test_offsets_the_partition_never_hands_out_do_not_freeze_the_point() -> None:
+    # compaction, transaction markers or a reset leave gaps: 11 and 12 never arrive
+    t = OffsetTracker()
+    for off in (10, 13, 14):
+        t.started("p", off)
+    t.finished("p", 10)
+    assert t.to_commit() == {"p": 13}
+    t.finished("p", 14)
+    assert t.to_commit() == {"p": 13}  # 13 is still in flight
+    t.finished("p", 13)
+    assert t.to_commit() == {"p": 15}
+
+
+def test_a_record_read_again_from_further_back_holds_the_point() -> None:
+    t = OffsetTracker()
+    t.started("p", 5)
+    t.finished("p", 5)
+    t.started("p", 2)  # rewound
+    assert t.to_commit() == {"p": 2}
+    t.finished("p", 2)
+    assert t.to_commit() == {"p": 6}

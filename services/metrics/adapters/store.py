@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from schemas.topics import EVENTS_TABLE
 from schemas.v1 import AttemptEvent
+from services.common.retry import Transient
 from services.metrics.domain.columns import TABLE_SCHEMA, dedup_token, events_table
 
 DDL = """
@@ -111,6 +112,10 @@ def _client(url: str) -> Any:
     return clickhouse_connect.get_client(dsn=url)
 
 
+class StoreUnavailable(Transient):
+    """ClickHouse failed an insert or lookup of valid rows: retried with backoff."""
+
+
 class ClickHouseStore:
     def __init__(self, url: str, database: str) -> None:
         if not _IDENT.match(database):
@@ -162,7 +167,7 @@ class ClickHouseStore:
         if table.schema != TABLE_SCHEMA:
             raise ValueError(f"rows must be shaped as TABLE_SCHEMA, got {table.schema}")
         if table.num_rows:
-            await self._run(self._insert, table, token)
+            await self._store_call("insert", self._insert, table, token)
 
     async def insert(self, events: Sequence[AttemptEvent]) -> None:
         table = events_table(events)
@@ -182,7 +187,16 @@ class ClickHouseStore:
         ``rows`` needs the ``event_id`` and ``ts`` columns of ``TABLE_SCHEMA``."""
         if not rows.num_rows:
             return set()
-        return set(await self._run(self._stored, list(_lookups(rows))))
+        return set(await self._store_call("lookup", self._stored, list(_lookups(rows))))
+
+    async def _store_call(self, what: str, fn: Any, *args: Any) -> Any:
+        """An insert or lookup of rows already checked against the columns (decode): if it
+        fails, the store is in trouble (down, too many parts, out of memory), not the rows.
+        chDB reports all of it as ``DatabaseError``; it is retried, never dead-lettered."""
+        try:
+            return await self._run(fn, *args)
+        except Exception as exc:
+            raise StoreUnavailable(f"ClickHouse {what} failed: {exc}"[:1000]) from exc
 
     def _plan(self, parameters: dict[str, Any]) -> list[str]:
         sql = "EXPLAIN indexes = 1 " + LOOKUP_SQL.format(table=self._table)

@@ -31,6 +31,7 @@ from litellm.utils import ProviderConfigManager
 from schemas.v1 import ChatRequest, Usage
 from services.common.routing_config import ModelSpec
 from services.workers.errors import (
+    AdapterError,
     AuthFailed,
     BadRequest,
     ModelCallError,
@@ -132,7 +133,7 @@ def _call_args(spec: ModelSpec, request: ChatRequest, timeout_s: float) -> dict[
         args["api_key"] = key
     elif spec.api_base:
         args["api_key"] = _NO_KEY
-    for name in ("max_tokens", "temperature", "top_p", "stop"):
+    for name in _SAMPLING:
         value = getattr(request, name)
         if value is not None:
             args[name] = value
@@ -233,10 +234,17 @@ class LiteLLMClient:
         return self._session
 
     async def complete(self, spec: ModelSpec, request: ChatRequest, timeout_s: float) -> Completion:
-        route = _direct_route(spec.model, spec.api_base) if spec.transport == "auto" else None
-        if route is not None:
-            return await self._complete_direct(route, spec, request, timeout_s)
-        return await self._complete_litellm(spec, request, timeout_s)
+        try:
+            route = _direct_route(spec.model, spec.api_base) if spec.transport == "auto" else None
+            if route is not None:
+                return await self._complete_direct(route, spec, request, timeout_s)
+            return await self._complete_litellm(spec, request, timeout_s)
+        except ModelCallError:
+            raise
+        except Exception as exc:
+            # mapping the parameters or folding the stream failed: asking this model again
+            # (another paid call) would fail the same way
+            raise AdapterError(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
 
     async def _complete_direct(
         self, route: _Route, spec: ModelSpec, request: ChatRequest, timeout_s: float
@@ -320,7 +328,15 @@ class LiteLLMClient:
         return Completion(body, usage, ttft, latency, cost_usd(spec, usage))
 
 
-_SAMPLING = ("max_tokens", "temperature", "top_p", "stop")
+_SAMPLING = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+)
 
 
 async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:

@@ -1,6 +1,11 @@
-"""Redis: the last outcome of every request, and who sends each delivery's answer.
+"""Redis: the final outcome of every request, and who sends each delivery's answer.
 
-A redelivered request is answered again from here without calling the model again. A *delivery*
+A redelivered request, or one sent again with the same idempotency key, is answered again from
+here without calling the model again. Only final outcomes are kept (an answer, or an error that
+would come out the same again); after a retryable one (a deadline, a rate limit, every model
+down) a resend gets a fresh try. Outcomes are kept under the routed request's ``outcome_key``
+(scoped to the tenant or the producer), with the request's fingerprint: a resend under the same
+key asking for something else is not answered with it. A *delivery*
 is one record of a tier topic (``topic:partition:offset``). Before its answer is published the
 worker notes, first come first kept, that it (``owner``, one id per worker process) sends it and
 where. A worker that gets the same record again (after a crash, or while a worker the group gave
@@ -32,7 +37,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 log = logging.getLogger(__name__)
 
-OUTCOME_TTL_S = 24 * 3600
+OUTCOME_TTL_S = 24 * 3600  # the default of the worker setting outcome_ttl_s
 # How long a worker counts as alive after it last renewed its lease. A process that is killed
 # is known to be gone this long after its last renewal; the record's next owner gets it after the
 # group's session timeout (6 s by default), so by then the lease has mostly run out already.
@@ -46,6 +51,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A final outcome kept for resends: the outcome's JSON, and the fingerprint of the request
+    it answered (None: stored without one)."""
+
+    payload: bytes
+    fingerprint: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,15 +77,17 @@ class Sending:
 class OutcomeStore(Protocol):
     owner: str  # this worker process
 
-    async def lookup(self, request_id: str, delivery: str) -> tuple[bytes | None, Sending | None]:
-        """The request's stored outcome, and whether this delivery has begun sending it."""
+    async def lookup(
+        self, key: str, request_id: str, delivery: str
+    ) -> tuple[Stored | None, Sending | None]:
+        """The outcome stored under ``key``, and whether this delivery has begun sending it."""
         ...
 
     async def put(
-        self, request_id: str, payload: bytes, delivery: str, topic: str
+        self, key: str, stored: Stored, request_id: str, delivery: str, topic: str
     ) -> Sending | None:
-        """Store the outcome and note that this worker sends ``delivery``'s answer to ``topic``;
-        if the delivery was noted already, return that note (which stays)."""
+        """Store a final outcome under ``key`` and note that this worker sends ``delivery``'s
+        answer to ``topic``; if the delivery was noted already, return that note (which stays)."""
         ...
 
     async def sending(self, request_id: str, delivery: str, topic: str) -> Sending | None:
@@ -101,12 +117,20 @@ class OutcomeStore(Protocol):
 
 
 class RedisOutcomeStore:
-    def __init__(self, url: str, prefix: str, name: str) -> None:
-        pool = BlockingConnectionPool.from_url(
-            url, max_connections=64, timeout=2, socket_timeout=2, socket_connect_timeout=2
-        )
-        self._redis = Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        name: str,
+        outcome_ttl_s: int = OUTCOME_TTL_S,
+        outcome_url: str | None = None,
+    ) -> None:
+        self._redis = _client(url)  # leases and notes: must never be evicted
+        # outcomes: a cache, which a Redis of its own may evict (losing one costs a model call)
+        self._cache = _client(outcome_url) if outcome_url else self._redis
         self._outcome = f"{prefix}:outcome:"
+        self._fingerprint = f"{prefix}:fingerprint:"
+        self._ttl_s = outcome_ttl_s
         self._notes = f"{prefix}:sent:"
         self._done = f"{prefix}:done:"
         self._lease = f"{prefix}:alive:"
@@ -146,15 +170,27 @@ class RedisOutcomeStore:
     def _keys(self, request_id: str, delivery: str) -> tuple[str, str]:
         return f"{self._notes}{request_id}:{delivery}", f"{self._done}{request_id}:{delivery}"
 
-    async def lookup(self, request_id: str, delivery: str) -> tuple[bytes | None, Sending | None]:
+    async def lookup(
+        self, key: str, request_id: str, delivery: str
+    ) -> tuple[Stored | None, Sending | None]:
         try:
-            outcome, note, done = await self._redis.mget(
-                self._outcome + request_id, *self._keys(request_id, delivery)
-            )
+            kept = (self._outcome + key, self._fingerprint + key)
+            if self._cache is self._redis:
+                outcome, fingerprint, note, done = await self._redis.mget(
+                    *kept, *self._keys(request_id, delivery)
+                )
+            else:
+                (outcome, fingerprint), (note, done) = await asyncio.gather(
+                    self._cache.mget(*kept), self._redis.mget(*self._keys(request_id, delivery))
+                )
         except Exception as exc:
             self._unavailable("redeliveries are not recognised", exc)
             return None, None
-        return (outcome if isinstance(outcome, bytes) else None), _sending(note, done)
+        stored = None
+        if isinstance(outcome, bytes):
+            fp = fingerprint.decode() if isinstance(fingerprint, bytes) else None
+            stored = Stored(outcome, fp)
+        return stored, _sending(note, done)
 
     async def note(self, request_id: str, delivery: str) -> Sending | None:
         try:
@@ -165,13 +201,21 @@ class RedisOutcomeStore:
         return _sending(note, done)
 
     async def put(
-        self, request_id: str, payload: bytes, delivery: str, topic: str
+        self, key: str, stored: Stored, request_id: str, delivery: str, topic: str
     ) -> Sending | None:
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.set(self._outcome + request_id, payload, ex=OUTCOME_TTL_S)
-                self._note(pipe, request_id, delivery, topic)
-                _, earlier = await pipe.execute()
+            async with self._cache.pipeline(transaction=False) as pipe:
+                pipe.set(self._outcome + key, stored.payload, ex=self._ttl_s)
+                if stored.fingerprint:
+                    pipe.set(self._fingerprint + key, stored.fingerprint, ex=self._ttl_s)
+                else:
+                    pipe.delete(self._fingerprint + key)
+                if self._cache is self._redis:
+                    self._note(pipe, request_id, delivery, topic)
+                    *_, earlier = await pipe.execute()
+                else:
+                    await pipe.execute()
+                    return await self.sending(request_id, delivery, topic)
         except Exception as exc:
             self._unavailable("outcome not stored", exc)
             return None
@@ -191,11 +235,11 @@ class RedisOutcomeStore:
         """SET NX GET: the first note of a delivery stays; a later one gets it back (without its
         sent mark, which only a search sets: the caller looks for the answer anyway)."""
         note = _encode(topic, int(time.time() * 1000), self.owner)
-        pipe.set(self._keys(request_id, delivery)[0], note, ex=OUTCOME_TTL_S, nx=True, get=True)
+        pipe.set(self._keys(request_id, delivery)[0], note, ex=self._ttl_s, nx=True, get=True)
 
     async def sent(self, request_id: str, delivery: str) -> None:
         try:
-            await self._redis.set(self._keys(request_id, delivery)[1], b"1", ex=OUTCOME_TTL_S)
+            await self._redis.set(self._keys(request_id, delivery)[1], b"1", ex=self._ttl_s)
         except Exception as exc:
             self._unavailable("answer not marked sent", exc)
 
@@ -211,7 +255,7 @@ class RedisOutcomeStore:
         try:
             key = self._keys(request_id, delivery)[0]
             taken = await self._redis.eval(  # type: ignore[misc]
-                _TAKE_OVER, 1, key, note.raw, mine, OUTCOME_TTL_S
+                _TAKE_OVER, 1, key, note.raw, mine, self._ttl_s
             )
         except Exception as exc:
             self._unavailable("note not taken over", exc)
@@ -233,6 +277,15 @@ class RedisOutcomeStore:
             with contextlib.suppress(Exception):  # gone now: nobody need wait out the lease
                 await self._redis.delete(self._lease + self.owner)
         await self._redis.aclose()
+        if self._cache is not self._redis:
+            await self._cache.aclose()
+
+
+def _client(url: str) -> Redis:
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=64, timeout=2, socket_timeout=2, socket_connect_timeout=2
+    )
+    return Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
 
 
 def _encode(topic: str, at_ms: int, owner: str) -> bytes:
