@@ -427,7 +427,7 @@ class BatchConsumer:
 
     Up to ``max_in_flight`` batches are handled at once, so the next batch is fetched and worked
     on while the previous one waits for the broker's or the store's acknowledgement (one at a
-    time, the router's event loop sat idle 12-15% of the time waiting for them). Commits still
+    time, the event loop sits idle while it waits: docs/hot-path.md). Commits still
     follow batch order: a batch is committed only when it and every batch before it are done.
 
     With ``linger_ms`` a batch collects what arrives over that long (up to ``max_records``)

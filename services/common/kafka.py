@@ -66,9 +66,8 @@ async def _past_unknown_errors(send: Callable[[], Awaitable[T]]) -> T:
 # --- key → partition, as every Kafka client computes it -------------------------------------------
 #
 # Kafka's default partitioner: murmur2(key) & 0x7fffffff mod partitions (Java's Utils.murmur2).
-# aiokafka implements it in pure Python at ~13 µs per 40-byte key, more than the rest of a
-# router decision; the loop below does the same arithmetic in half the time, and
-# ``partitions_for_keys`` does a whole batch at once with numpy at well under 1 µs a key.
+# Ours rather than aiokafka's pure-Python one, which costs more than the rest of a router
+# decision; ``partitions_for_keys`` does a whole batch at once with numpy (docs/hot-path.md).
 
 _M = 0x5BD1E995
 _MASK = 0xFFFFFFFF
@@ -290,8 +289,8 @@ def make_broker(bootstrap: str, client_id: str) -> KafkaBroker:
         # No idempotent producer: Tansu answers InitProducerId with an error. Duplicates from
         # producer retries are absorbed downstream (outcome cache, insert de-duplication).
         linger_ms=1,
-        # aiokafka's default 16 KB batch holds ~15 results: under load, publishers queued
-        # behind full batches (wait_drain took ~12% of a busy worker's CPU in py-spy)
+        # aiokafka's default 16 KB batch holds a handful of results: under load, publishers
+        # queued behind full batches (docs/hot-path.md)
         max_batch_size=BATCH_BYTES,
         max_request_size=MAX_MESSAGE_BYTES,
         partitioner=KeyPartitioner(),
@@ -321,8 +320,8 @@ class BatchPublisher(Protocol):
 class KafkaBatchPublisher:
     """``BatchPublisher`` on an aiokafka producer: one record batch per partition per call.
 
-    aiokafka's per-message ``send()`` costs ~25 µs (hashing the key in pure Python, accumulator
-    bookkeeping, a future per message); appending to a record batch costs ~1.6 µs. Keys go to the
+    Appending to a record batch costs a fraction of aiokafka's per-message ``send()`` (which
+    hashes the key in pure Python and keeps a future per message; docs/hot-path.md). Keys go to the
     partition Kafka's default partitioner picks, so a request id lands where the HTTP path
     (``BrokerPublisher``) would put it. A batch the broker refuses with UnknownError is built and
     sent again (``UNKNOWN_ERROR_RETRY_S``); any other failure raises: the caller retries the whole

@@ -71,7 +71,7 @@ def bind(host: str, port: int) -> socket.socket:
 
     The protocol is named (IPPROTO_TCP, not 0) because asyncio sets TCP_NODELAY only on
     sockets whose ``proto`` says TCP, and accepted connections inherit it: without it, Nagle's
-    algorithm held each small response back ~40 ms waiting for the client's delayed ACK.
+    algorithm holds each small response back until the client's delayed ACK (docs/hot-path.md).
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -98,7 +98,7 @@ async def start_http(
         log_level="warning",
         lifespan="on" if lifespan else "off",
         access_log=False,
-        http="httptools",  # the C parser: h11 (pure Python) cost ~10% of the router's CPU
+        http="httptools",  # the C parser: h11 (pure Python) costs far more CPU a request
         # Longer than any client keeps an idle connection (httpx and the OpenAI SDK: 5 s,
         # aiohttp: 15 s): at uvicorn's default of 5 s the server could close a connection just
         # as a client sent a request on it, and that request failed with a reset.

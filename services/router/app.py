@@ -78,8 +78,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
         await reader.start()
         await batch_publisher.start()
         # The ingress is a batch consumer: a fetched batch is routed, published in one go, and
-        # committed once all of it is stored (FastStream's one-message-at-a-time subscriber with
-        # a broker round trip per publish managed under 200 requests/s here).
+        # committed once all of it is stored (FastStream's one-message-at-a-time subscriber pays
+        # a broker round trip per publish: docs/hot-path.md).
         consumer = BatchConsumer(
             bootstrap=settings.kafka_bootstrap,
             topics=[topics.ingress],

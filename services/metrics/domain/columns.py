@@ -14,9 +14,8 @@ that record is refused with the error (so a value no step foresaw costs a dead l
 writer stuck retrying the batch).
 
 Why two paths: validating each record with pydantic and turning its objects into Arrow columns
-cost ~67k instructions an event (~38k validating, ~29k converting), about as much as the rest of
-the writer together; Arrow's reader goes from the bytes to typed columns in ~33k, and the checks
-below run on whole columns. The fast path only takes rows it can vouch for: every field present
+costs about as much as the rest of the writer together; Arrow's reader goes from the bytes to
+typed columns in half that, and the checks below run on whole columns (docs/hot-path.md). The fast path only takes rows it can vouch for: every field present
 and non-null (``ttft_ms`` excepted), the JSON type of each field exactly as AttemptEvent reads it
 (Arrow refuses ``1.0`` for an integer or ``"1"`` for a number, pydantic may coerce: such records
 take the slow path), ``ts`` in the exact ISO 8601 form, the schema's own constraints, and

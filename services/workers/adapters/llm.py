@@ -210,8 +210,8 @@ class LiteLLMClient:
       maps the parameters, builds the URL, headers and body, and parses every stream chunk
       (``get_model_response_iterator``); the HTTP call runs on this client's own aiohttp pool.
       This skips ``acompletion``'s per-call wrapper (logging objects, three cost calculations,
-      the stream wrapper and chunk rebuilder), which cost ≈20 ms of CPU per streamed call here
-      (bench/README.md).
+      the stream wrapper and chunk rebuilder), most of a streamed call's CPU
+      (docs/hot-path.md).
     * **litellm** (every other provider, or ``transport: litellm``): ``litellm.acompletion``.
     """
 
