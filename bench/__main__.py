@@ -5,7 +5,7 @@ scenario starts the processes it measures and stops them before the next begins,
 never share a core with each other's leftovers. A scenario that fails is reported as failed,
 the others still run, and the command exits non-zero.
 
-    python -m bench                 # the full suite (about 12 minutes on 2 cores)
+    python -m bench                 # the full suite (about 15 minutes on 2 cores)
     python -m bench --only worker   # some scenarios (comma-separated keys)
     python -m bench --quick --out /tmp/b   # tiny sizes: checks the mechanics, not a result
 """
@@ -25,13 +25,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import decisions, ingest, jobs, redis_sizing, startup, sync, worker
+from bench import decisions, ingest, jobs, redis_sizing, startup, sync, sync_light, worker
 from bench.common import RESULTS_DIR, Bench, Section, machine_info
 from bench.targets import evaluate, targets_markdown
 
 SCENARIOS: dict[str, Callable[[Bench], Section]] = {
     "startup": startup.run,
     "sync": sync.run,
+    "sync_light": sync_light.run,
     "worker": worker.run,
     "router": decisions.run,
     "metrics": ingest.run,
@@ -145,7 +146,13 @@ def render(
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} logical cores, "
         f"{machine['memory_gib']} GiB, Python {machine['python']}, {machine['os']}, "
-        f"host {machine['host']}, commit {machine['commit'] or 'unknown'}. Every process "
+        f"host {machine['host']}, commit {machine['commit'] or 'unknown'}"
+        + (
+            f" with uncommitted changes to {', '.join(machine['uncommitted'])}"
+            if machine.get("uncommitted")
+            else ""
+        )
+        + ". Every process "
         "(load generator, broker, Redis, simulator, our services, the LiteLLM proxy) shares "
         "these cores. Models are served by the provider SIMULATOR, not real providers; the "
         "broker is Tansu (in-memory), ClickHouse is chDB.",

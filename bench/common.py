@@ -47,15 +47,7 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
                 break
-    commit = ""
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+    commit = _git("rev-parse", "--short", "HEAD").strip()
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "host": socket.gethostname(),
@@ -65,7 +57,29 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "os": f"{platform.system()} {platform.release()}",
         "commit": commit,
+        "uncommitted": uncommitted_changes(),
     }
+
+
+def _git(*args: str) -> str:
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
+    return ""
+
+
+def uncommitted_changes() -> list[str]:
+    """Tracked files that differ from the commit and can change a figure (tests, docs and
+    results cannot), so a result is never credited to a commit that lacks its code."""
+    paths = [
+        line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()
+    ]
+    return [
+        p
+        for p in paths
+        if not p.startswith(("tests/", "docs/", "bench/results/")) and not p.endswith(".md")
+    ]
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -145,6 +159,14 @@ class ProcSampler:
             self._thread.join()
         self._peak = max(self._peak, self.rss_mb())
         return CpuSample(self._cpu() - self._cpu0, time.perf_counter() - self._t0, self._peak)
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants as of now (``[pid]`` alone once it is gone)."""
+    try:
+        return [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:
+        return [pid]
 
 
 def http_ok(url: str) -> bool:

@@ -1,11 +1,13 @@
 """Scenario 1, sync overhead: what a synchronous call through Switchboard costs over calling the
 provider directly, beside the LiteLLM proxy, under open-loop load.
 
-Three targets answer the same OpenAI chat request from the same simulated model (a fixed 50 ms,
+Four targets answer the same OpenAI chat request from the same simulated model (a fixed 50 ms,
 no jitter): the simulator itself (*direct*), Switchboard's HTTP front door (router → Kafka →
-worker → simulator → Kafka → router), and the LiteLLM proxy. ``bench.loadgen`` drives each at
-50, 100, 200 and 500 RPS from its own process. At every rate the three run back to back, so a
-noisy neighbour on the shared machine hurts all three alike rather than one whole column.
+worker → simulator → Kafka → router), the LiteLLM proxy as it starts by default (one process),
+and the LiteLLM proxy with ``--num_workers`` equal to the cores, as its users run it: the peer on
+the same cores Switchboard's processes share. ``bench.loadgen`` drives each at 50, 100, 200 and
+500 RPS from its own process. At every rate the four run back to back, so a noisy neighbour on
+the shared machine hurts all of them alike rather than one whole column.
 
 A target that collapsed (a fifth of its requests failed, or a median of seconds: its queue grows
 without bound) is not driven at higher rates, except at 200 RPS where the issue's targets are
@@ -19,9 +21,10 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ from bench.common import (
     Section,
     base_env,
     percentile,
+    process_tree,
     python,
     routing_config,
     start_stack,
@@ -56,8 +60,16 @@ PROFILE: dict[str, Any] = {
     "output_tokens": 16,
     "jitter": 0.0,
 }
-TARGETS = ("direct", "switchboard", "litellm")
-LABELS = {"direct": "Direct", "switchboard": "Switchboard", "litellm": "LiteLLM proxy"}
+CORES = os.cpu_count() or 1
+TARGETS = ("direct", "switchboard", "litellm", "litellm_workers")
+PEERS = ("litellm", "litellm_workers")  # the LiteLLM proxy: one process, then one per core
+LABELS = {
+    "direct": "Direct",
+    "switchboard": "Switchboard",
+    "litellm": "LiteLLM proxy (1 process)",
+    "litellm_workers": f"LiteLLM proxy ({CORES} workers)",
+}
+PROXY_PROCS = {"litellm": "litellm-proxy", "litellm_workers": f"litellm-proxy-x{CORES}"}
 FULL_RATES = (50, 100, 200, 500)
 QUICK_RATES = (20,)
 TIMEOUT_S = 10.0
@@ -103,8 +115,11 @@ class Target:
     url: str
     body_file: Path
     headers: dict[str, str] = field(default_factory=dict)
-    # The processes whose CPU this target's requests cost (the simulator is shared by all).
+    # The processes whose CPU this target's requests cost (the simulator is shared by all); a
+    # process's figures include its descendants (the proxy's workers).
     procs: dict[str, int] = field(default_factory=dict)
+    # Called around each step: a start hook returning a stop hook, whose dict joins the result.
+    observe: Callable[[], Callable[[], dict[str, Any]]] | None = None
 
 
 # --- running the generator ---------------------------------------------------------------------
@@ -164,10 +179,13 @@ def settle(target: Target, prompt_s: float, limit_s: float) -> float:
 
 
 def _cpu_s(pid: int) -> float:
-    with contextlib.suppress(psutil.Error):
-        t = psutil.Process(pid).cpu_times()
-        return float(t.user + t.system)
-    return 0.0
+    """CPU seconds of ``pid`` and its descendants (the proxy's workers)."""
+    total = 0.0
+    for each in process_tree(pid):
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(each).cpu_times()
+            total += t.user + t.system
+    return total
 
 
 class CpuWindow:
@@ -214,8 +232,11 @@ def idle_load(watched: Mapping[str, int], seconds: float) -> dict[str, Any]:
 def step(target: Target, rate: int, plan: Plan, watched: Mapping[str, int]) -> dict[str, Any]:
     """Drive ``target`` at ``rate``; add the CPU its processes, ours and the machine used."""
     window = CpuWindow(watched)
+    stop_observing = target.observe() if target.observe else None
     result = drive(target, rate, plan.duration_s, plan.warmup_s)
     w = window.close(extra_cpu_s=result.get("generator_cpu_s") or 0.0)
+    if stop_observing:
+        result.update(stop_observing())
     requests = result["sent"] + round(rate * plan.warmup_s)
     cpu = {n: s for n, s in w["cpu_s"].items() if n in target.procs}
     result.update(
@@ -246,7 +267,7 @@ def skipped(reason: str) -> dict[str, Any]:
 # --- the scenario --------------------------------------------------------------------------------
 
 
-def _child(bench: Bench, prefix: str) -> Child:
+def child_named(bench: Bench, prefix: str) -> Child:
     """The most recent child of ``bench`` whose name starts with ``prefix``.
 
     ``Bench.simulator()``/``broker()``/``redis()`` return addresses only; their pids are needed
@@ -258,7 +279,7 @@ def _child(bench: Bench, prefix: str) -> Child:
     raise LookupError(prefix)
 
 
-def _body(bench: Bench, name: str, model: str) -> Path:
+def body_file(bench: Bench, name: str, model: str) -> Path:
     path = bench.work_dir / f"sync-{name}.json"
     path.write_text(json.dumps({"model": model, "messages": PROMPT}))
     return path
@@ -270,31 +291,57 @@ def make_targets(
     sim: Child,
     stack: RunningStack,
     extra_stack: Mapping[str, int],
-    proxy: LiteLLMProxy,
+    proxies: Mapping[str, LiteLLMProxy],
 ) -> dict[str, Target]:
-    """The three targets: same prompt, same simulated model, each with its own processes."""
+    """The four targets: same prompt, same simulated model, each with its own processes."""
     stack_procs = {name: child.pid for name, child in stack.children.items()}
     return {
         "direct": Target(
             "direct",
             f"{sim_url}/v1/chat/completions",
-            _body(bench, "direct", MODEL),
+            body_file(bench, "direct", MODEL),
             procs={"simulator": sim.pid},
         ),
         "switchboard": Target(
             "switchboard",
             f"{stack.base_url}/v1/chat/completions",
-            _body(bench, "switchboard", AUTO_MODEL),
+            body_file(bench, "switchboard", AUTO_MODEL),
             {"authorization": f"Bearer {stack.api_key}"},
             procs={**stack_procs, **extra_stack},
         ),
-        "litellm": Target(
-            "litellm",
+        **proxy_targets(bench, proxies, MODEL),
+    }
+
+
+def proxy_targets(
+    bench: Bench, proxies: Mapping[str, LiteLLMProxy], model: str
+) -> dict[str, Target]:
+    """One target per started proxy (keys of ``PEERS``), asking for ``model``."""
+    return {
+        name: Target(
+            name,
             f"{proxy.url}/v1/chat/completions",
-            _body(bench, "litellm", MODEL),
+            body_file(bench, f"{name}-{model}", model),
             {"authorization": f"Bearer {proxy.key}"},
-            procs={"litellm-proxy": proxy.pid},
-        ),
+            procs={PROXY_PROCS[name]: proxy.pid},
+        )
+        for name, proxy in proxies.items()
+    }
+
+
+def start_proxies(bench: Bench, sim_url: str, models: list[str]) -> dict[str, LiteLLMProxy]:
+    """The LiteLLM proxy twice, on the same simulator: one process, and one worker per core."""
+    return {
+        "litellm": start_proxy(bench, sim_url, models),
+        "litellm_workers": start_proxy(bench, sim_url, models, workers=CORES),
+    }
+
+
+def usage_of(samplers: Mapping[str, ProcSampler]) -> dict[str, dict[str, float]]:
+    """Peak RSS and CPU of each sampled process (with its descendants) since it started."""
+    return {
+        name: {"peak_rss_mb": round(u.rss_mb_peak, 1), "cpu_s": round(u.cpu_s, 2)}
+        for name, u in ((n, s.stop()) for n, s in samplers.items())
     }
 
 
@@ -302,12 +349,12 @@ def run(bench: Bench) -> Section:
     plan = Plan.for_bench(bench)
     with bench.scope():
         sim_url = bench.simulator(profiles={MODEL: PROFILE})
-        sim = _child(bench, "simulator-")
-        proxy = start_proxy(bench, sim_url, [MODEL])  # boots while the stack starts
+        sim = child_named(bench, "simulator-")
+        proxies = start_proxies(bench, sim_url, [MODEL])  # they boot while the stack starts
         bootstrap = bench.broker()
-        broker = _child(bench, "broker")
+        broker = child_named(bench, "broker")
         redis_url = bench.redis()
-        redis = _child(bench, "redis")
+        redis = child_named(bench, "redis")
         config = routing_config(
             bench.work_dir / "sync.yaml",
             sim_url,
@@ -316,23 +363,20 @@ def run(bench: Bench) -> Section:
             concurrency=TIER_CONCURRENCY,
         )
         stack = start_stack(bench, config, bootstrap=bootstrap, redis_url=redis_url)
-        proxy.wait_ready()
+        for proxy in proxies.values():
+            proxy.wait_ready()
         extra = {"broker": broker.pid, "redis": redis.pid}
-        by_name = make_targets(bench, sim_url, sim, stack, extra, proxy)
-        watched = {"simulator": sim.pid, **by_name["switchboard"].procs, "litellm-proxy": proxy.pid}
-        samplers = {name: ProcSampler([pid]).start() for name, pid in watched.items()}
+        by_name = make_targets(bench, sim_url, sim, stack, extra, proxies)
+        watched = {n: pid for t in by_name.values() for n, pid in t.procs.items()}
+        samplers = {n: ProcSampler(process_tree(pid)).start() for n, pid in watched.items()}
         idle = idle_load(watched, plan.idle_s)
         hop = asyncio.run(kafka_hop(bootstrap, bench.scale(300, 50)))
         t0 = time.perf_counter()
         try:
             rates, primed = sweep(by_name, plan, watched)
         finally:
-            usage = {name: s.stop() for name, s in samplers.items()}
+            processes = usage_of(samplers)
         data = summarise(plan, rates, primed)
-        processes = {
-            name: {"peak_rss_mb": round(u.rss_mb_peak, 1), "cpu_s": round(u.cpu_s, 2)}
-            for name, u in usage.items()
-        }
         data.update(
             kafka_hop=hop,
             idle=idle,
@@ -341,10 +385,11 @@ def run(bench: Bench) -> Section:
             rss_mb={
                 "router": processes["router"]["peak_rss_mb"],
                 "worker": processes["worker-bench"]["peak_rss_mb"],
-                "litellm-proxy": processes["litellm-proxy"]["peak_rss_mb"],
+                **{n: processes[n]["peak_rss_mb"] for n in PROXY_PROCS.values()},
             },
             **switchboard_cpu(rates),
-            litellm_proxy=proxy.settings,
+            litellm_proxy=proxies["litellm"].settings,
+            litellm_proxies={name: proxy.settings for name, proxy in proxies.items()},
             switchboard={
                 "model": AUTO_MODEL,
                 "tier": "bench",
@@ -406,20 +451,26 @@ async def kafka_hop(bootstrap: str, samples: int) -> dict[str, Any]:
 
 
 def sweep(
-    by_name: Mapping[str, Target], plan: Plan, watched: Mapping[str, int]
+    by_name: Mapping[str, Target],
+    plan: Plan,
+    watched: Mapping[str, int],
+    *,
+    prompt_s: float = 4 * PROFILE["ttft_s"] + 0.2,
+    always_rate: int | None = TARGET_RATE,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Prime each target, then every rate with the three targets back to back."""
-    prompt_s = 4 * PROFILE["ttft_s"] + 0.2
+    """Prime each target, then every rate with the targets back to back, in ``by_name``'s
+    order. A collapsed target is not driven again except at ``always_rate``; after each step a
+    target is probed until it answers within ``prompt_s``."""
     primed = {}
-    for name in TARGETS:
-        primed[name] = drive(by_name[name], PRIME_RPS, plan.prime_s, 0.0)
-        settle(by_name[name], prompt_s, plan.settle_s)
+    for name, target in by_name.items():
+        primed[name] = drive(target, PRIME_RPS, plan.prime_s, 0.0)
+        settle(target, prompt_s, plan.settle_s)
     rates: dict[str, dict[str, Any]] = {}
     collapsed: dict[str, str] = {}
     for rate in plan.rates:
         rates[str(rate)] = {}
-        for name in TARGETS:
-            if name in collapsed and rate != TARGET_RATE:
+        for name in by_name:
+            if name in collapsed and rate != always_rate:
                 rates[str(rate)][name] = skipped(collapsed[name])
                 continue
             result = step(by_name[name], rate, plan, watched)
@@ -459,19 +510,38 @@ def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else round(a - b, 3)
 
 
-def summarise(
-    plan: Plan, rates: Mapping[str, Mapping[str, Any]], primed: Mapping[str, Any]
-) -> dict[str, Any]:
+def sweep_figures(rates: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """What every sweep reports of its targets ``names`` (``direct`` first): overhead over
+    direct, the highest sustained and stable rates, and the steps whose generator lagged."""
     overhead = {
         rate: {
             name: {
                 "p50_ms": _diff(row[name]["p50_ms"], row["direct"]["p50_ms"]),
                 "p99_ms": _diff(row[name]["p99_ms"], row["direct"]["p99_ms"]),
             }
-            for name in ("switchboard", "litellm")
+            for name in names
+            if name != "direct"
         }
         for rate, row in rates.items()
     }
+    return {
+        "overhead_ms": overhead,
+        "max_sustained_rps": {name: max_sustained(rates, name) for name in names},
+        "max_stable_rps": {name: max_sustained(rates, name, STABLE_P99_MS) for name in names},
+        "stable_p99_ms": STABLE_P99_MS,
+        "generator_lagged": [
+            f"{name}@{rate}"
+            for rate, row in rates.items()
+            for name, r in row.items()
+            if "skipped" not in r and not r["generator_kept_up"]
+        ],
+    }
+
+
+def summarise(
+    plan: Plan, rates: Mapping[str, Mapping[str, Any]], primed: Mapping[str, Any]
+) -> dict[str, Any]:
+    figures = sweep_figures(rates, TARGETS)
     return {
         "profile": {"name": MODEL, **PROFILE, "tokens_per_s": str(PROFILE["tokens_per_s"])},
         "nominal_latency_ms": PROFILE["ttft_s"] * 1000,
@@ -482,17 +552,8 @@ def summarise(
         "timeout_s": TIMEOUT_S,
         "quick": plan.rates == QUICK_RATES,
         "rates": dict(rates),
-        "overhead_ms": overhead,
-        "max_sustained_rps": {name: max_sustained(rates, name) for name in TARGETS},
-        "max_stable_rps": {name: max_sustained(rates, name, STABLE_P99_MS) for name in TARGETS},
-        "stable_p99_ms": STABLE_P99_MS,
-        "generator_lagged": [
-            f"{name}@{rate}"
-            for rate, row in rates.items()
-            for name, r in row.items()
-            if "skipped" not in r and not r["generator_kept_up"]
-        ],
-        "targets": target_check(rates, overhead),
+        **figures,
+        "targets": target_check(rates, figures["overhead_ms"]),
     }
 
 
@@ -515,33 +576,37 @@ def max_sustained(
 def target_check(
     rates: Mapping[str, Mapping[str, Any]], overhead: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, Any]:
-    """The issue's three targets at 200 RPS: met, missed, or not measured (None)."""
+    """The issue's three targets at 200 RPS (the p99 one against each proxy): met, missed, or
+    not measured (None)."""
     key = str(TARGET_RATE)
     if key not in rates:
-        return {"rate": TARGET_RATE, "p50": None, "p99": None, "p99_below_litellm": None}
-    sb, ll = rates[key]["switchboard"], rates[key]["litellm"]
+        return {"rate": TARGET_RATE, "p50": None, "p99": None} | {
+            f"p99_below_{peer}": None for peer in PEERS
+        }
+    sb = rates[key]["switchboard"]
     over = overhead[key]["switchboard"]
     healthy = sb["error_rate"] is not None and sb["error_rate"] < SUSTAINED
 
     def within(value: float | None, limit: float) -> bool:
         return healthy and value is not None and value <= limit
 
-    if ll["error_rate"] is None or ll["error_rate"] >= SUSTAINED:
-        below = healthy  # LiteLLM did not sustain the rate at all
-    else:
-        below = healthy and sb["p99_ms"] is not None and sb["p99_ms"] < ll["p99_ms"]
+    def below(ll: Mapping[str, Any]) -> bool:
+        if ll["error_rate"] is None or ll["error_rate"] >= SUSTAINED:
+            return healthy  # the proxy did not sustain the rate at all
+        return healthy and sb["p99_ms"] is not None and sb["p99_ms"] < ll["p99_ms"]
+
     return {
         "rate": TARGET_RATE,
         "p50": within(over["p50_ms"], TARGET_P50_MS),
         "p99": within(over["p99_ms"], TARGET_P99_MS),
-        "p99_below_litellm": below,
+        **{f"p99_below_{peer}": below(rates[key][peer]) for peer in PEERS},
     }
 
 
 # --- report ---------------------------------------------------------------------------------------
 
 
-def _f(value: float | None, digits: int = 1) -> str:
+def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
@@ -554,14 +619,65 @@ def _cell(r: Mapping[str, Any]) -> tuple[str, str]:
     mark = "" if r["generator_kept_up"] else " ⚠"
     if r["other_cores"] >= NOISY_CORES:
         mark += " *"
-    return f"{_f(r['p50_ms'])} / {_f(r['p99_ms'])}{mark}", errors
+    return f"{fmt(r['p50_ms'])} / {fmt(r['p99_ms'])}{mark}", errors
+
+
+def latency_table(
+    rates: Mapping[str, Mapping[str, Any]], names: Sequence[str], labels: Mapping[str, str]
+) -> list[str]:
+    """p50 / p99 and errors of every target at every rate."""
+    lines = [
+        "| RPS | " + " | ".join(f"{labels[t]} p50 / p99 | errors" for t in names) + " |",
+        "|---:|" + "---:|---:|" * len(names),
+    ]
+    for rate, row in rates.items():
+        cells = [c for t in names for c in _cell(row[t])]
+        lines.append(f"| {rate} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def overhead_table(
+    overhead: Mapping[str, Mapping[str, Any]], names: Sequence[str], labels: Mapping[str, str]
+) -> list[str]:
+    """Each target's p50 and p99 minus direct's, at every rate."""
+    names = [n for n in names if n != "direct"]
+    lines = [
+        "| RPS | " + " | ".join(f"{labels[n]} Δp50 | {labels[n]} Δp99" for n in names) + " |",
+        "|---:|" + "---:|---:|" * len(names),
+    ]
+    for rate, row in overhead.items():
+        cells = [fmt(row[n][k]) for n in names for k in ("p50_ms", "p99_ms")]
+        lines.append(f"| {rate} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def sustained_line(data: Mapping[str, Any], names: Sequence[str], labels: Mapping[str, str]) -> str:
+    sustained, stable = data["max_sustained_rps"], data["max_stable_rps"]
+    return (
+        "Highest rate sustained with under 1% errors: "
+        + ", ".join(f"{labels[t]} {_rps(sustained[t])}" for t in names)
+        + f"; with p99 also under {STABLE_P99_MS / 1000:g} s: "
+        + ", ".join(f"{labels[t]} {_rps(stable[t])}" for t in names)
+        + "."
+    )
+
+
+def proxy_words(data: Mapping[str, Any]) -> str:
+    """How the two proxies were started, for a report's method paragraph."""
+    workers = data["litellm_proxies"]["litellm_workers"]["workers"]
+    return (
+        f"LiteLLM proxy {data['litellm_proxy']['version']}: defaults (one process, no database, "
+        f"no cache), and the same with `--num_workers {workers}` (uvicorn's supervisor and "
+        f"{workers} worker processes, its figures those of the whole process tree); both bound "
+        "to 127.0.0.1, both with only a master key and the model list."
+    )
 
 
 def markdown(data: Mapping[str, Any]) -> str:
     rates: Mapping[str, Mapping[str, Any]] = data["rates"]
     p = data["profile"]
     lines = [
-        "## Sync overhead: direct vs Switchboard vs LiteLLM proxy",
+        "## Sync overhead: direct vs Switchboard vs LiteLLM proxy (one process, one per core)",
         "",
         f"Open-loop load (`bench.loadgen`, its own process, aiohttp, no connection limit), "
         f"{data['duration_s']:g} s measured per step after {data['warmup_s']:g} s unmeasured "
@@ -573,31 +689,17 @@ def markdown(data: Mapping[str, Any]) -> str:
         f"(ttft {p['ttft_s']} s, no pacing, {p['output_tokens']} tokens, no jitter). "
         f"Switchboard: one router, one worker (tier concurrency "
         f"{data['switchboard']['tier_concurrency']}), metrics, Tansu, Redis; model "
-        f"`{data['switchboard']['model']}`. LiteLLM proxy {data['litellm_proxy']['version']}: "
-        f"defaults (one process, no database, no cache), bound to 127.0.0.1.",
+        f"`{data['switchboard']['model']}`. " + proxy_words(data),
         "",
         "p50 / p99 in ms; errors as failed/sent. ⚠: the generator fell behind its schedule. "
         f"*: programs outside this benchmark used ≥ {NOISY_CORES} cores during the step.",
         "",
-        "| RPS | " + " | ".join(f"{LABELS[t]} p50 / p99 | errors" for t in TARGETS) + " |",
-        "|---:|" + "---:|---:|" * len(TARGETS),
-    ]
-    for rate, row in rates.items():
-        cells = [c for t in TARGETS for c in _cell(row[t])]
-        lines.append(f"| {rate} | " + " | ".join(cells) + " |")
-    lines += [
+        *latency_table(rates, TARGETS, LABELS),
         "",
         "Overhead over direct (target minus direct, ms):",
         "",
-        "| RPS | Switchboard Δp50 | Switchboard Δp99 | LiteLLM Δp50 | LiteLLM Δp99 |",
-        "|---:|---:|---:|---:|---:|",
+        *overhead_table(data["overhead_ms"], TARGETS, LABELS),
     ]
-    for rate, row in data["overhead_ms"].items():
-        sb, ll = row["switchboard"], row["litellm"]
-        lines.append(
-            f"| {rate} | {_f(sb['p50_ms'])} | {_f(sb['p99_ms'])} "
-            f"| {_f(ll['p50_ms'])} | {_f(ll['p99_ms'])} |"
-        )
     hop = data["kafka_hop"]
     lines += [
         "",
@@ -608,14 +710,9 @@ def markdown(data: Mapping[str, Any]) -> str:
         f"{hop['hop_p99_ms']} ms. A sync request crosses two hops (tier topic, then reply "
         "topic), so the broker alone accounts for about twice that of the overhead.",
     ]
-    sustained = data["max_sustained_rps"]
     lines += [
         "",
-        "Highest rate sustained with under 1% errors: "
-        + ", ".join(f"{LABELS[t]} {_rps(sustained[t])}" for t in TARGETS)
-        + f"; with p99 also under {STABLE_P99_MS / 1000:g} s: "
-        + ", ".join(f"{LABELS[t]} {_rps(data['max_stable_rps'][t])}" for t in TARGETS)
-        + ".",
+        sustained_line(data, TARGETS, LABELS),
         "",
         *resource_table(data),
         "",
@@ -642,9 +739,9 @@ def resource_table(data: Mapping[str, Any]) -> list[str]:
         per = []
         for row in rates.values():
             cpu = row.get(owner.get(name, ""), {}).get("cpu_ms_per_request") or {}
-            per.append(_f(cpu.get(name), 2))
+            per.append(fmt(cpu.get(name), 2))
         lines.append(
-            f"| {name} | {_f(proc['peak_rss_mb'])} | {_f(proc['cpu_s'], 2)} | "
+            f"| {name} | {fmt(proc['peak_rss_mb'])} | {fmt(proc['cpu_s'], 2)} | "
             + " | ".join(per)
             + " |"
         )
@@ -674,27 +771,32 @@ def verdict(data: Mapping[str, Any]) -> str:
         )
     else:
         over = data["overhead_ms"][key]["switchboard"]
-        sb, ll = rates[key]["switchboard"], rates[key]["litellm"]
-        met = [k for k in ("p50", "p99", "p99_below_litellm") if check[k]]
-        missed = [k for k in ("p50", "p99", "p99_below_litellm") if not check[k]]
+        sb = rates[key]["switchboard"]
+        keys = ("p50", "p99", *(f"p99_below_{peer}" for peer in PEERS))
+        met = [k for k in keys if check[k]]
+        missed = [k for k in keys if not check[k]]
         words = {
-            "p50": f"overhead p50 ≤ {TARGET_P50_MS:g} ms ({_f(over['p50_ms'])} ms)",
-            "p99": f"overhead p99 ≤ {TARGET_P99_MS:g} ms ({_f(over['p99_ms'])} ms)",
-            "p99_below_litellm": (
-                f"p99 below the LiteLLM proxy's ({_f(sb['p99_ms'])} vs "
-                + (
-                    _state(ll)
-                    if ll["error_rate"] is None or ll["error_rate"] >= SUSTAINED
-                    else f"{_f(ll['p99_ms'])} ms"
-                )
-                + ")"
-            ),
+            "p50": f"overhead p50 ≤ {TARGET_P50_MS:g} ms ({fmt(over['p50_ms'])} ms)",
+            "p99": f"overhead p99 ≤ {TARGET_P99_MS:g} ms ({fmt(over['p99_ms'])} ms)",
         }
+        for peer in PEERS:
+            ll = rates[key][peer]
+            theirs = (
+                _state(ll)
+                if ll["error_rate"] is None or ll["error_rate"] >= SUSTAINED
+                else f"{fmt(ll['p99_ms'])} ms"
+            )
+            words[f"p99_below_{peer}"] = (
+                f"p99 below {LABELS[peer]}'s ({fmt(sb['p99_ms'])} vs {theirs})"
+            )
         if sb["error_rate"] is None or sb["error_rate"] >= SUSTAINED:
             parts.append(
                 f"At {TARGET_RATE} RPS Switchboard had {_state(sb)}, so none of the targets is "
-                f"met (" + ", ".join(words[k] for k in ("p50", "p99")) + "); the LiteLLM proxy "
-                f"had {_state(ll)} there."
+                f"met ("
+                + ", ".join(words[k] for k in ("p50", "p99"))
+                + "); "
+                + ", ".join(f"{LABELS[peer]} had {_state(rates[key][peer])}" for peer in PEERS)
+                + " there."
             )
         else:
             parts.append(
@@ -755,7 +857,7 @@ def _limit(name: str, data: Mapping[str, Any]) -> str:
     top = sorted(r["cores_busy"].items(), key=lambda kv: -kv[1])[:3]
     cpu = ", ".join(f"{n} {c:.2f}" for n, c in top)
     return (
-        f"{head}: at {rate} RPS its p50 was {_f(r['p50_ms'])} ms, p99 {_f(r['p99_ms'])} ms, "
+        f"{head}: at {rate} RPS its p50 was {fmt(r['p50_ms'])} ms, p99 {fmt(r['p99_ms'])} ms, "
         f"errors {r['error_rate']:.1%} ({kinds}); its busiest processes used {cpu} cores, the "
         f"machine {r['machine_cores']:.2f} of {psutil.cpu_count() or 1} "
         f"({r['other_cores']:.2f} outside this benchmark)."

@@ -84,7 +84,9 @@ class TierSpec(_Strict):
     request_timeout_s: float = Field(
         default=120.0, gt=0, description="Time budget when the request names no deadline."
     )
-    concurrency: int = Field(default=64, ge=1, le=10_000, description="In-flight calls per worker.")
+    concurrency: int = Field(
+        default=256, ge=1, le=10_000, description="In-flight calls per worker."
+    )
 
 
 class RuleSpec(_Strict):

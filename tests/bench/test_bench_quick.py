@@ -65,9 +65,21 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
                 continue
             assert isinstance(value, int | float) and math.isfinite(value), (section, field)
     for rate in ("20",):
-        for target in ("direct", "switchboard", "litellm"):
+        for target in ("direct", "switchboard", "litellm", "litellm_workers"):
             cell = latest["sync"][rate][target]
             assert {"p50_ms", "p95_ms", "p99_ms", "errors"} <= cell.keys()
+    assert latest["sync"]["detail"]["litellm_proxies"]["litellm_workers"]["workers"] == (
+        os.cpu_count() or 1
+    )
+    light = latest["sync_light"]
+    for concurrency in light["concurrency"]:
+        cell = light["rates"]["20"][f"switchboard_c{concurrency}"]
+        assert cell["errors"] == 0 and cell["p50_ms"] > 0, concurrency
+        peak = cell["connections_peak"]  # the worker's pools were watched, and were used
+        assert peak["simulator"] >= 1 and 1 <= peak["redis"] <= 64, (concurrency, peak)
+    assert light["default_concurrency"] in light["concurrency"]
+    for target in ("direct", "litellm", "litellm_workers"):
+        assert light["rates"]["20"][target]["errors"] == 0, target
     assert latest["jobs"]["completed"] == latest["jobs"]["count"]
     assert latest["jobs"]["errors"] == 0 and latest["jobs"]["duplicates"] == 0
     assert latest["metrics"]["rows"] == latest["metrics"]["events"]
