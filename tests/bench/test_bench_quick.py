@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,6 +43,7 @@ def _ours(scratch: Path) -> set[int]:
     return found
 
 
+@pytest.mark.timeout(900)  # the run's own limit below; the suite's default is 300 s
 def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
     scratch = tmp_path / "scratch"  # the benchmark's temporary files, and its processes' logs
     scratch.mkdir()
