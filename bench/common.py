@@ -257,7 +257,12 @@ class Bench:
 def base_env(**extra: str) -> dict[str, str]:
     """This process's environment without any SWITCHBOARD_* setting, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
-    env.update(PYTHONUNBUFFERED="1", LITELLM_LOCAL_MODEL_COST_MAP="True")
+    # the embedded broker has no idempotent producers (services/common/tansu.py)
+    env.update(
+        PYTHONUNBUFFERED="1",
+        LITELLM_LOCAL_MODEL_COST_MAP="True",
+        SWITCHBOARD_KAFKA_IDEMPOTENCE="false",
+    )
     env.update(extra)
     return env
 

@@ -23,7 +23,7 @@ from bench.common import Bench, RunningStack, routing_config, service_env, start
 from faults.common import Tally, chdb_rows, count_by
 from schemas.topics import EVENTS_TABLE, Topics
 from schemas.v1 import AUTO_MODEL
-from services.common.kafka import log_ends
+from services.common.tansu import log_ends
 from switchboard.embedded import wait_for
 
 MODEL = "faults-clickhouse"

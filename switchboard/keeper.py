@@ -44,7 +44,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.topics import Topics
 from services.common.fences import FILLER_HEADER, HELD, HOLD, MEMBER, fence_dir, write_file
-from services.common.kafka import MAX_MESSAGE_BYTES, delete_topics, ensure_topics, log_ends
+from services.common.kafka import MAX_MESSAGE_BYTES, delete_topics, ensure_topics
+from services.common.tansu import log_ends
 
 log = logging.getLogger("switchboard.keeper")
 

@@ -26,6 +26,8 @@ from switchboard.embedded import (
 from tests.hangs import print_tasks
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# the tests' broker is the embedded one, which has no idempotent producers (services/common/tansu.py)
+os.environ.setdefault("SWITCHBOARD_KAFKA_IDEMPOTENCE", "false")
 ROOT = Path(__file__).resolve().parents[1]
 DUMP_BEFORE_TIMEOUT_S = 10
 

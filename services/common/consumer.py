@@ -30,9 +30,10 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from services.common.fences import is_filler
-from services.common.kafka import METADATA_MAX_AGE_MS, log_ends
+from services.common.kafka import METADATA_MAX_AGE_MS
 from services.common.offsets import OffsetTracker
 from services.common.retry import describe_error, retry_transient, supervise
+from services.common.tansu import LostPartitionCheck, log_ends
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ BatchHandler = Callable[[Sequence[ConsumerRecord]], Awaitable[None]]
 # A record no handler can take, and why: dead-letter it (and answer its caller, if any).
 PoisonHandler = Callable[[ConsumerRecord, Exception], Awaitable[None]]
 
-REWIND_CHECK_S = 1.0  # how often a consumer looks for partitions that ended before its position
 SESSION_TIMEOUT_MS = 6_000  # the least a Kafka broker accepts by default
 # aiokafka retries a commit while Kafka is unreachable with no end: a stop waits this long for it
 LAST_COMMIT_S = 10.0
@@ -74,75 +74,6 @@ def _consumer(
         fetch_max_bytes=64 * 1024 * 1024,
         metadata_max_age_ms=METADATA_MAX_AGE_MS,
     )
-
-
-async def lost_partitions(consumer: AIOKafkaConsumer) -> list[TopicPartition]:
-    """The assigned partitions that now end before ``consumer``'s position: the broker lost them
-    and began them anew (the embedded broker restarts empty).
-
-    A Kafka broker answers a fetch past a partition's end with OFFSET_OUT_OF_RANGE, and aiokafka
-    then applies ``auto_offset_reset``. Tansu answers it with no records, so a consumer would wait
-    at its old position and never read what the new partition holds below it; after a restart
-    the group's first commit even stores those old positions. A fetch's high watermark shows it.
-    """
-    lost = []
-    for tp in list(consumer.assignment()):
-        try:
-            highwater = consumer.highwater(tp)
-        except (AssertionError, IllegalStateError):
-            continue  # reassigned meanwhile (aiokafka asserts the partition is assigned)
-        if highwater is None:
-            continue
-        try:
-            position = await asyncio.wait_for(consumer.position(tp), 1.0)
-        except (TimeoutError, IllegalStateError):
-            continue  # no position yet, or the partition is being reassigned
-        if position > highwater:
-            lost.append(tp)
-    return lost
-
-
-async def rewind_lost(consumer: AIOKafkaConsumer) -> list[TopicPartition]:
-    """Read ``lost_partitions`` again from the start."""
-    lost = await lost_partitions(consumer)
-    if lost:
-        await _rewind(consumer, lost)
-    return lost
-
-
-async def _rewind(consumer: AIOKafkaConsumer, lost: list[TopicPartition]) -> None:
-    log.warning(
-        "partitions %s end before this consumer's position: the broker lost them; "
-        "reading them again from the start",
-        ", ".join(f"{tp.topic}[{tp.partition}]" for tp in lost),
-    )
-    await consumer.seek_to_beginning(*lost)
-
-
-class _LostPartitionCheck:
-    """``lost_partitions`` at most once every ``REWIND_CHECK_S``, from a consumer's fetch loop.
-
-    A partition is read again only when two checks in a row find it lost. On the embedded
-    broker the keeper compacts a topic by deleting it and writing its records back at the same
-    offsets (services/common/fences.py); a fetch in those few milliseconds sees it empty, and
-    reading it from the start then would hand the unconsumed records out twice.
-    """
-
-    def __init__(self) -> None:
-        self._next = 0.0
-        self._suspects: set[TopicPartition] = set()
-
-    async def __call__(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
-        now = asyncio.get_running_loop().time()
-        if now < self._next:
-            return []
-        self._next = now + REWIND_CHECK_S
-        lost = await lost_partitions(consumer)
-        confirmed = [tp for tp in lost if tp in self._suspects]
-        self._suspects = set(lost) - set(confirmed)
-        if confirmed:
-            await _rewind(consumer, confirmed)
-        return confirmed
 
 
 async def close_consumer(consumer: AIOKafkaConsumer) -> None:
@@ -225,7 +156,7 @@ class ConcurrentConsumer:
         self._concurrency = concurrency
         self._drain_timeout_s = drain_timeout_s
         self._tracker = OffsetTracker()
-        self._lost_partitions = _LostPartitionCheck()
+        self._lost_partitions = LostPartitionCheck()
         self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
         self._slot_free = asyncio.Event()
         self._finished = asyncio.Event()
@@ -477,7 +408,7 @@ class BatchConsumer:
         self._drain_timeout_s = drain_timeout_s
         self._slots = asyncio.Semaphore(max_in_flight)
         self._batches: deque[_Batch] = deque()
-        self._lost_partitions = _LostPartitionCheck()
+        self._lost_partitions = LostPartitionCheck()
         self._queued = asyncio.Event()
         self._idle = asyncio.Event()  # nothing handled and not yet committed
         self._idle.set()

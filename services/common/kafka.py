@@ -14,19 +14,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import struct
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError, UnknownError
+from aiokafka.partitioner import murmur2
 from faststream.kafka import KafkaBroker
 from pydantic import BaseModel
 
 from services.common.fences import Fences
+from services.common.tansu import resend_past_unknown_errors
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,60 +41,17 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 METADATA_MAX_AGE_MS = 5_000
 # Record batch size of the batch publisher: a consumed batch leaves as one request per partition.
 BATCH_BYTES = 4 * 1024 * 1024
-# How long a produce the broker fails with UnknownError is sent again. Tansu 0.6 stores produce
-# requests for a topic its restart wiped out (clients still have the old metadata) without
-# creating it; when a metadata request then creates the topic, its partitions start again at
-# offset 0, and each produce fails with UnknownError (the broker logs AlreadyExists) until the
-# partition has moved past the batches stored before, one per failure. Sent again at once, a
-# publish gets through in milliseconds; left to the callers' backoff, a partition took minutes.
-UNKNOWN_ERROR_RETRY_S = 10.0
-_UNKNOWN_ERROR_PAUSE_S = 0.005
-
-
-async def _past_unknown_errors(send: Callable[[], Awaitable[T]]) -> T:
-    """``send()``, again while it fails with UnknownError, for up to ``UNKNOWN_ERROR_RETRY_S``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + UNKNOWN_ERROR_RETRY_S
-    while True:
-        try:
-            return await send()
-        except UnknownError:
-            if loop.time() > deadline:
-                raise
-        await asyncio.sleep(_UNKNOWN_ERROR_PAUSE_S)
-
-
 # --- key → partition, as every Kafka client computes it -------------------------------------------
 #
 # Kafka's default partitioner: murmur2(key) & 0x7fffffff mod partitions (Java's Utils.murmur2).
-# Ours rather than aiokafka's pure-Python one, which costs more than the rest of a router
-# decision; ``partitions_for_keys`` does a whole batch at once with numpy (docs/hot-path.md).
+# One message at a time, aiokafka's own partitioner does it (``BrokerPublisher``). A whole batch
+# (``KafkaBatchPublisher``) is hashed here with numpy, one operation per 4-byte word for all keys
+# of one length, where aiokafka's pure-Python hash would cost more than the rest of the batch's
+# routing (docs/hot-path.md). tests/unit/test_partitioning.py holds the two to the same answers.
 
 _M = 0x5BD1E995
-_MASK = 0xFFFFFFFF
 _SEED = 0x9747B28C
-
-
-def murmur2(data: bytes) -> int:
-    """Kafka's murmur2 hash of ``data`` (unsigned 32 bits)."""
-    length = len(data)
-    h = _SEED ^ length
-    words = length >> 2
-    for k in struct.unpack_from(f"<{words}I", data):
-        k = (k * _M) & _MASK
-        k = ((k ^ (k >> 24)) * _M) & _MASK
-        h = ((h * _M) & _MASK) ^ k
-    tail = length & 3
-    if tail:
-        base = words << 2
-        if tail == 3:
-            h ^= data[base + 2] << 16
-        if tail >= 2:
-            h ^= data[base + 1] << 8
-        h = ((h ^ data[base]) * _M) & _MASK
-    h ^= h >> 13
-    h = (h * _M) & _MASK
-    return h ^ (h >> 15)
+_NUMPY_FROM = 8  # keys of one length, at least: below this numpy's fixed cost is not worth it
 
 
 def partition_for_key(key: bytes, partitions: int) -> int:
@@ -133,7 +91,7 @@ def partitions_for_keys(keys: Sequence[bytes], partitions: int) -> list[int]:
     for i, key in enumerate(keys):
         by_length.setdefault(len(key), []).append(i)
     for indexes in by_length.values():
-        if len(indexes) < 8:  # numpy's fixed cost is not worth it
+        if len(indexes) < _NUMPY_FROM:
             for i in indexes:
                 out[i] = partition_for_key(keys[i], partitions)
             continue
@@ -142,19 +100,6 @@ def partitions_for_keys(keys: Sequence[bytes], partitions: int) -> list[int]:
         for i, p in zip(indexes, chosen.tolist(), strict=True):
             out[i] = p
     return out
-
-
-class KeyPartitioner:
-    """aiokafka's ``DefaultPartitioner`` (same partitions for the same keys), with the faster hash."""
-
-    def __init__(self) -> None:
-        self._spread = itertools.count()
-
-    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
-        if key is None:
-            pool = available or all_partitions
-            return pool[next(self._spread) % len(pool)]
-        return all_partitions[partition_for_key(key, len(all_partitions))]
 
 
 async def ensure_topics(
@@ -207,34 +152,6 @@ async def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
         await admin.close()
 
 
-async def log_ends(
-    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], timeout_s: float = 30.0
-) -> dict[TopicPartition, int]:
-    """The offset after the last record of each partition (what ``end_offsets`` should say).
-
-    Tansu 0.6 answers ListOffsets(latest) with the base offset of the partition's last record
-    *batch* plus one, so a partition whose last batch holds several records looks shorter than it
-    is, and a reader that stops there misses its newest records. A fetch's high watermark is
-    right: this fetches each partition's last batch and reads it there. Works the same on Kafka.
-    ``consumer`` (group-less) is left assigned to ``tps``.
-    """
-    reported = await consumer.end_offsets(list(tps))
-    consumer.assign(list(tps))
-    ends = {tp: end for tp, end in reported.items() if end == 0}
-    for tp, end in reported.items():
-        if end > 0:
-            consumer.seek(tp, end - 1)
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while len(ends) < len(reported):
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"no fetch answer for {sorted(set(reported) - set(ends))}")
-        pending = [tp for tp in reported if tp not in ends]
-        for tp, records in (await consumer.getmany(*pending, timeout_ms=500)).items():
-            if records:
-                ends[tp] = max(consumer.highwater(tp) or 0, records[-1].offset + 1, reported[tp])
-    return ends
-
-
 class Publisher(Protocol):
     """What handlers need from Kafka: send one message and know it was stored."""
 
@@ -275,25 +192,27 @@ class BrokerPublisher:
             )
 
         if self._fences is None:
-            await _past_unknown_errors(send)
+            await resend_past_unknown_errors(send)
             return
         async with self._fences.writing((topic,)):
-            await _past_unknown_errors(send)
+            await resend_past_unknown_errors(send)
 
 
-def make_broker(bootstrap: str, client_id: str) -> KafkaBroker:
+def make_broker(bootstrap: str, client_id: str, idempotent: bool = False) -> KafkaBroker:
+    """FastStream's broker for one-at-a-time publishes. ``idempotent``: Kafka drops a record a
+    producer retry sent twice (``CommonSettings.idempotent_producer``; the embedded broker has no
+    idempotent producers). Either way duplicates from redelivery are absorbed downstream
+    (outcome cache, insert de-duplication)."""
     return KafkaBroker(
         bootstrap,
         client_id=client_id,
         acks="all",
-        # No idempotent producer: Tansu answers InitProducerId with an error. Duplicates from
-        # producer retries are absorbed downstream (outcome cache, insert de-duplication).
+        enable_idempotence=idempotent,
         linger_ms=1,
         # aiokafka's default 16 KB batch holds a handful of results: under load, publishers
         # queued behind full batches (docs/hot-path.md)
         max_batch_size=BATCH_BYTES,
         max_request_size=MAX_MESSAGE_BYTES,
-        partitioner=KeyPartitioner(),
         metadata_max_age_ms=METADATA_MAX_AGE_MS,
         logger=logging.getLogger(f"switchboard.kafka.{client_id}"),
         # FastStream logs "Received"/"Processed" per message at this level: two lines per
@@ -329,9 +248,15 @@ class KafkaBatchPublisher:
     redelivery.
     """
 
-    def __init__(self, bootstrap: str, client_id: str, fences: Fences | None = None) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        client_id: str,
+        fences: Fences | None = None,
+        idempotent: bool = False,
+    ) -> None:
         self._bootstrap, self._client_id = bootstrap, client_id
-        self._fences = fences
+        self._fences, self._idempotent = fences, idempotent
         self._producer: AIOKafkaProducer | None = None
         self._spread = itertools.count()
 
@@ -340,10 +265,10 @@ class KafkaBatchPublisher:
             bootstrap_servers=self._bootstrap,
             client_id=self._client_id,
             acks="all",
+            enable_idempotence=self._idempotent,
             linger_ms=0,
             max_batch_size=BATCH_BYTES,
             max_request_size=max(MAX_MESSAGE_BYTES, BATCH_BYTES),
-            partitioner=KeyPartitioner(),
         )
         await self._producer.start()
 
@@ -417,7 +342,7 @@ class KafkaBatchPublisher:
         try:
             await future
         except UnknownError:
-            await _past_unknown_errors(lambda: self._send_again(where, members))
+            await resend_past_unknown_errors(lambda: self._send_again(where, members))
 
     async def _send_again(self, where: tuple[str, int], members: list[Outgoing]) -> None:
         assert self._producer is not None, "start() first"

@@ -67,11 +67,22 @@ class CommonSettings(BaseSettings):
             "`switchboard up`'s keeper compacts their topic (services/common/fences.py). Needs run_dir."
         ),
     )
+    kafka_idempotence: bool = Field(
+        default=True,
+        description=(
+            "Idempotent producers (Kafka drops a record a producer retry sent twice). Always off "
+            "on the embedded broker, which has none; set false for any other broker without them."
+        ),
+    )
     log_level: str = Field(default="INFO", description="Python log level.")
 
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
+
+    @property
+    def idempotent_producer(self) -> bool:
+        return self.kafka_idempotence and not self.embedded_broker
 
     def mark_ready(self, name: str, detail: str = "") -> None:
         """Write ``<run_dir>/ready/<name>`` once this process can work (no-op without run_dir).

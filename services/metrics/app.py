@@ -80,7 +80,9 @@ class MetricsApp:
         topics = settings.topics
         self.store = ClickHouseStore(settings.store_url, settings.clickhouse_database)
         self.fences = fences.for_process(settings.run_dir, settings.embedded_broker, name)
-        self.publisher = KafkaBatchPublisher(settings.kafka_bootstrap, name, self.fences)
+        self.publisher = KafkaBatchPublisher(
+            settings.kafka_bootstrap, name, self.fences, settings.idempotent_producer
+        )
         self.handler = BatchHandler(self.store, self.publisher, topics, name)
         self.consumer = BatchConsumer(
             bootstrap=settings.kafka_bootstrap,

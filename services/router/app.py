@@ -37,12 +37,14 @@ def create_app(settings: RouterSettings) -> FastAPI:
     topics = settings.topics
     name = f"router-{settings.instance_id}"
     reply_topics = ReplyTopics(topics.replies(settings.instance_id), settings.reply_generation_size)
-    broker = make_broker(settings.kafka_bootstrap, name)
+    broker = make_broker(settings.kafka_bootstrap, name, settings.idempotent_producer)
     holds = fences.for_process(settings.run_dir, settings.embedded_broker, name)
     publisher = BrokerPublisher(broker, holds)
     router = Router(config, topics, publisher, settings.max_image_bytes)
     replies = PendingReplies()
-    batch_publisher = KafkaBatchPublisher(settings.kafka_bootstrap, f"{name}-ingress", holds)
+    batch_publisher = KafkaBatchPublisher(
+        settings.kafka_bootstrap, f"{name}-ingress", holds, settings.idempotent_producer
+    )
     ingress = IngressHandler(router, batch_publisher, name, settings.max_body_bytes)
     on_reply = ReplyHandler(replies, publisher, topics.dead_letter, name)
 

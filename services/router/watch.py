@@ -30,8 +30,9 @@ from collections.abc import Callable, Sequence
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
-from services.common.consumer import close_consumer, rewind_lost
+from services.common.consumer import close_consumer
 from services.common.kafka import delete_topics, ensure_topics
+from services.common.tansu import rewind_lost
 from services.router.errors import ApiError
 from services.router.service import PendingReplies
 
@@ -164,7 +165,7 @@ class BrokerWatch:
     async def _create(self, missing: list[str]) -> bool:
         """Create lost topics at once, before producers that still have their metadata write to
         them (the broker keeps such writes and a topic created over them refuses produce
-        requests for a while; see ``services.common.kafka.UNKNOWN_ERROR_RETRY_S``)."""
+        requests for a while; see ``services.common.tansu.UNKNOWN_ERROR_RETRY_S``)."""
         try:
             await ensure_topics(self._bootstrap, missing, self._partitions, PROBE_TIMEOUT_S)
         except Exception:

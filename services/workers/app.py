@@ -50,7 +50,7 @@ class WorkerApp:
         self.config = config
         topics = settings.topics
         name = f"worker-{settings.tier}-{os.getpid()}"
-        self.broker = make_broker(settings.kafka_bootstrap, name)
+        self.broker = make_broker(settings.kafka_bootstrap, name, settings.idempotent_producer)
         self.fences = fences.for_process(settings.run_dir, settings.embedded_broker, name)
         publisher = BrokerPublisher(self.broker, self.fences)
         concurrency = settings.concurrency or tier.concurrency

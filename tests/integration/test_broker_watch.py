@@ -10,7 +10,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.v1 import ChatError
-from services.common.kafka import delete_topics, ensure_topics, log_ends
+from services.common.kafka import delete_topics, ensure_topics
+from services.common.tansu import log_ends
 from services.router.errors import ApiError
 from services.router.service import PendingReplies
 from services.router.watch import BrokerWatch

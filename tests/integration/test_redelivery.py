@@ -15,7 +15,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from schemas.v1 import ChatRequest, ChatResult, Usage
-from services.common.kafka import log_ends, partition_for_key
+from services.common.kafka import partition_for_key
+from services.common.tansu import log_ends
 from services.workers.adapters.outcomes import RedisOutcomeStore, Stored
 from services.workers.adapters.sent import DELIVERY_HEADER
 from services.workers.app import WorkerApp

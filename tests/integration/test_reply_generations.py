@@ -11,7 +11,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.common.kafka import log_ends
+from services.common.tansu import log_ends
 from services.router.replies import SLOT_PARTITIONS, SLOTS, ReplyTopics
 from tests.integration.stack import API_KEY, produce, running_stack, wait_until
 

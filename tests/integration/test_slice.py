@@ -11,7 +11,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.v1 import ChatRequest
-from services.common.kafka import log_ends
+from services.common.tansu import log_ends
 from tests.integration.stack import API_KEY, collect, produce, running_stack, wait_until
 from tests.integration.test_batch_kafka import committed
 

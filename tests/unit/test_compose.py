@@ -467,6 +467,21 @@ def test_redis_url_points_at_the_redis_service(services: dict[str, dict[str, Any
         assert (parts.hostname, parts.port or 6379) == ("redis", 6379), f"{name}: {url}"
 
 
+def test_producers_are_idempotent_on_kafka(
+    app_services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Apache Kafka has idempotent producers; only the embedded broker lacks them
+    for name, svc in app_services.items():
+        with monkeypatch.context() as mp:
+            for key in list(os.environ):
+                if key.startswith(ENV_PREFIX):
+                    mp.delenv(key)
+            for key, value in resolved_env(svc).items():
+                mp.setenv(key, value)
+            settings = SETTINGS_BY_COMMAND[command_of(svc)[0]]()
+        assert settings.idempotent_producer, name  # type: ignore[attr-defined]
+
+
 def _redis_flags(svc: Mapping[str, Any]) -> dict[str, str]:
     args = [interpolate(a, os.environ) for a in svc.get("command") or []]
     return {a[2:]: b for a, b in itertools.pairwise(args) if a.startswith("--")}

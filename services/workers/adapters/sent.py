@@ -18,7 +18,8 @@ import asyncio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.common.consumer import close_consumer
-from services.common.kafka import log_ends, partition_for_key
+from services.common.kafka import partition_for_key
+from services.common.tansu import log_ends
 
 DELIVERY_HEADER = "switchboard-delivery"
 # the note is written just before the publish, by the same process, so the record's timestamp
