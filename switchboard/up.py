@@ -160,41 +160,45 @@ class Stack:
         self.children.append(start_broker(p.ports["broker"], self.log_dir))
         say(f"starting redis on 127.0.0.1:{p.ports['redis']}")
         self.children.append(start_redis(p.ports["redis"], self.log_dir))
+        # Everything else starts at once and is waited for together: each service's start is
+        # mostly imports and a consumer-group join (seconds on the embedded broker), and none
+        # needs another to be ready first (requests wait in Kafka for their workers).
+        sim = None
         if p.simulated:
             say(
                 "no provider key set: starting the provider SIMULATOR (simulated models, not real ones)"
             )
             sim = python_service("simulator", ["simulator"], self.env(), self.log_dir)
             self.children.append(sim)
-            url = f"http://127.0.0.1:{p.ports['simulator']}/health"
-            wait_for("simulator", lambda: _http_ok(url), READY_TIMEOUT_S, sim.alive)
         say(
             "starting metrics (ClickHouse: "
             + (os.environ.get("SWITCHBOARD_CLICKHOUSE_URL") or "embedded chDB")
             + ")"
         )
-        metrics = self._start("metrics", ["metrics"])
-        # Workers start together: each one's consumer-group join takes seconds on the embedded
-        # broker, and done one after another they made up most of the start-up time.
-        workers = {}
+        services = [self._start("metrics", ["metrics"])]
         for tier in self.config.tier_names:
             say(f"starting the worker of tier {tier}")
             name = f"worker-{tier}"
-            workers[tier] = self._start(
-                name, ["worker", "--tier", tier], SWITCHBOARD_WORKER_PORT=str(p.ports[name])
+            services.append(
+                self._start(
+                    name, ["worker", "--tier", tier], SWITCHBOARD_WORKER_PORT=str(p.ports[name])
+                )
             )
-        self._wait(metrics)
-        for worker in workers.values():
-            self._wait(worker)
         say("starting the router")
-        router = self._start(
-            "router",
-            ["router"],
-            SWITCHBOARD_PORT=str(p.port),
-            SWITCHBOARD_HOST=p.host,
-            SWITCHBOARD_API_KEY=p.api_key,
+        services.append(
+            self._start(
+                "router",
+                ["router"],
+                SWITCHBOARD_PORT=str(p.port),
+                SWITCHBOARD_HOST=p.host,
+                SWITCHBOARD_API_KEY=p.api_key,
+            )
         )
-        self._wait(router)
+        if sim is not None:
+            url = f"http://127.0.0.1:{p.ports['simulator']}/health"
+            wait_for("simulator", lambda: _http_ok(url), READY_TIMEOUT_S, sim.alive)
+        for child in services:
+            self._wait(child)
         self._start_keeper()
         self._write_state()
 
