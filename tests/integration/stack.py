@@ -72,14 +72,21 @@ async def running_stack(
     started: list[Any] = []
     http: tuple[HttpServer, asyncio.Task[None]] | None = None
     try:
-        await within(START_S, "the metrics service to start", metrics.start())
-        started.append(metrics)
-        for tier, w in workers.items():
-            await within(START_S, f"the {tier} worker to start", w.start())
-            started.append(w)
-        http = await within(
-            START_S, "the router to start", start_http(app, "127.0.0.1", 0, lifespan=True)
+        # the parts start at once: each start is mostly a consumer-group join, and none needs
+        # another to be up first
+        router_start = asyncio.ensure_future(start_http(app, "127.0.0.1", 0, lifespan=True))
+        parts: list[tuple[str, Any]] = [("metrics service", metrics)]
+        parts += [(f"{tier} worker", w) for tier, w in workers.items()]
+        results = await asyncio.gather(
+            *(within(START_S, f"the {name} to start", p.start()) for name, p in parts),
+            return_exceptions=True,
         )
+        # stopped in reverse: the router, then the workers, then metrics
+        started += [p for (_, p), r in zip(parts, results, strict=True) if r is None]
+        http = await within(START_S, "the router to start", router_start)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         port = http[0].bound_port  # type: ignore[attr-defined]
         stack = Stack(f"http://127.0.0.1:{port}", Topics(prefix), bootstrap, workers, metrics, app)
         await asyncio.gather(*(w.wait_assigned() for w in workers.values()))
