@@ -141,6 +141,7 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
     assert deep.headers["x-switchboard-tier"] == "reasoning"
     answer = short.parse()
     assert answer.choices[0].message.content and answer.usage and answer.usage.total_tokens > 0
+    fast_tokens = answer.usage.total_tokens
     assert [m.id for m in client.models.list()][:2] == ["switchboard/auto", "fast"]
 
     ids = [short.headers["x-switchboard-request-id"], deep.headers["x-switchboard-request-id"]]
@@ -194,8 +195,9 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
     assert "switchboard.ingress.v1" in asyncio.run(kafka_topics(bootstrap))
     assert any(p.name.endswith(".member") for p in (data_dir / "run" / "fences").iterdir())
 
+    # the decision matrix counts the two calls made above, each where it went, with figures
     report = subprocess.run(
-        [sys.executable, "-m", "switchboard.cli", "report"],
+        [sys.executable, "-m", "switchboard.cli", "report", "--format", "json"],
         cwd=ROOT,
         env={**up.env, "SWITCHBOARD_DATA_DIR": str(data_dir)},
         capture_output=True,
@@ -203,7 +205,15 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
         timeout=120,
     )
     assert report.returncode == 0, report.stderr
-    assert "sim-reasoning" in report.stdout and "p95_ms" in report.stdout
+    matrix = {(r["tier"], r["model"]): r for r in json.loads(report.stdout)}
+    assert set(matrix) == {("fast", "sim-light"), ("reasoning", "sim-reasoning")}
+    usage = {"fast": fast_tokens}
+    for (tier, _), row in matrix.items():
+        assert (row["requests"], row["attempts"], float(row["error_rate"])) == (1, 1, 0.0)
+        assert 0 < float(row["p50_ms"]) <= float(row["p95_ms"]) <= float(row["p99_ms"])
+        assert float(row["total_cost_usd"]) >= 0 and int(row["output_tokens"]) > 0
+        if tier in usage:  # what the caller was told it used is what the row holds
+            assert int(row["input_tokens"]) + int(row["output_tokens"]) == usage[tier]
 
     assert up.stop() == 0
     time.sleep(0)  # children were waited for by the supervisor before it exited
