@@ -20,7 +20,6 @@ dies stops the process (``retry.supervise``) rather than leave its partitions he
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,7 +31,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from services.common.fences import is_filler
 from services.common.kafka import METADATA_MAX_AGE_MS
 from services.common.offsets import OffsetTracker
-from services.common.retry import describe_error, retry_transient, supervise
+from services.common.retry import cancel_and_wait, describe_error, retry_transient, supervise
 from services.common.tansu import LostPartitionCheck, log_ends
 
 log = logging.getLogger(__name__)
@@ -256,18 +255,14 @@ class ConcurrentConsumer:
         self._stopping.set()
         self._slot_free.set()
         if self._loop_task:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # logged by supervise
-                await self._loop_task
+            await cancel_and_wait(self._loop_task)
         await self._drain(None)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks))
         if self._commit_task:
-            self._commit_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # logged by supervise
-                await self._commit_task
+            await cancel_and_wait(self._commit_task)
         try:
             await asyncio.wait_for(self._commit(), LAST_COMMIT_S)
         except TimeoutError:
@@ -567,9 +562,8 @@ class BatchConsumer:
     async def stop(self) -> None:
         self._stopping.set()
         if self._fetch_task:
-            self._fetch_task.cancel()  # records fetched but not handed out are redelivered
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # logged by supervise
-                await self._fetch_task
+            # records fetched but not handed out are redelivered
+            await cancel_and_wait(self._fetch_task)
             self._gathering = False  # records gathered but not handed out are redelivered
             if not self._batches:
                 self._idle.set()
@@ -579,7 +573,5 @@ class BatchConsumer:
                 batch.task.cancel()
             if self._batches:
                 await asyncio.wait([b.task for b in self._batches])
-            self._commit_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # logged by supervise
-                await self._commit_task
+            await cancel_and_wait(self._commit_task)
         await close_consumer(self._consumer)

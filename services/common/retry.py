@@ -27,6 +27,7 @@ import random
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.exceptions
 from aiokafka.errors import KafkaError, KafkaTimeoutError, UnknownError
@@ -124,6 +125,19 @@ def stop_process(reason: str) -> None:
 def failed() -> bool:
     """Did ``stop_process`` stop this process (so it must exit non-zero)?"""
     return bool(_failures)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], again_s: float = 1.0) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling it again every ``again_s``.
+
+    Once is not always enough on Python 3.11: ``asyncio.wait_for`` swallows a cancellation that
+    arrives as the call it waits for finishes, and a loop around it then goes on for good (a
+    router's stop hung so in CI). Its outcome (an error, a cancellation) is not raised here."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=again_s)
+    if not task.cancelled():
+        task.exception()  # retrieved: a loop's error is logged where it happens
 
 
 def supervise(task: asyncio.Task[None], what: str, stopping: asyncio.Event) -> None:

@@ -98,6 +98,7 @@ class MetricsApp:
             session_timeout_ms=settings.kafka_session_timeout_ms,
             # records a crashed owner may have inserted and not committed are looked up first
             on_assign=self.handler.assigned,
+            on_poison=self.handler.poisoned,
         )
         self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
         self._phase = "starting"

@@ -98,6 +98,13 @@ class BatchHandler:
     def close(self) -> None:
         self._decoder.shutdown(wait=True)
 
+    async def poisoned(self, record: ConsumerRecord, exc: Exception) -> None:
+        """The consumer's ``on_poison``: a record its batch failed on for no transient reason
+        (decode refuses bad records itself; this is the net under it)."""
+        letter = from_record(record, self.name, exc).model_dump_json().encode()
+        await self.publisher.publish_all([Outgoing(self.topics.dead_letter, letter)])
+        self.dead_letters += 1
+
     async def __call__(self, records: Sequence[ConsumerRecord]) -> None:
         assignment = self._unsettled.assignment
         values = [r.value for r in records]

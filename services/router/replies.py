@@ -30,7 +30,7 @@ from aiokafka.errors import KafkaError
 
 from services.common.consumer import close_consumer
 from services.common.kafka import MAX_MESSAGE_BYTES, delete_topics, ensure_topics
-from services.common.retry import describe_error, retry_transient, supervise
+from services.common.retry import cancel_and_wait, describe_error, retry_transient, supervise
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +152,7 @@ class ReplyReader:
     async def stop(self) -> None:
         self._stopping.set()
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         self._tasks.clear()
         await close_consumer(self.consumer)
 

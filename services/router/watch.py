@@ -23,7 +23,6 @@ failed, whose answers may have gone with it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
@@ -32,6 +31,7 @@ from aiokafka.errors import KafkaError
 
 from services.common.consumer import close_consumer
 from services.common.kafka import delete_topics, ensure_topics
+from services.common.retry import cancel_and_wait
 from services.common.tansu import rewind_lost
 from services.router.errors import ApiError
 from services.router.service import PendingReplies
@@ -85,9 +85,7 @@ class BrokerWatch:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         if self._consumer is not None:
             await close_consumer(self._consumer)
 

@@ -264,3 +264,12 @@ async def test_partitions_whose_end_cannot_be_read_are_looked_up_from_the_commit
         {tp(0): range(7, _BatchRebalance.NO_END), tp(1): range(0, _BatchRebalance.NO_END)}
     ]
     assert owner.assigned.is_set() and not owner.paused
+
+
+async def test_a_record_the_consumer_gives_up_on_is_dead_lettered_with_its_reason() -> None:
+    h, _, letters = handler()
+    await h.poisoned(record(7), RuntimeError("no step foresaw this"))
+    assert [(d["offset"], d["error_type"], d["reason"]) for d in letters.sent] == [
+        (7, "RuntimeError", "no step foresaw this")
+    ]
+    assert h.dead_letters == 1
