@@ -133,6 +133,11 @@ UNSUPPORTED_PARAMETERS: dict[str, tuple[Any, ...]] = {
 }
 
 
+def asks_for_unsupported(name: str, value: Any) -> bool:
+    """Does OpenAI parameter ``name`` set to ``value`` ask for something Switchboard does not do?"""
+    return name in UNSUPPORTED_PARAMETERS and value not in UNSUPPORTED_PARAMETERS[name]
+
+
 class ChatRequest(_Message):
     """A chat completion request as a producer sends it (HTTP body or ingress topic).
 
@@ -159,7 +164,7 @@ class ChatRequest(_Message):
     def _no_unsupported_parameters(self) -> ChatRequest:
         """OpenAI parameters Switchboard does not carry out are refused by name, not dropped."""
         for name, value in (self.model_extra or {}).items():
-            if name in UNSUPPORTED_PARAMETERS and value not in UNSUPPORTED_PARAMETERS[name]:
+            if asks_for_unsupported(name, value):
                 raise ValueError(f"'{name}' is not supported by Switchboard yet")
         return self
 

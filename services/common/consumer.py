@@ -75,6 +75,16 @@ def _consumer(
     )
 
 
+def consumer_not_ready(consumer: ConcurrentConsumer | BatchConsumer, group: str) -> str | None:
+    """Why a service's consumer cannot do its work yet (for ``GET /ready``), or None: its fetch
+    loop stopped, or it has not joined ``group`` once (an assignment of no partitions counts)."""
+    if not consumer.running:
+        return "the consumer's fetch loop stopped (its error is in the log)"
+    if not consumer.assigned.is_set():
+        return f"joining consumer group {group}: no partition assignment received yet"
+    return None
+
+
 async def close_consumer(consumer: AIOKafkaConsumer) -> None:
     """``consumer.stop()``, which also returns while Kafka is unreachable (every consumer we stop).
 

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.common import fences
-from services.common.consumer import BatchConsumer
+from services.common.consumer import BatchConsumer, consumer_not_ready
 from services.common.kafka import KafkaBatchPublisher, ensure_topics
 from services.common.runtime import (
     HttpServer,
@@ -151,13 +151,8 @@ class MetricsApp:
         """
         if self._phase != "running":
             return self._phase
-        if not self.consumer.running:
-            return "the consumer's fetch loop stopped (its error is in the log)"
-        if not self.consumer.assigned.is_set():
-            return (
-                f"joining consumer group {self.settings.topics.metrics_group}: "
-                "no partition assignment received yet"
-            )
+        if reason := consumer_not_ready(self.consumer, self.settings.topics.metrics_group):
+            return reason
         probe = self._store_probe
         if probe is None or probe.done():
             probe = self._store_probe = asyncio.ensure_future(self.store.query("SELECT 1"))

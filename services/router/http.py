@@ -27,6 +27,7 @@ from schemas.v1 import (
     Outcome,
     RequestMetadata,
     RoutedRequest,
+    asks_for_unsupported,
     new_request_id,
 )
 from services.router.domain.classify import UnknownModel
@@ -107,15 +108,14 @@ def _check_key(ctx: HttpContext, request: Request) -> None:
 
 def _refuse_extras(body: ChatCompletionBody) -> None:
     for name, value in (body.model_extra or {}).items():
-        allowed = UNSUPPORTED_PARAMETERS.get(name)
-        if allowed is None:
+        if name not in UNSUPPORTED_PARAMETERS:
             raise invalid(
                 f"unrecognized request argument supplied: '{name}'", name, "unknown_parameter"
             )
-        if value not in allowed:
+        if asks_for_unsupported(name, value):
             raise invalid(
                 f"'{name}' is not supported by Switchboard yet; omit it or send "
-                f"{_plain(allowed[-1])}",
+                f"{_plain(UNSUPPORTED_PARAMETERS[name][-1])}",
                 name,
                 "unsupported_parameter",
             )

@@ -14,7 +14,7 @@ import os
 from starlette.applications import Starlette
 
 from services.common import fences
-from services.common.consumer import ConcurrentConsumer
+from services.common.consumer import ConcurrentConsumer, consumer_not_ready
 from services.common.kafka import BrokerPublisher, ensure_topics, make_broker, topic_exists
 from services.common.routing_config import load_config
 from services.common.runtime import (
@@ -138,13 +138,8 @@ class WorkerApp:
         """
         if self._phase != "running":
             return self._phase
-        if not self.consumer.running:
-            return "the consumer's fetch loop stopped (its error is in the log)"
-        if not self.consumer.assigned.is_set():
-            return (
-                f"joining consumer group {self.consumer_group}: "
-                "no partition assignment received yet"
-            )
+        if reason := consumer_not_ready(self.consumer, self.consumer_group):
+            return reason
         kafka, redis = await asyncio.gather(self.broker.ping(PROBE_TIMEOUT_S), self._redis_ok())
         if not kafka:
             return (

@@ -281,14 +281,8 @@ def test_service_environment_parses_into_its_settings(
 ) -> None:
     """The values, not just the names: each service's settings build from its compose env."""
     for name, svc in app_services.items():
-        with monkeypatch.context() as mp:
-            for key in list(os.environ):
-                if key.startswith(ENV_PREFIX):
-                    mp.delenv(key)
-            for key, value in resolved_env(svc).items():
-                mp.setenv(key, value)
-            settings_cls = SETTINGS_BY_COMMAND[command_of(svc)[0]]
-            settings = settings_cls()
+        command, settings = settings_of(svc, monkeypatch)
+        settings_cls = SETTINGS_BY_COMMAND[command]
         for key, value in resolved_env(svc).items():
             field = field_name(key)
             if key.startswith(ENV_PREFIX) and value and field in settings_cls.model_fields:
@@ -472,13 +466,7 @@ def test_producers_are_idempotent_on_kafka(
 ) -> None:
     # Apache Kafka has idempotent producers; only the embedded broker lacks them
     for name, svc in app_services.items():
-        with monkeypatch.context() as mp:
-            for key in list(os.environ):
-                if key.startswith(ENV_PREFIX):
-                    mp.delenv(key)
-            for key, value in resolved_env(svc).items():
-                mp.setenv(key, value)
-            settings = SETTINGS_BY_COMMAND[command_of(svc)[0]]()
+        _, settings = settings_of(svc, monkeypatch)
         assert settings.idempotent_producer, name  # type: ignore[attr-defined]
 
 

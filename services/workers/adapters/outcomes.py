@@ -206,10 +206,9 @@ class RedisOutcomeStore:
         try:
             async with self._cache.pipeline(transaction=False) as pipe:
                 pipe.set(self._outcome + key, stored.payload, ex=self._ttl_s)
+                # (none to store: the fingerprint is compared only when both sides have one)
                 if stored.fingerprint:
                     pipe.set(self._fingerprint + key, stored.fingerprint, ex=self._ttl_s)
-                else:
-                    pipe.delete(self._fingerprint + key)
                 if self._cache is self._redis:
                     self._note(pipe, request_id, delivery, topic)
                     *_, earlier = await pipe.execute()
