@@ -1,6 +1,7 @@
 # The README's two commands: `make up` and `make test`. Both set the project up first.
 # `make bench` runs the benchmark suite (bench/README.md) and writes bench/results/.
 # `make faults` runs the fault and abuse scenarios (docs/reliability.md); `make test` ends with it.
+# `make test` runs pytest on two workers (pytest-xdist); README "Layout" says why.
 # `make soak` runs the 30-minute soak (bench/README.md) and writes bench/results/soak-<date>.*.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -23,7 +24,7 @@ up: setup
 	$(VENV)/bin/switchboard up
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --durations=15
 	$(PY) -m faults
 
 faults: setup

@@ -47,7 +47,9 @@ Pass criteria (``bench/soak_checks.py``), each printed with its measured values:
 - ``fresh``: the probe's median after the load <= 1.5 x its median before it.
 - ``stop``: SIGTERM stops ``switchboard up`` with exit code 0 and no process of it left running.
 
-Windows: 5 minutes at each end for runs of 15 minutes or more, else the first and last 20%.
+Windows: 5 minutes at each end for runs of 15 minutes or more. A shorter run compares its first
+half with its last 20%: its first minute runs on empty partitions, faster than the steady state
+the keeper holds them at (``windows`` in ``bench/soak_checks.py``).
 Writes ``<out>/soak-<date>.md`` and ``.json``; exits 0 only when every criterion passed.
 
     python -m bench.soak                         # 30 minutes at 50 RPS + 5 jobs/s

@@ -65,7 +65,8 @@ def _start_once(bench: Bench, run: int) -> dict[str, object]:
 
 
 def run(bench: Bench) -> Section:
-    _start_once(bench, 0)  # warms the page cache and the bytecode; not counted
+    if not bench.quick:  # a quick run's figure means nothing, and its start-up is the warm-up
+        _start_once(bench, 0)  # warms the page cache and the bytecode; not counted
     runs = [_start_once(bench, i) for i in range(1, bench.scale(3, 1) + 1)]
     ready = sorted(float(r["ready_s"]) for r in runs)  # type: ignore[arg-type]
     stops = [float(r["stop_s"]) for r in runs]  # type: ignore[arg-type]

@@ -1,9 +1,10 @@
 """Scenario 10, soak: ``bench/soak.py`` shortened for CI. The real ``switchboard up`` takes more
-than 15,000 sync requests through its one router (150 requests/s for 110 s after a 5 s warm-up,
+than 15,000 sync requests through its one router (100 requests/s for 150 s after a 5 s warm-up,
 the simulated model answering in ~80 ms), with 5 async jobs/s beside them, and must end as it
 began: the same criteria as ``make soak`` (no error, p99, broker CPU and RSS flat, the keeper's
 record-batch counts bounded and not growing, a fresh request as fast as at the start, a clean
-stop).
+stop). The rate leaves the 2-core CI machine some room: at 150/s the stack and the load
+generator use about both cores, and latency measures the machine's queue (docs/reliability.md).
 
 A job lost or answered twice counts as lost or duplicated; a failed sync request (error or
 timeout) counts as stuck, and so does every other criterion that failed, named in the detail.
@@ -19,7 +20,7 @@ from bench.common import Bench
 from bench.soak import SoakParams, run_soak
 from faults.common import Tally
 
-PARAMS = SoakParams(minutes=110 / 60, rate=150, jobs_per_s=5, latency_scale=0.1, warmup_s=5)
+PARAMS = SoakParams(minutes=150 / 60, rate=100, jobs_per_s=5, latency_scale=0.1, warmup_s=5)
 AT_LEAST = 15_000  # sync requests through the router: well past where the reply topic wedged
 
 

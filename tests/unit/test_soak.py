@@ -37,8 +37,8 @@ PATH = "/data/run/keeper.json"
     [
         (30, (0, 300), (1500, 1800)),
         (15, (0, 300), (600, 900)),  # 15 minutes is a long run: 5-minute windows
-        (14.5, (0, 174), (696, 870)),  # just under: the first and last 20%
-        (3, (0, 36), (144, 180)),
+        (14.5, (0, 435), (696, 870)),  # just under: the first half and the last 20%
+        (3, (0, 90), (144, 180)),
     ],
 )
 def test_windows(minutes: float, first: tuple[float, float], last: tuple[float, float]) -> None:
@@ -69,6 +69,16 @@ def test_p99_fails_when_the_last_window_is_slower_than_one_and_a_half_times() ->
     verdict = p99_criterion(requests({(144, 180): 16.0}), windows(180))
     assert not verdict.passed
     assert "16.0 ms vs first 10.0 ms" in verdict.detail
+
+
+def test_p99_of_a_short_run_is_held_to_its_first_half_not_its_start() -> None:
+    # empty partitions make the first 36 s fast; from then on the steady state holds
+    verdict = p99_criterion(requests({(0, 36): 10.0, (36, 180): 20.0}), windows(180))
+    assert verdict.passed, verdict.detail
+    assert verdict.values["first_p99_ms"] == 20.0
+    # a rise after the first half is still caught
+    verdict = p99_criterion(requests({(100, 180): 31.0}), windows(180))
+    assert not verdict.passed and "31.0 ms vs first 10.0 ms" in verdict.detail
 
 
 def test_p99_ignores_warmup_and_errors_and_fails_on_an_empty_window() -> None:
@@ -133,15 +143,15 @@ def test_cpu_limit_is_one_and_a_half_times_plus_five_points() -> None:
 
 def test_rss_compares_the_load_end_with_the_first_window_end() -> None:
     w = windows(180)
-    # 75 MB at the first window's last sample (t=35): the limit is 1.5 x 75 + 50 = 162.5 MB
-    grows = [sample(t, rss=40.0 + t) for t in range(0, 181, 5)]
+    # 220 MB at the first window's last sample (t=90): the limit is 1.5 x 220 + 50 = 380 MB
+    grows = [sample(t, rss=40.0 + 2 * t) for t in range(0, 181, 5)]
     verdict = rss_criterion(grows, w)
     assert not verdict.passed and verdict.values == {
-        "first_mb": 75.0,
-        "end_mb": 220.0,
-        "limit_mb": 162.5,
+        "first_mb": 220.0,
+        "end_mb": 400.0,
+        "limit_mb": 380.0,
     }
-    steady = [sample(t, rss=100.0 if t < 40 else 160.0) for t in range(0, 181, 5)]
+    steady = [sample(t, rss=100.0 if t < 95 else 160.0) for t in range(0, 181, 5)]
     assert rss_criterion(steady, w).passed
     # samples after the load (the drain) are not its end
     assert rss_criterion([*steady, sample(200, rss=900.0)], w).passed
