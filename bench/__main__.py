@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": verdicts,
         "failed": {k: v.strip().splitlines()[-1] for k, v in failures.items()},
     }
-    report = render(machine, sections, verdicts, failures, timings, total, args.quick)
+    command = "make bench" if not args.only else f"python -m bench --only {','.join(chosen)}"
+    report = render(machine, sections, verdicts, failures, timings, total, args.quick, command)
     args.out.mkdir(parents=True, exist_ok=True)
     day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     (args.out / f"{day}.md").write_text(report)
@@ -134,11 +135,12 @@ def render(
     timings: dict[str, float],
     total: float,
     quick: bool,
+    command: str = "make bench",
 ) -> str:
     head = [
         f"# Switchboard benchmark, {machine['date']}",
         "",
-        "Command: `make bench`"
+        f"Command: `{command}`"
         + (" (**--quick: tiny sizes, not a measurement**)" if quick else "")
         + f". Took {total} s ("
         + ", ".join(f"{k} {v} s" for k, v in timings.items())
