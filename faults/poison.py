@@ -4,8 +4,7 @@ message, then a good one behind them on the same partition.
 Topics: the ingress (router), a tier topic (worker), the events topic (metrics) and the router's
 reply topic. Kinds: invalid JSON, a schema version we do not speak, wrong field types, 10 MB, an
 unknown tier (where a message names one), and numbers past their bounds (a 10^15 ms deadline,
-2^63 tokens, an attempt past the UInt16 column) or OpenAI parameters Switchboard does not carry
-out (tools). Passing means: each bad message is on the
+2^63 tokens, an attempt past the UInt16 column) or a tool without its function. Passing means: each bad message is on the
 dead-letter topic exactly once with a reason; each one that named a request id got a
 ``ChatError`` (ingress); the good message behind them was handled (answered, or committed by the
 metrics writer); each group's committed offset reached the end of the partition; and an HTTP
@@ -116,7 +115,7 @@ def poison_sets(topics: Topics, reply_topic: str) -> dict[str, list[tuple[str, b
             ("deadline 10^15 ms", _j(_chat("poison-deadline", metadata={"deadline_ms": 10**15}))),
             ("max_tokens 2^63", _j(_chat("poison-max-tokens", max_tokens=2**63))),
             ("priority -1", _j(_chat("poison-priority", metadata={"priority": -1}))),
-            ("tools", _j(_chat("poison-tools", tools=[{"type": "function"}]))),
+            ("tool without a function", _j(_chat("poison-tools", tools=[{"type": "function"}]))),
         ],
         topics.tier("bench"): [
             ("invalid JSON", b"{not json"),

@@ -64,13 +64,43 @@ class ImagePart(_Message):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+# OpenAI's rule for function and JSON-schema names
+FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+MAX_TOOLS = 128  # OpenAI's limit on the tools of one request
+
+
+class FunctionCall(_Message):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(description="The arguments as JSON text, as the model wrote them.")
+
+
+class ToolCall(_Message):
+    """A call the model asked for, in an assistant message (and in an answer)."""
+
+    id: str = Field(min_length=1, max_length=200)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Message):
-    """One OpenAI-shaped chat message; ``content`` is text or a list of text/image parts."""
+    """One OpenAI-shaped chat message; ``content`` is text or a list of text/image parts.
+
+    An assistant message may carry the ``tool_calls`` the model asked for; a ``tool`` message
+    answers one of them by ``tool_call_id``."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_call_id: str | None = None
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=200)
+    tool_calls: list[ToolCall] | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields_where_they_belong(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message carries 'tool_calls'")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the 'tool_call_id' it answers")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -104,15 +134,70 @@ class RequestMetadata(_Message):
     )
 
 
+class FunctionDefinition(_Message):
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="The arguments' JSON Schema."
+    )
+    strict: bool | None = None
+
+
+class Tool(_Message):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Message):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(_Message):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JSONSchemaSpec(_Message):
+    model_config = ConfigDict(
+        extra="ignore",
+        frozen=True,
+        serialize_by_alias=True,  # "schema" on the wire; the attribute would shadow BaseModel's
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
+
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(_Message):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(_Message):
+    type: Literal["json_object"]
+
+
+class JSONSchemaFormat(_Message):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaSpec
+
+
+ResponseFormat = Annotated[
+    TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")
+]
+
+
 # OpenAI chat parameters Switchboard does not carry out yet, with the values that ask for nothing
 # (what a client sends when it does not use the feature): any other value is refused by name.
 UNSUPPORTED_PARAMETERS: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
-    "parallel_tool_calls": (None, True, False),
-    "response_format": (None, {"type": "text"}),
     "stream": (None, False),
     "stream_options": (None,),
     "logprobs": (None, False),
@@ -131,6 +216,17 @@ UNSUPPORTED_PARAMETERS: dict[str, tuple[Any, ...]] = {
     "safety_identifier": (None,),
     "user": (None,),
 }
+
+
+def check_tool_choice(tools: list[Tool] | None, choice: ToolChoice | None) -> None:
+    """A ``tool_choice`` that requires a tool needs ``tools``, and a named one one of them."""
+    if choice is None or choice in ("none", "auto"):
+        return
+    names = {t.function.name for t in tools or ()}
+    if not names:
+        raise ValueError("'tool_choice' requires a tool, and 'tools' is empty")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise ValueError(f"'tool_choice' names function '{choice.function.name}', not in 'tools'")
 
 
 def asks_for_unsupported(name: str, value: Any) -> bool:
@@ -158,6 +254,10 @@ class ChatRequest(_Message):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
     metadata: RequestMetadata = Field(default_factory=RequestMetadata)
 
     @model_validator(mode="after")
@@ -166,7 +266,18 @@ class ChatRequest(_Message):
         for name, value in (self.model_extra or {}).items():
             if asks_for_unsupported(name, value):
                 raise ValueError(f"'{name}' is not supported by Switchboard yet")
+        check_tool_choice(self.tools, self.tool_choice)
         return self
+
+    @property
+    def has_tools(self) -> bool:
+        """The model is offered tools it may call."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def wants_json(self) -> bool:
+        """The answer must be JSON (``json_object``) or match a JSON Schema (``json_schema``)."""
+        return self.response_format is not None and self.response_format.type != "text"
 
     def last_user_text(self) -> str:
         for message in reversed(self.messages):

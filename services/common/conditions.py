@@ -33,6 +33,8 @@ FIELDS: dict[str, type] = {
     "message_count": int,
     "image_count": int,
     "has_images": bool,
+    "has_tools": bool,  # tools offered and tool_choice not "none"
+    "wants_json": bool,  # response_format json_object or json_schema
     "requires_reasoning": bool,
     "priority": int,
     "task": str,

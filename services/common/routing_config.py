@@ -34,6 +34,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ModelCapabilities(_Strict):
+    """What a model can do, where litellm's model map does not know it or is wrong about it.
+    Unset fields come from the map (services/common/capabilities.py); unknown means unable."""
+
+    tools: bool | None = Field(default=None, description="Function calling (tools).")
+    json_schema: bool | None = Field(
+        default=None, description="Answers held to a JSON Schema (response_format json_schema)."
+    )
+    vision: bool | None = Field(default=None, description="Image inputs.")
+    context_window: int | None = Field(default=None, gt=0, description="Input tokens at most.")
+
+
 class ModelSpec(_Strict):
     """One model a tier can call, in the order the tier tries them."""
 
@@ -58,6 +70,10 @@ class ModelSpec(_Strict):
             "and parsing the stream; every other provider goes through litellm.acompletion. "
             "litellm: always litellm.acompletion."
         ),
+    )
+
+    capabilities: ModelCapabilities | None = Field(
+        default=None, description="Overrides litellm's model map: tools, json_schema, vision."
     )
 
     @property

@@ -63,6 +63,7 @@ _BY_CODE = {
     "deadline_exceeded": (504, "timeout_error"),
     "bad_request": (400, "invalid_request_error"),
     "invalid_request": (400, "invalid_request_error"),
+    "unsupported_capability": (400, "invalid_request_error"),
 }
 
 

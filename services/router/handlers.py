@@ -10,6 +10,7 @@ from aiokafka import ConsumerRecord
 from pydantic import TypeAdapter, ValidationError
 
 from schemas.v1 import ChatError, ChatRequest, Outcome
+from services.common.capabilities import MissingCapability
 from services.common.deadletter import describe, from_record
 from services.common.kafka import BatchPublisher, Outgoing, Publisher
 from services.router.domain.classify import UnknownModel
@@ -88,7 +89,9 @@ class IngressHandler:
         letter = from_record(record, self.name, exc)
         out = [Outgoing(topics.dead_letter, letter.model_dump_json().encode())]
         if request_id := _request_id_of(record.value):
-            refused = isinstance(exc, ValidationError | UnknownModel | BadImage | TooLarge)
+            refused = isinstance(
+                exc, ValidationError | UnknownModel | BadImage | MissingCapability | TooLarge
+            )
             error = ChatError(
                 request_id=request_id,
                 code="invalid_request" if refused else "internal_error",

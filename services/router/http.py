@@ -20,16 +20,22 @@ from schemas.v1 import (
     AUTO_MODEL,
     MAX_STOP_SEQUENCES,
     MAX_TOKENS,
+    MAX_TOOLS,
     UNSUPPORTED_PARAMETERS,
     ChatMessage,
     ChatRequest,
     ChatResult,
     Outcome,
     RequestMetadata,
+    ResponseFormat,
     RoutedRequest,
+    Tool,
+    ToolChoice,
     asks_for_unsupported,
+    check_tool_choice,
     new_request_id,
 )
+from services.common.capabilities import MissingCapability
 from services.router.domain.classify import UnknownModel
 from services.router.domain.images import BadImage
 from services.router.errors import ApiError, from_outcome, invalid, key_reused, param_path
@@ -70,6 +76,10 @@ class ChatCompletionBody(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
     metadata: RequestMetadata = Field(default_factory=RequestMetadata)
 
 
@@ -127,6 +137,10 @@ def _plain(value: Any) -> str:
 
 def to_chat_request(body: ChatCompletionBody, idempotency_header: str | None) -> ChatRequest:
     _refuse_extras(body)
+    try:
+        check_tool_choice(body.tools, body.tool_choice)
+    except ValueError as exc:
+        raise invalid(str(exc), "tool_choice", "invalid_value") from None
     meta = body.metadata
     key = idempotency_header or meta.idempotency_key
     extra: dict[str, Any] = {}
@@ -143,6 +157,10 @@ def to_chat_request(body: ChatCompletionBody, idempotency_header: str | None) ->
         seed=body.seed,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
+        tools=body.tools,
+        tool_choice=body.tool_choice,
+        parallel_tool_calls=body.parallel_tool_calls,
+        response_format=body.response_format,
         metadata=meta,
         **extra,
     )
@@ -205,6 +223,8 @@ async def _answer(ctx: HttpContext, chat: ChatRequest, reply_to: str) -> JSONRes
         raise invalid(str(exc), "model", "model_not_found") from exc
     except BadImage as exc:
         raise invalid(f"'{exc.param}': {exc.message}", exc.param, exc.code) from exc
+    except MissingCapability as exc:
+        raise invalid(str(exc), exc.param, "unsupported_capability") from exc
     try:
         future, first = ctx.replies.expect(chat.request_id, content)
     except KeyReused as exc:

@@ -9,8 +9,9 @@ from datetime import UTC, datetime, timedelta
 
 from schemas.topics import Topics
 from schemas.v1 import ChatRequest, Outcome, RoutedRequest
+from services.common.capabilities import TierCapabilities
 from services.common.kafka import Outgoing, Publisher
-from services.common.routing_config import LoadedConfig
+from services.common.routing_config import LoadedConfig, TierSpec
 from services.router.domain.classify import classify
 from services.router.domain.images import MAX_IMAGE_BYTES, check_images
 
@@ -59,6 +60,7 @@ class Router:
         self.topics = topics
         self.publisher = publisher
         self.max_image_bytes = max_image_bytes
+        self._tier_capabilities: dict[str, TierCapabilities] = {}
 
     def route(
         self,
@@ -77,12 +79,13 @@ class Router:
         each model attempt is timed (``timeout_s``). A queued job is never dropped for age.
 
         ``scope`` and ``content_hash`` make the outcome key and the fingerprint (see
-        ``outcome_key``, ``fingerprint``). Raises ``UnknownModel`` or ``BadImage`` for a request
-        no tier can take.
+        ``outcome_key``, ``fingerprint``). Raises ``UnknownModel``, ``BadImage`` or
+        ``MissingCapability`` for a request no tier can take.
         """
         check_images(request, self.max_image_bytes)
         decision = classify(request, self.config)
         tier = self.config.tier(decision.tier)
+        self._capabilities(decision.tier, tier).check(request)
         now = datetime.now(UTC)
         budget_s: float | None = None
         if request.metadata.deadline_ms:
@@ -100,6 +103,12 @@ class Router:
             outcome_key=outcome_key(scope or request.metadata.tenant, request.request_id),
             fingerprint=content_hash,
         )
+
+    def _capabilities(self, name: str, tier: TierSpec) -> TierCapabilities:
+        known = self._tier_capabilities.get(name)
+        if known is None:
+            known = self._tier_capabilities[name] = TierCapabilities(name, tier)
+        return known
 
     async def publish(self, routed: RoutedRequest) -> None:
         await self.publisher.publish(self.topics.tier(routed.tier), routed, key=routed.request_id)

@@ -38,6 +38,7 @@ from services.simulator.profiles import (
     prompt_tokens,
     resolve_model,
 )
+from services.simulator.structured import ToolCallAnswer, json_text, tool_call
 
 log = logging.getLogger("switchboard.simulator")
 
@@ -69,7 +70,8 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """The fields the simulator reads; the rest (temperature, tools...) is accepted and ignored."""
+    """The fields the simulator reads; the rest (temperature, seed...) is accepted and ignored.
+    ``tools`` and ``response_format`` shape the answer (``structured.py``)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -79,6 +81,9 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
 
     @property
     def token_cap(self) -> int | None:
@@ -385,6 +390,8 @@ class _Answer:
     plan: CompletionPlan
     words: list[str]
     usage: dict[str, int]
+    text: str  # the content: the words, or the JSON that response_format asked for
+    call: ToolCallAnswer | None  # a tool call instead of text
 
     @classmethod
     def build(cls, model: str, body: ChatCompletionRequest, plan: CompletionPlan) -> _Answer:
@@ -397,7 +404,31 @@ class _Answer:
             "total_tokens": prompt + plan.completion_tokens,
         }
         answer_id = f"chatcmpl-sim-{uuid.uuid4().hex[:24]}"
-        return cls(answer_id, int(time.time()), model, plan, words, usage)
+        call = _structured("tools", tool_call, body.tools, body.tool_choice, messages, words)
+        json_answer = (
+            None if call else _structured("response_format", json_text, body.response_format, words)
+        )
+        text = json_answer or ("" if call else " ".join(words))
+        return cls(answer_id, int(time.time()), model, plan, words, usage, text, call)
+
+    @property
+    def finish_reason(self) -> str:
+        return "tool_calls" if self.call else self.plan.finish_reason
+
+    def pieces(self) -> list[tuple[int, str]]:
+        """The streamed fragments of the text or of the call's arguments, each with the token
+        count at which it is due; joined, they are the whole."""
+        bounds = self.plan.chunk_bounds()
+        if self.call is None and self.text == " ".join(self.words):
+            return [
+                (end, ("" if not first else " ") + " ".join(self.words[first:end]))
+                for first, end in bounds
+            ]
+        whole = self.call.arguments if self.call else self.text
+        if not bounds:
+            return [(0, whole)]
+        size = -(-len(whole) // len(bounds))  # ceiling: every character in some piece
+        return [(end, whole[i * size : (i + 1) * size]) for i, (_, end) in enumerate(bounds)]
 
     def _envelope(self, kind: str) -> dict[str, Any]:
         return {
@@ -409,12 +440,14 @@ class _Answer:
         }
 
     def completion(self) -> dict[str, Any]:
-        message = {"role": "assistant", "content": " ".join(self.words), "refusal": None}
+        message: dict[str, Any] = {"role": "assistant", "content": self.text, "refusal": None}
+        if self.call is not None:
+            message.update(content=None, tool_calls=[self.call.as_message_call()])
         choice = {
             "index": 0,
             "message": message,
             "logprobs": None,
-            "finish_reason": self.plan.finish_reason,
+            "finish_reason": self.finish_reason,
         }
         return {**self._envelope("chat.completion"), "choices": [choice], "usage": self.usage}
 
@@ -427,6 +460,17 @@ class _Answer:
 
     def usage_chunk(self) -> bytes:
         return _sse({**self._envelope("chat.completion.chunk"), "choices": [], "usage": self.usage})
+
+
+def _structured(param: str, build: Callable[..., Any], *args: Any) -> Any:
+    """A tool call or JSON answer built from the request's schemas; a schema the builder cannot
+    follow is the client's error, as a provider answers a schema it cannot use."""
+    try:
+        return build(*args)
+    except Exception as exc:  # any malformed schema: types, $refs, bounds of the wrong kind
+        raise SimulatorError(
+            400, f"Invalid schema in '{param}': {type(exc).__name__}: {exc}", param=param
+        ) from exc
 
 
 def _sse(body: dict[str, Any]) -> bytes:
@@ -448,13 +492,22 @@ async def _stream(
         return
     loop = asyncio.get_running_loop()
     start = loop.time()
-    for first, end in plan.chunk_bounds():
+    call = answer.call
+    if call is not None:
+        head = {"index": 0, "id": call.id, "type": "function"}
+        opening = {**head, "function": {"name": call.name, "arguments": ""}}
+        yield answer.chunk({"tool_calls": [opening]}, None, include_usage)
+    for end, piece in answer.pieces():
         delay = start + end * plan.token_interval_s - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        text = " ".join(answer.words[first:end])
-        yield answer.chunk({"content": f" {text}" if first else text}, None, include_usage)
-    yield answer.chunk({}, plan.finish_reason, include_usage)
+        delta: dict[str, Any]
+        if call is not None:
+            delta = {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+        else:
+            delta = {"content": piece}
+        yield answer.chunk(delta, None, include_usage)
+    yield answer.chunk({}, answer.finish_reason, include_usage)
     if include_usage:
         yield answer.usage_chunk()
     yield b"data: [DONE]\n\n"

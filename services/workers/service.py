@@ -34,6 +34,7 @@ from pydantic import TypeAdapter
 
 from schemas.topics import Topics
 from schemas.v1 import AttemptEvent, AttemptStatus, ChatError, ChatResult, Outcome, RoutedRequest
+from services.common import capabilities
 from services.common.kafka import Publisher
 from services.common.routing_config import LoadedConfig
 from services.workers.adapters.llm import Completion, ModelClient
@@ -268,7 +269,13 @@ class TierService:
     ) -> Outcome | None:
         request = routed.request
         errors: list[ModelCallError] = []
+        wanted = capabilities.needs(request)
+        unable: dict[str, list[str]] = {}  # model → what it lacks, for models skipped
         for attempt in policy.attempts(self.spec):
+            lacks = capabilities.of(attempt.spec).lacks(wanted)
+            if lacks:  # in-tier fallback goes only to models that can take the request
+                unable[attempt.spec.label] = lacks
+                continue
             left = policy.remaining_s(routed.deadline_at, datetime.now(UTC))
             if left is not None and left <= 0:
                 return self._error(
@@ -305,6 +312,14 @@ class TierService:
                 completion={**completion.body, "model": attempt.spec.label},
                 usage=completion.usage,
                 cost_usd=completion.cost_usd,
+            )
+        if not errors and unable:  # the router checks this; a config changed in between
+            missing = "; ".join(f"{m} lacks {', '.join(c)}" for m, c in unable.items())
+            return self._error(
+                routed,
+                "unsupported_capability",
+                f"no model of tier {self.tier!r} can take this request ({missing})",
+                0,
             )
         fallback = self.config.spec.fallback
         if (

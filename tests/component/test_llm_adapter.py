@@ -7,6 +7,7 @@ error kinds, including a stream cut before its end.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from services.common.routing_config import ModelSpec
 from services.workers.adapters.llm import LiteLLMClient, _direct_route, cost_usd
 from services.workers.errors import (
     AdapterError,
+    BadRequest,
     ModelNotFound,
     ModelTimeout,
     ProviderUnavailable,
@@ -174,3 +176,101 @@ async def test_sampling_parameters_reach_the_model(
         answer = await client.complete(spec(simulator, transport=transport), request, 10)
         assert answer.text
         assert sent and all(sent[0].get(k) == v for k, v in wanted.items()), (transport, sent)
+
+
+LOOKUP = {
+    "type": "function",
+    "function": {
+        "name": "lookup_order",
+        "parameters": {
+            "type": "object",
+            "properties": {"order_id": {"type": "string"}, "urgent": {"type": "boolean"}},
+            "required": ["order_id", "urgent"],
+            "additionalProperties": False,
+        },
+        "strict": True,
+    },
+}
+TRIAGE = {
+    "type": "object",
+    "properties": {
+        "queue": {"type": "string", "enum": ["billing", "refunds", "bugs"]},
+        "priority": {"type": "integer", "minimum": 1, "maximum": 5},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["queue", "priority", "tags"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("transport", ["auto", "litellm"])
+async def test_a_tool_call_comes_back_whole_then_the_tool_result_gets_text(
+    simulator: str, client: LiteLLMClient, transport: str
+) -> None:
+    asking = ChatRequest.model_validate(
+        {**REQUEST.model_dump(exclude_none=True), "tools": [LOOKUP]}
+    )
+    first = await client.complete(spec(simulator, transport=transport), asking, 10)
+    choice = first.body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", first.body
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"]
+    assert call["function"]["name"] == "lookup_order"
+    arguments = json.loads(call["function"]["arguments"])
+    assert set(arguments) == {"order_id", "urgent"} and isinstance(arguments["urgent"], bool)
+    assert first.usage.completion_tokens > 0
+
+    answered = ChatRequest.model_validate(
+        {
+            "messages": [
+                *REQUEST.model_dump(exclude_none=True)["messages"],
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call["id"], "content": '{"status": "shipped"}'},
+            ],
+            "tools": [LOOKUP],
+            "max_tokens": 12,
+        }
+    )
+    second = await client.complete(spec(simulator, transport=transport), answered, 10)
+    assert second.body["choices"][0]["finish_reason"] == "length"
+    assert second.text.startswith("Simulated answer")
+    assert not second.body["choices"][0]["message"].get("tool_calls")
+
+
+@pytest.mark.parametrize("transport", ["auto", "litellm"])
+async def test_a_json_schema_answer_validates_against_the_schema(
+    simulator: str, client: LiteLLMClient, transport: str
+) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    request = ChatRequest.model_validate(
+        {
+            "messages": [{"role": "user", "content": "Triage: my refund has not arrived"}],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "triage", "schema": TRIAGE, "strict": True},
+            },
+        }
+    )
+    answer = await client.complete(spec(simulator, transport=transport), request, 10)
+    value = json.loads(answer.text)
+    jsonschema.validate(value, TRIAGE)
+    assert value["queue"] == "billing" and 1 <= value["priority"] <= 5
+
+
+@pytest.mark.parametrize("transport", ["auto", "litellm"])
+async def test_a_schema_the_model_cannot_use_is_a_permanent_bad_request(
+    simulator: str, client: LiteLLMClient, transport: str
+) -> None:
+    broken = {"type": "object", "properties": {"a": {"$ref": "#/$defs/gone"}}, "required": ["a"]}
+    request = ChatRequest.model_validate(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "t", "schema": broken},
+            },
+        }
+    )
+    with pytest.raises(BadRequest) as refused:
+        await client.complete(spec(simulator, transport=transport), request, 10)
+    assert not refused.value.transient and "response_format" in str(refused.value)

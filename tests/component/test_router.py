@@ -101,6 +101,21 @@ def chat(content: Any = "Hello", **body: Any) -> dict[str, Any]:
     return {"model": "switchboard/auto", "messages": [{"role": "user", "content": content}], **body}
 
 
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Find an order",
+        "parameters": {"type": "object", "properties": {"order": {"type": "string"}}},
+    },
+}
+TOOL_CALL = {"name": "lookup", "arguments": '{"order": "A-1"}'}
+
+
+def named(function: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": function}}
+
+
 async def test_http_request_is_classified_published_and_answered(wired: Any) -> None:
     client, routed, _ = wired
     resp = await client.post("/v1/chat/completions", json=chat("Hello", metadata={"tenant": "t1"}))
@@ -172,7 +187,30 @@ async def test_models_lists_the_tiers(wired: Any) -> None:
         ),
         (chat(temperature=7), "temperature", "invalid_value"),
         (chat(stream=True), "stream", "unsupported_parameter"),
-        (chat(tools=[{"type": "function"}]), "tools", "unsupported_parameter"),
+        (chat(tools=[{"type": "function"}]), "tools[0].function", "missing_required_parameter"),
+        (chat(tools=[TOOL], tool_choice=named("other")), "tool_choice", "invalid_value"),
+        (chat(tool_choice="required"), "tool_choice", "invalid_value"),
+        (chat(response_format={"type": "xml"}), "response_format", "invalid_value"),
+        (chat(functions=[TOOL["function"]]), "functions", "unsupported_parameter"),
+        (
+            {"model": "switchboard/auto", "messages": [{"role": "tool", "content": "{}"}]},
+            "messages[0]",
+            "invalid_value",
+        ),
+        (
+            {
+                "model": "switchboard/auto",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": "x",
+                        "tool_calls": [{"id": "c1", "type": "function", "function": TOOL_CALL}],
+                    }
+                ],
+            },
+            "messages[0]",
+            "invalid_value",
+        ),
         (chat(logprobs=True), "logprobs", "unsupported_parameter"),
         (chat(n=2), "n", "unsupported_parameter"),
         (chat(frobnicate=1), "frobnicate", "unknown_parameter"),
@@ -216,6 +254,48 @@ async def test_parameters_that_ask_for_nothing_are_accepted(wired: Any, body: An
     resp = await client.post("/v1/chat/completions", json=body)
     assert resp.status_code == 200, resp.text
     assert len(routed) == 1
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"label": {"type": "string", "enum": ["bug", "billing"]}},
+    "required": ["label"],
+    "additionalProperties": False,
+}
+
+
+async def test_tools_and_a_json_schema_are_carried_to_the_tier_as_sent(wired: Any) -> None:
+    client, routed, _ = wired
+    assistant = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "c1", "type": "function", "function": TOOL_CALL}],
+    }
+    body = chat(
+        tools=[TOOL],
+        tool_choice=named("lookup"),
+        parallel_tool_calls=False,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "triage", "schema": SCHEMA, "strict": True},
+        },
+    )
+    body["messages"] += [assistant, {"role": "tool", "tool_call_id": "c1", "content": "{}"}]
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    # as the worker sends it on: the wire form, unset fields left out
+    wire = RoutedRequest.model_validate_json(routed[0].model_dump_json())
+    request = wire.request.model_dump(mode="json", exclude_none=True)
+    assert request["tools"] == [TOOL] and request["tool_choice"] == named("lookup")
+    assert request["parallel_tool_calls"] is False
+    assert request["response_format"]["json_schema"] == {
+        "name": "triage",
+        "schema": SCHEMA,
+        "strict": True,
+    }
+    assert request["messages"][1]["tool_calls"][0]["function"] == TOOL_CALL
+    assert request["messages"][2]["tool_call_id"] == "c1"
+    assert routed[0].request.has_tools and routed[0].request.wants_json
 
 
 async def test_an_unexpected_error_is_an_openai_shaped_500_with_the_request_id(

@@ -129,7 +129,7 @@ async def test_a_failed_publish_raises_and_counts_nothing(router: Router) -> Non
         {"request_id": "p-1", "messages": [{"role": "user", "content": "hi"}]},
         {
             "request_id": "p-2",
-            "model": "balanced",
+            "model": "vision",
             "messages": [
                 {"role": "system", "content": "be brief"},
                 {
@@ -206,8 +206,10 @@ async def test_an_image_over_the_limit_is_a_dead_letter_naming_the_part() -> Non
         ({"metadata": {"deadline_ms": 10**15}}, "metadata.deadline_ms"),
         ({"max_tokens": 2**63}, "max_tokens"),
         ({"metadata": {"priority": -1}}, "metadata.priority"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "'tools'"),
-        ({"response_format": {"type": "json_object"}}, "'response_format'"),
+        ({"tools": [{"type": "function"}]}, "tools.0.function"),
+        ({"tool_choice": "required"}, "'tool_choice' requires a tool"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"functions": [{"name": "f"}]}, "'functions'"),
         ({"stream": True}, "'stream'"),
         ({"logprobs": True}, "'logprobs'"),
     ],

@@ -14,12 +14,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal
 
 import httpx
 import psutil
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from openai import OpenAI
+from pydantic import BaseModel
 
 from services.common.routing_config import load_config
 from switchboard.embedded import free_port
@@ -115,6 +117,24 @@ def sql(data_dir: Path, query: str, fmt: str = "json") -> subprocess.CompletedPr
         text=True,
         timeout=120,
     )
+
+
+class Triage(BaseModel):
+    queue: Literal["billing", "refunds", "bugs"]
+    priority: int
+
+
+LOOKUP: Any = {
+    "type": "function",
+    "function": {
+        "name": "lookup_order",
+        "parameters": {
+            "type": "object",
+            "properties": {"order_id": {"type": "string"}},
+            "required": ["order_id"],
+        },
+    },
+}
 
 
 def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
@@ -214,6 +234,24 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
         assert float(row["total_cost_usd"]) >= 0 and int(row["output_tokens"]) > 0
         if tier in usage:  # what the caller was told it used is what the row holds
             assert int(row["input_tokens"]) + int(row["output_tokens"]) == usage[tier]
+
+    # structured outputs and a tool call on the default config, with the SDK's own helpers
+    parsed = client.chat.completions.parse(
+        model="switchboard/auto",
+        messages=[{"role": "user", "content": "My refund has not arrived"}],
+        response_format=Triage,
+    )
+    assert isinstance(parsed.choices[0].message.parsed, Triage)
+    asked = client.chat.completions.create(
+        model="switchboard/auto",
+        messages=[{"role": "user", "content": "Where is order A-17?"}],
+        tools=[LOOKUP],
+    )
+    (call,) = asked.choices[0].message.tool_calls or []
+    assert asked.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "lookup_order" and "order_id" in json.loads(
+        call.function.arguments
+    )
 
     assert up.stop() == 0
     time.sleep(0)  # children were waited for by the supervisor before it exited

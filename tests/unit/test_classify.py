@@ -81,6 +81,8 @@ def test_features_are_what_the_condition_language_documents() -> None:
         "message_count": 4,
         "image_count": 1,
         "has_images": True,
+        "has_tools": False,
+        "wants_json": False,
         "requires_reasoning": False,
         "priority": 3,
         "task": "chat",
@@ -90,6 +92,12 @@ def test_features_are_what_the_condition_language_documents() -> None:
         "tags.team": "eng",
     }
     assert {k for k in features(request) if not k.startswith("tags.")} == set(FIELDS)
+
+    tool = {"type": "function", "function": {"name": "lookup"}}
+    asks = chat(USER_SHORT, tools=[tool], response_format={"type": "json_object"})
+    assert features(asks)["has_tools"] and features(asks)["wants_json"]
+    declined = chat(USER_SHORT, tools=[tool], tool_choice="none", response_format={"type": "text"})
+    assert not features(declined)["has_tools"] and not features(declined)["wants_json"]
     lazy = Features(request)
     assert lazy.get("tags.missing") is None and lazy.get("nope", "dflt") == "dflt"
     with pytest.raises(KeyError):

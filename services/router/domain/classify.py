@@ -59,6 +59,8 @@ _COMPUTE: dict[str, Callable[[Features], Any]] = {
     "message_count": lambda f: len(f.request.messages),
     "image_count": _image_count,
     "has_images": lambda f: f.get("image_count") > 0,
+    "has_tools": lambda f: f.request.has_tools,
+    "wants_json": lambda f: f.request.wants_json,
     "requires_reasoning": lambda f: f.request.metadata.requires_reasoning,
     "priority": lambda f: f.request.metadata.priority,
     "task": lambda f: f.request.metadata.task,

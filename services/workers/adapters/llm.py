@@ -27,6 +27,7 @@ import litellm
 from litellm.llms.openai.chat.gpt_transformation import OpenAIGPTConfig
 from litellm.types.utils import LlmProviders
 from litellm.utils import ProviderConfigManager
+from pydantic import BaseModel
 
 from schemas.v1 import ChatRequest, Usage
 from services.common.routing_config import ModelSpec
@@ -137,7 +138,24 @@ def _call_args(spec: ModelSpec, request: ChatRequest, timeout_s: float) -> dict[
         value = getattr(request, name)
         if value is not None:
             args[name] = value
+    for name in _STRUCTURED:
+        value = getattr(request, name)
+        if value is not None:
+            args[name] = _plain(value)
+    if any(name in args for name in _STRUCTURED):
+        # litellm drops what a provider does not take (drop_params); these change what the
+        # answer must be, so a model that cannot take them fails the attempt instead
+        args["drop_params"] = False
     return args
+
+
+def _plain(value: Any) -> Any:
+    """A contract value as the JSON the provider is sent."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(exclude_none=True)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _classify(exc: Exception) -> ModelCallError:
@@ -251,12 +269,15 @@ class LiteLLMClient:
     ) -> Completion:
         args = _call_args(spec, request, timeout_s)
         messages = args["messages"]
-        params = {k: args[k] for k in _SAMPLING if k in args}
+        params = {k: args[k] for k in (*_SAMPLING, *_STRUCTURED) if k in args}
         params.update(stream=True, stream_options={"include_usage": True})
         config = route.config
         optional = config.map_openai_params(
             non_default_params=params, optional_params={}, model=route.model, drop_params=True
         )
+        dropped = [k for k in _STRUCTURED if k in params and k not in optional]
+        if dropped:
+            raise BadRequest(f"litellm does not pass {dropped} to {spec.model}")
         litellm_params = {"custom_llm_provider": route.provider, "api_base": route.api_base}
         headers = config.validate_environment(
             {}, route.model, messages, optional, litellm_params, args.get("api_key"), route.api_base
@@ -337,6 +358,8 @@ _SAMPLING = (
     "presence_penalty",
     "frequency_penalty",
 )
+# what the answer must be: tools it may call, the JSON it must be
+_STRUCTURED = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
 
 
 async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
@@ -372,6 +395,7 @@ class _StreamState:
         self.reasoning: list[str] = []
         self.finish_reason: str | None = None
         self.raw_usage: Any = None
+        self.tool_calls: dict[int, dict[str, Any]] = {}  # by the deltas' index
 
     def add(self, chunk: Any) -> bool:
         """Take one chunk; True when it carried content (the first one sets TTFT)."""
@@ -394,9 +418,27 @@ class _StreamState:
             if reasoning:
                 self.reasoning.append(reasoning)
                 content = True
+            for call in getattr(delta, "tool_calls", None) or []:
+                self._add_tool_call(call)
+                content = True
             if choice.finish_reason:
                 self.finish_reason = choice.finish_reason
         return content
+
+    def _add_tool_call(self, call: Any) -> None:
+        """A tool call arrives as deltas of one index: its id and name once, then the
+        arguments' JSON text in pieces."""
+        index = getattr(call, "index", None) or 0
+        slot = self.tool_calls.setdefault(
+            index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+        )
+        if getattr(call, "id", None):
+            slot["id"] = call.id
+        function = getattr(call, "function", None)
+        if function is not None:
+            if getattr(function, "name", None) and not slot["function"]["name"]:
+                slot["function"]["name"] = function.name
+            slot["function"]["arguments"] += getattr(function, "arguments", None) or ""
 
     def usage(self) -> Usage:
         u = self.raw_usage
@@ -406,9 +448,13 @@ class _StreamState:
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
 
     def body(self, model: str) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.text)}
+        text = "".join(self.text)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
         if self.reasoning:
             message["reasoning_content"] = "".join(self.reasoning)
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+            message["content"] = text or None  # as OpenAI answers a call without text
         usage = self.usage()
         return {
             "id": self.id or "",

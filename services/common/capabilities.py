@@ -1,0 +1,143 @@
+"""What a configured model can do, and what a request needs of it.
+
+Capabilities: ``tools`` (function calling), ``json_schema`` (answers held to a JSON Schema),
+``vision`` (image inputs) and the ``context_window`` (input tokens). Each comes from the model's
+``capabilities`` in the routing config where it is set, else from litellm's bundled model map
+(``model_prices_and_context_window_backup.json``: its ``supports_function_calling``,
+``supports_response_schema``, ``supports_vision`` and ``max_input_tokens``), else it is unknown.
+Unknown counts as unable: a request that needs tools goes only to a model known to take them, and
+the error for a tier with none says which setting to add.
+
+The map is read as data, so the router learns what litellm knows without importing litellm.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from schemas.v1 import ChatRequest
+from services.common.routing_config import ModelSpec, TierSpec
+
+CHARS_PER_TOKEN = 4  # the prompt estimate rules use (prompt_tokens)
+_MAP_FILE = "model_prices_and_context_window_backup.json"
+_FLAGS = {
+    "tools": "supports_function_calling",
+    "json_schema": "supports_response_schema",
+    "vision": "supports_vision",
+}
+# what asks for each capability, named in errors
+ASKED_BY = {"tools": "tools", "json_schema": "response_format", "vision": "messages"}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    tools: bool
+    json_schema: bool
+    vision: bool
+    context_window: int | None  # input tokens; None: not known, not checked
+
+    def lacks(self, needs: Needs) -> list[str]:
+        """The capabilities of ``needs`` this model does not have, in a fixed order."""
+        missing = [name for name in needs.capabilities if not getattr(self, name)]
+        if self.context_window is not None and needs.prompt_tokens > self.context_window:
+            missing.append("context_window")
+        return missing
+
+
+@dataclass(frozen=True)
+class Needs:
+    capabilities: tuple[str, ...]
+    prompt_tokens: int
+
+
+def needs(request: ChatRequest) -> Needs:
+    wanted = []
+    if request.has_tools:
+        wanted.append("tools")
+    if request.response_format is not None and request.response_format.type == "json_schema":
+        wanted.append("json_schema")
+    if any(m.image_count() for m in request.messages):
+        wanted.append("vision")
+    chars = sum(len(m.text()) for m in request.messages)
+    return Needs(tuple(wanted), math.ceil(chars / CHARS_PER_TOKEN))
+
+
+@functools.lru_cache(maxsize=1)
+def _litellm_map() -> dict[str, Any]:
+    found = importlib.util.find_spec("litellm")
+    if found is None or not found.submodule_search_locations:
+        return {}
+    path = Path(next(iter(found.submodule_search_locations))) / _MAP_FILE
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def litellm_entry(model: str) -> dict[str, Any] | None:
+    """litellm's map entry for a litellm model string (``openai/gpt-4o-mini`` or ``gpt-4o``)."""
+    table = _litellm_map()
+    for key in (model, model.split("/", 1)[-1]):
+        entry = table.get(key)
+        if isinstance(entry, dict):
+            return entry
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def of(spec: ModelSpec) -> Capabilities:
+    declared = spec.capabilities
+    entry = litellm_entry(spec.model) or {}
+    values: dict[str, Any] = {}
+    for name, flag in _FLAGS.items():
+        own = getattr(declared, name) if declared is not None else None
+        values[name] = bool(own if own is not None else entry.get(flag, False))
+    window = declared.context_window if declared is not None else None
+    if window is None and isinstance(entry.get("max_input_tokens"), int):
+        window = entry["max_input_tokens"]
+    return Capabilities(**values, context_window=window)
+
+
+class MissingCapability(ValueError):
+    """No model of the chosen tier can do what the request asks."""
+
+    def __init__(self, tier: str, missing: str, models: list[str]) -> None:
+        self.tier, self.capability, self.param = tier, missing, ASKED_BY.get(missing, "messages")
+        if missing == "context_window":
+            what = "takes a prompt this long"
+            hint = "shorten it, or add a model with a larger context_window to the tier"
+        else:
+            what = f"is known to support {missing}"
+            hint = (
+                f"send it to a tier that has one, or set `capabilities: {{{missing}: true}}` on "
+                "a model of this tier that does (litellm's model map does not say so)"
+            )
+        super().__init__(f"no model of tier {tier!r} ({', '.join(models)}) {what}: {hint}")
+
+
+class TierCapabilities:
+    """The capabilities of one tier's models, worked out once (routing asks per request)."""
+
+    def __init__(self, name: str, tier: TierSpec) -> None:
+        self.name = name
+        self.labels = [spec.label for spec in tier.models]
+        self.models = [of(spec) for spec in tier.models]
+        self._windows = any(c.context_window is not None for c in self.models)
+
+    def check(self, request: ChatRequest) -> None:
+        """Raise ``MissingCapability`` when no model of the tier can take ``request``."""
+        wanted = needs(request)
+        if not wanted.capabilities and not self._windows:
+            return
+        gaps = [c.lacks(wanted) for c in self.models]
+        if gaps and all(gaps):
+            # name what the closest model lacks: the fewest gaps, first in the tier's order
+            closest = min(gaps, key=len)
+            raise MissingCapability(self.name, closest[0], self.labels)
