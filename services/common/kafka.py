@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError, UnknownError
 from aiokafka.partitioner import murmur2
@@ -141,6 +141,19 @@ async def topic_exists(bootstrap: str, name: str) -> bool:
         return name in await admin.list_topics()
     finally:
         await admin.close()
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    """The partitions of ``topic`` as the broker has them now (empty: no such topic).
+
+    A group-less consumer's metadata keeps only the topics it is assigned: once it is assigned
+    one, a metadata refresh forgets every other, ``partitions_for_topic`` answers None for them,
+    and ``consumer.topics()`` fetches the full list without keeping it. So this asks the broker
+    for every topic's metadata and reads the topic there (a listing creates nothing, even on the
+    embedded broker, which creates a topic that a Metadata request names).
+    """
+    cluster = await consumer._client.fetch_all_metadata()
+    return set(cluster.partitions_for_topic(topic) or ())
 
 
 async def delete_topics(bootstrap: str, names: Iterable[str]) -> None:

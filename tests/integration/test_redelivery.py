@@ -15,7 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from schemas.v1 import ChatRequest, ChatResult, Usage
-from services.common.kafka import partition_for_key
+from services.common.kafka import ensure_topics, partition_for_key
 from services.common.tansu import log_ends
 from services.workers.adapters.outcomes import RedisOutcomeStore, Stored
 from services.workers.adapters.sent import DELIVERY_HEADER
@@ -304,3 +304,25 @@ async def test_an_answer_inside_the_partitions_last_record_batch_is_found(
     assert not await stack.workers["fast"].sent.was_sent(
         topic, request_id, f"{delivery}0", since_ms
     )
+
+
+async def test_a_search_finds_answers_on_a_topic_after_searching_another(
+    fast_stack: Stack,
+) -> None:
+    """A worker searches the results topic for one redelivery and a router's reply topic for the
+    next (or the other way round). The search's consumer, once assigned one topic, used to forget
+    the others on its next metadata refresh, take the answer's topic for one that does not exist,
+    and send the answer again: 6 of 5,000 jobs answered twice in a CI run's crash scenario."""
+    stack = fast_stack
+    worker = stack.workers["fast"]
+    results = [stored_result(f"two-topics-{uuid.uuid4().hex}") for _ in range(2)]
+    deliveries = [f"t:0:{i}" for i in range(2)]
+    other = stack.topics.replies(f"gone-{uuid.uuid4().hex[:8]}")
+    await ensure_topics(stack.bootstrap, [other], 2)
+    for result, delivery in zip(results, deliveries, strict=True):
+        await publish_answer(stack, result, delivery)
+    since = int(time.time() * 1000) - 60_000
+    assert not await worker.sent.was_sent(other, "nobody", "t:0:9", since)  # assigned there
+    for result, delivery in zip(results, deliveries, strict=True):
+        assert await worker.sent.was_sent(stack.topics.results, result.request_id, delivery, since)
+        assert not await worker.sent.was_sent(other, result.request_id, delivery, since)

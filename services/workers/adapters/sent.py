@@ -14,12 +14,15 @@ Only redeliveries of records whose answer was being sent pay for this read: a ha
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.common.consumer import close_consumer
-from services.common.kafka import partition_for_key
+from services.common.kafka import partition_for_key, partitions_of
 from services.common.tansu import log_ends
+
+log = logging.getLogger(__name__)
 
 DELIVERY_HEADER = "switchboard-delivery"
 # the note is written just before the publish, by the same process, so the record's timestamp
@@ -59,27 +62,51 @@ class SentCheck:
 
     async def _search(self, topic: str, key: bytes, delivery: bytes, since_ms: int) -> bool:
         consumer = await self._started()
-        partitions = consumer.partitions_for_topic(topic)
+        partitions = await partitions_of(consumer, topic)
         if not partitions:
-            await consumer.topics()  # refresh metadata
-            partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            return False  # the topic does not exist: nothing was written to it
+            log.info("search for %s: %s does not exist", key.decode(errors="replace"), topic)
+            return False  # nothing was written to it
         ordered = sorted(partitions)
         tp = TopicPartition(topic, ordered[partition_for_key(key, len(ordered))])
         consumer.assign([tp])
         found = (await consumer.offsets_for_times({tp: max(0, since_ms - _MARGIN_MS)}))[tp]
         # no record that late: None (Kafka) or timestamp -1 with offset 0 (Tansu, then read all)
         if found is None:
+            log.info(
+                "search for %s on %s: the broker has no record at or after %d ms",
+                key.decode(errors="replace"),
+                tp,
+                since_ms - _MARGIN_MS,
+            )
             return False
         end = (await log_ends(consumer, [tp]))[tp]
         consumer.seek(tp, found.offset)
+        read, first, last, same_key = 0, None, None, []
         while await consumer.position(tp) < end:
             for record in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
                 if record.offset >= end:
-                    return False
-                if record.key == key and (DELIVERY_HEADER, delivery) in (record.headers or ()):
-                    return True
+                    break
+                read += 1
+                first = record.offset if first is None else first
+                last = record.offset
+                if record.key == key:
+                    if (DELIVERY_HEADER, delivery) in (record.headers or ()):
+                        return True
+                    same_key.append(record.offset)
+        log.info(
+            "search for %s (%s) on %s: not found; from offset %d (asked for %d ms) to end %d, "
+            "read %d records (%s..%s); the key at offsets %s with another delivery",
+            key.decode(errors="replace"),
+            delivery.decode(errors="replace"),
+            tp,
+            found.offset,
+            since_ms - _MARGIN_MS,
+            end,
+            read,
+            first,
+            last,
+            same_key,
+        )
         return False
 
     async def close(self) -> None:
