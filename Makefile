@@ -24,7 +24,7 @@ up: setup
 	$(VENV)/bin/switchboard up
 
 test: setup
-	$(PY) -m pytest -n 2 --durations=15
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=15
 	$(PY) -m faults
 
 faults: setup

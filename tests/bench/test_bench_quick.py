@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -43,22 +44,42 @@ def _ours(scratch: Path) -> set[int]:
     return found
 
 
-@pytest.mark.timeout(900)  # the run's own limit below; the suite's default is 300 s
-def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
+def quick_bench(tmp_path: Path, only: str) -> tuple[dict[str, Any], str]:
+    """``python -m bench --quick --only <only>``: its latest.json and report, after checking it
+    exited 0, failed no scenario and left no process running."""
     scratch = tmp_path / "scratch"  # the benchmark's temporary files, and its processes' logs
     scratch.mkdir()
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path), "--keep"],
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--only",
+            only,
+            "--out",
+            str(tmp_path),
+            "--keep",
+        ],
         cwd=ROOT,
         env={**os.environ, "TMPDIR": str(scratch)},
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     latest = json.loads((tmp_path / "latest.json").read_text())
     assert latest["quick"] is True and not latest["failed"]
-    for section, fields in REQUIRED.items():
+    assert set(latest["scenario_s"]) == set(only.split(","))
+    report = next(tmp_path.glob("*.md")).read_text()
+    assert "## Targets" in report and "SIMULATOR" in report
+    assert f"--only {only}" in report
+    assert not _ours(scratch), "the benchmark left processes running"
+    return latest, report
+
+
+def figures(latest: dict[str, Any], required: dict[str, list[str]]) -> None:
+    for section, fields in required.items():
         for field in fields:
             value = latest[section][field]
             if value is None and field in UNTIMED_WHEN_SMALL:
@@ -66,6 +87,15 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
                 assert latest[section][UNTIMED_WHEN_SMALL[field]] == 0, (section, field)
                 continue
             assert isinstance(value, int | float) and math.isfinite(value), (section, field)
+
+
+# The two halves run as two tests in two xdist groups, so `make test`'s two workers
+# (--dist loadgroup) each take one.
+@pytest.mark.xdist_group("bench-sync")
+@pytest.mark.timeout(660)  # the run's own limit below; the suite's default is 300 s
+def test_quick_sync_scenarios_write_every_figure(tmp_path: Path) -> None:
+    latest, _ = quick_bench(tmp_path, "sync,sync_light")
+    figures(latest, {"rss_mb": ["router"]})
     for rate in ("20",):
         for target in ("direct", "switchboard", "litellm", "litellm_workers"):
             cell = latest["sync"][rate][target]
@@ -82,10 +112,15 @@ def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
     assert light["default_concurrency"] in light["concurrency"]
     for target in ("direct", "litellm", "litellm_workers"):
         assert light["rates"]["20"][target]["errors"] == 0, target
+
+
+@pytest.mark.xdist_group("bench-rest")
+@pytest.mark.timeout(660)
+def test_quick_other_scenarios_write_every_figure(tmp_path: Path) -> None:
+    latest, _ = quick_bench(tmp_path, "startup,worker,router,metrics,jobs,redis")
+    figures(latest, REQUIRED)
+    assert latest["startup"]["make_up_ready_s"] > 0
     assert latest["jobs"]["completed"] == latest["jobs"]["count"]
     assert latest["jobs"]["errors"] == 0 and latest["jobs"]["duplicates"] == 0
     assert latest["metrics"]["rows"] == latest["metrics"]["events"]
     assert {t["target"] for t in latest["targets"]} >= {"one worker, calls/s", "async jobs/s"}
-    report = next(tmp_path.glob("*.md")).read_text()
-    assert "## Targets" in report and "SIMULATOR" in report
-    assert not _ours(scratch), "the benchmark left processes running"
