@@ -89,9 +89,10 @@ def figures(latest: dict[str, Any], required: dict[str, list[str]]) -> None:
             assert isinstance(value, int | float) and math.isfinite(value), (section, field)
 
 
-# The two halves run as two tests in two xdist groups, so `make test`'s two workers
-# (--dist loadgroup) each take one.
-@pytest.mark.xdist_group("bench-sync")
+# Two tests in one xdist group: `make test` (--dist loadgroup) runs them one after the other on
+# one worker while the other worker runs the rest. Run at once on a 2-core machine, the two
+# halves slowed everything (pytest 394 s instead of 325 s) and a keeper test timed out.
+@pytest.mark.xdist_group("bench")
 @pytest.mark.timeout(660)  # the run's own limit below; the suite's default is 300 s
 def test_quick_sync_scenarios_write_every_figure(tmp_path: Path) -> None:
     latest, _ = quick_bench(tmp_path, "sync,sync_light")
@@ -114,7 +115,7 @@ def test_quick_sync_scenarios_write_every_figure(tmp_path: Path) -> None:
         assert light["rates"]["20"][target]["errors"] == 0, target
 
 
-@pytest.mark.xdist_group("bench-rest")
+@pytest.mark.xdist_group("bench")
 @pytest.mark.timeout(660)
 def test_quick_other_scenarios_write_every_figure(tmp_path: Path) -> None:
     latest, _ = quick_bench(tmp_path, "startup,worker,router,metrics,jobs,redis")
