@@ -91,8 +91,10 @@ def labels() -> dict[str, str]:
     }
 
 
-def names() -> tuple[str, ...]:
-    return ("direct", *(target_name(c) for c in CONCURRENCY), *PEERS)
+def names(peers: bool = True) -> tuple[str, ...]:
+    """The targets in report order; ``peers``: the LiteLLM proxies too (not in a quick run,
+    whose sync scenario already starts and drives both)."""
+    return ("direct", *(target_name(c) for c in CONCURRENCY), *(PEERS if peers else ()))
 
 
 class ConnectionPeaks:
@@ -185,7 +187,9 @@ def run(bench: Bench) -> Section:
     with bench.scope():
         sim_url = bench.simulator()
         sim = child_named(bench, "simulator-")
-        proxies = start_proxies(bench, sim_url, [MODEL])  # they boot while the stack starts
+        peers = not bench.quick
+        # the proxies boot while the stack starts
+        proxies = start_proxies(bench, sim_url, [MODEL]) if peers else {}
         bootstrap = bench.broker()
         broker = child_named(bench, "broker")
         redis_url = bench.redis()
@@ -221,7 +225,8 @@ def run(bench: Bench) -> Section:
             "timeout_s": TIMEOUT_S,
             "quick": bench.quick,
             "rates": rates,
-            **sweep_figures(rates, names()),
+            **sweep_figures(rates, names(peers)),
+            "peers": peers,
             "concurrency": list(CONCURRENCY),
             "default_concurrency": DEFAULT_CONCURRENCY,
             "fast_tier_concurrency": fast_tier_concurrency(),
@@ -233,7 +238,7 @@ def run(bench: Bench) -> Section:
             "idle": idle,
             "sweep_s": round(time.perf_counter() - t0, 1),
             "processes": processes,
-            "litellm_proxy": proxies["litellm"].settings,
+            "litellm_proxy": proxies["litellm"].settings if peers else None,
             "litellm_proxies": {name: proxy.settings for name, proxy in proxies.items()},
             "switchboard": {"tiers": list(tiers), "config": config.read_text()},
         }
@@ -246,7 +251,7 @@ def run(bench: Bench) -> Section:
 def markdown(data: Mapping[str, Any]) -> str:
     rates: Mapping[str, Mapping[str, Any]] = data["rates"]
     p = data["profile"]
-    label, order = labels(), names()
+    label, order = labels(), names(data["peers"])
     lines = [
         f"## Sync on `{p['name']}` (`make up`'s fast tier): tier concurrency, and the LiteLLM "
         "proxy on equal cores",
@@ -261,7 +266,8 @@ def markdown(data: Mapping[str, Any]) -> str:
         + ", ".join(str(c) for c in data["concurrency"])
         + f"), each on its own tier of this one model; the tier default is "
         f"{data['default_concurrency']}, and `make up`'s fast tier runs "
-        f"{data['fast_tier_concurrency']}. " + proxy_words(data),
+        f"{data['fast_tier_concurrency']}. "
+        + (proxy_words(data) if data["peers"] else "No LiteLLM proxy in a quick run."),
         "",
         "p50 / p99 in ms; errors as failed/sent. ⚠: the generator fell behind its schedule. "
         f"*: programs outside this benchmark used ≥ {NOISY_CORES} cores during the step.",
@@ -342,7 +348,7 @@ def verdict(data: Mapping[str, Any]) -> str:
         f"about {fmt(data['mean_calls_open'].get(top))} calls were open on average."
     ]
     cells = []
-    for name in names()[1:]:
+    for name in names(data["peers"])[1:]:
         r = row[name]
         if "skipped" in r:
             cells.append(f"{label[name]} not run ({r['skipped']})")

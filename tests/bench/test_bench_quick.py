@@ -111,8 +111,9 @@ def test_quick_sync_scenarios_write_every_figure(tmp_path: Path) -> None:
         peak = cell["connections_peak"]  # the worker's pools were watched, and were used
         assert peak["simulator"] >= 1 and 1 <= peak["redis"] <= 64, (concurrency, peak)
     assert light["default_concurrency"] in light["concurrency"]
-    for target in ("direct", "litellm", "litellm_workers"):
-        assert light["rates"]["20"][target]["errors"] == 0, target
+    assert light["rates"]["20"]["direct"]["errors"] == 0
+    # the proxies run in sync_light's full run only: the quick sync scenario drives both
+    assert not light["peers"] and "litellm" not in light["rates"]["20"]
 
 
 @pytest.mark.xdist_group("bench")
