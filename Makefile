@@ -24,7 +24,8 @@ up: setup
 	$(VENV)/bin/switchboard up
 
 test: setup
-	$(PY) -m pytest -n 2 --dist loadgroup --durations=15
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 -m 'not serial'
+	$(PY) -m pytest -m serial
 	$(PY) -m faults
 
 faults: setup
