@@ -16,7 +16,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION: Literal[1] = 1
 AUTO_MODEL = "switchboard/auto"
@@ -67,6 +67,13 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 # OpenAI's rule for function and JSON-schema names
 FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 MAX_TOOLS = 128  # OpenAI's limit on the tools of one request
+MAX_CHOICES = 128  # OpenAI's limit on ``n``
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on ``top_logprobs``
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on the tokens of ``logit_bias``
+# OpenAI's limits on a request's own ``metadata`` pairs (what Switchboard passes to the model)
+MAX_PROVIDER_METADATA = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
 
 
 class FunctionCall(_Message):
@@ -116,7 +123,13 @@ class ChatMessage(_Message):
 
 
 class RequestMetadata(_Message):
-    """What the caller tells the router about a request; every field is optional."""
+    """What the caller tells the router about a request; every field is optional.
+
+    Any other key is OpenAI's ``metadata`` (string pairs for the provider): Switchboard passes
+    those to a model that takes ``metadata`` and refuses the request by name for one that does
+    not (``provider_metadata``)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     tenant: str | None = Field(default=None, max_length=200)
     task: str | None = Field(default=None, max_length=200)
@@ -132,6 +145,30 @@ class RequestMetadata(_Message):
     tags: dict[str, Annotated[str, Field(max_length=500)]] = Field(
         default_factory=dict, max_length=MAX_TAGS
     )
+
+    @model_validator(mode="after")
+    def _provider_metadata_as_openai_allows(self) -> RequestMetadata:
+        extra = self.model_extra or {}
+        if len(extra) > MAX_PROVIDER_METADATA:
+            raise ValueError(
+                f"at most {MAX_PROVIDER_METADATA} metadata pairs besides Switchboard's own "
+                f"fields ({len(extra)} sent)"
+            )
+        for key, value in extra.items():
+            if len(key) > MAX_METADATA_KEY:
+                raise ValueError(f"metadata key {key[:80]!r} is over {MAX_METADATA_KEY} characters")
+            if not isinstance(value, str) or len(value) > MAX_METADATA_VALUE:
+                raise ValueError(
+                    f"metadata {key!r} must be a string of at most {MAX_METADATA_VALUE} "
+                    "characters (Switchboard's own keys: tenant, task, requires_reasoning, "
+                    "priority, deadline_ms, idempotency_key, tags)"
+                )
+        return self
+
+    @property
+    def provider_metadata(self) -> dict[str, str]:
+        """The keys that are not Switchboard's: OpenAI's ``metadata``, for the model."""
+        return dict(self.model_extra or {})
 
 
 class FunctionDefinition(_Message):
@@ -193,6 +230,8 @@ ResponseFormat = Annotated[
 ]
 
 
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
 # OpenAI chat parameters Switchboard does not carry out yet, with the values that ask for nothing
 # (what a client sends when it does not use the feature): any other value is refused by name.
 UNSUPPORTED_PARAMETERS: dict[str, tuple[Any, ...]] = {
@@ -200,21 +239,15 @@ UNSUPPORTED_PARAMETERS: dict[str, tuple[Any, ...]] = {
     "function_call": (None, "none", "auto"),
     "stream": (None, False),
     "stream_options": (None,),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "n": (None, 1),
-    "logit_bias": (None, {}),
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
-    "reasoning_effort": (None,),
     "verbosity": (None,),
     "web_search_options": (None,),
     "service_tier": (None, "auto", "default"),
     "store": (None, False),
     "prompt_cache_key": (None,),
     "safety_identifier": (None,),
-    "user": (None,),
 }
 
 
@@ -229,36 +262,91 @@ def check_tool_choice(tools: list[Tool] | None, choice: ToolChoice | None) -> No
         raise ValueError(f"'tool_choice' names function '{choice.function.name}', not in 'tools'")
 
 
+def check_logprobs(logprobs: bool | None, top_logprobs: int | None) -> None:
+    if top_logprobs and not logprobs:
+        raise ValueError("'top_logprobs' needs 'logprobs': true")
+
+
+def _bias_in_range(bias: dict[str, float]) -> dict[str, float]:
+    for token, value in bias.items():
+        if not token.isdigit():
+            raise ValueError(f"logit_bias keys are token ids (digits), not {token[:40]!r}")
+        if not -100 <= value <= 100:
+            raise ValueError(f"logit_bias[{token}] = {value} is outside -100..100")
+    return bias
+
+
+LogitBias = Annotated[
+    dict[str, float], Field(max_length=MAX_LOGIT_BIAS), AfterValidator(_bias_in_range)
+]
+
+# Every OpenAI parameter a request may set that is sent to the model, in the order they are
+# checked: the model must take each one set (litellm's supported parameters for its provider, or
+# the config's ``capabilities.params``), or the request is refused by name. Nothing is dropped.
+PASSED_PARAMETERS = (
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "n",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "user",
+    "reasoning_effort",
+    "metadata",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+)
+
+
 def asks_for_unsupported(name: str, value: Any) -> bool:
     """Does OpenAI parameter ``name`` set to ``value`` ask for something Switchboard does not do?"""
     return name in UNSUPPORTED_PARAMETERS and value not in UNSUPPORTED_PARAMETERS[name]
 
 
-class ChatRequest(_Message):
-    """A chat completion request as a producer sends it (HTTP body or ingress topic).
-
-    Unknown fields are kept (``model_extra``) only to refuse OpenAI parameters that would
-    otherwise be dropped silently (``UNSUPPORTED_PARAMETERS``); anything else unknown is ignored.
-    """
+class ChatParameters(_Message):
+    """The OpenAI chat parameters Switchboard carries out: the HTTP body's and the ingress
+    record's. Unknown fields are kept (``model_extra``) so OpenAI parameters that would otherwise
+    be dropped silently can be refused by name (``UNSUPPORTED_PARAMETERS``)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
-    request_id: str = Field(default_factory=new_request_id, min_length=1, max_length=200)
-    model: str = Field(default=AUTO_MODEL, min_length=1, max_length=200)
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, gt=0, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, gt=0, le=MAX_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
+    logit_bias: LogitBias | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    user: str | None = Field(default=None, max_length=256)
+    reasoning_effort: ReasoningEffort | None = None
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     metadata: RequestMetadata = Field(default_factory=RequestMetadata)
+
+
+class ChatRequest(ChatParameters):
+    """A chat completion request as a producer sends it (HTTP body or ingress topic). Unknown
+    fields other than OpenAI's are ignored."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: str = Field(default_factory=new_request_id, min_length=1, max_length=200)
+    model: str = Field(default=AUTO_MODEL, min_length=1, max_length=200)
 
     @model_validator(mode="after")
     def _no_unsupported_parameters(self) -> ChatRequest:
@@ -267,7 +355,23 @@ class ChatRequest(_Message):
             if asks_for_unsupported(name, value):
                 raise ValueError(f"'{name}' is not supported by Switchboard yet")
         check_tool_choice(self.tools, self.tool_choice)
+        check_logprobs(self.logprobs, self.top_logprobs)
         return self
+
+    def model_parameters(self) -> dict[str, Any]:
+        """The OpenAI parameters set on this request that the model is sent, by name (what a
+        model must take, else the request is refused by name: ``PASSED_PARAMETERS``)."""
+        out: dict[str, Any] = {}
+        for name in PASSED_PARAMETERS:
+            value = self.metadata.provider_metadata if name == "metadata" else getattr(self, name)
+            if value is not None and value != {}:
+                out[name] = value
+        return out
+
+    @property
+    def token_cap(self) -> int | None:
+        """The most tokens the answer may have, whichever of the two names set it."""
+        return self.max_completion_tokens or self.max_tokens
 
     @property
     def has_tools(self) -> bool:
@@ -368,6 +472,9 @@ class ChatError(_Message):
     config_hash: str | None = None
     code: str
     message: str
+    param: str | None = Field(
+        default=None, max_length=200, description="The request field the error is about, if one."
+    )
     retryable: bool = False
     attempts: int = Field(default=0, ge=0, le=ATTEMPT_MAX)
     completed_at: datetime = Field(default_factory=utcnow)

@@ -44,6 +44,11 @@ class ModelCapabilities(_Strict):
     )
     vision: bool | None = Field(default=None, description="Image inputs.")
     context_window: int | None = Field(default=None, gt=0, description="Input tokens at most.")
+    params: tuple[str, ...] = Field(
+        default=(),
+        description="OpenAI parameters the model takes besides those litellm lists for its "
+        "provider (e.g. `user`, `metadata`); they are sent as they are.",
+    )
 
 
 class ModelSpec(_Strict):

@@ -64,12 +64,13 @@ _BY_CODE = {
     "bad_request": (400, "invalid_request_error"),
     "invalid_request": (400, "invalid_request_error"),
     "unsupported_capability": (400, "invalid_request_error"),
+    "unsupported_parameter": (400, "invalid_request_error"),
 }
 
 
 def from_outcome(error: ChatError) -> ApiError:
     status, kind = _BY_CODE.get(error.code, (502, "upstream_error"))
-    param = "Idempotency-Key" if error.code == "idempotency_key_reused" else None
+    param = "Idempotency-Key" if error.code == "idempotency_key_reused" else error.param
     return ApiError(status, error.message, type=kind, code=error.code, param=param)
 
 

@@ -13,25 +13,19 @@ from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.v1 import (
     AUTO_MODEL,
-    MAX_STOP_SEQUENCES,
-    MAX_TOKENS,
-    MAX_TOOLS,
     UNSUPPORTED_PARAMETERS,
-    ChatMessage,
+    ChatParameters,
     ChatRequest,
     ChatResult,
     Outcome,
-    RequestMetadata,
-    ResponseFormat,
     RoutedRequest,
-    Tool,
-    ToolChoice,
     asks_for_unsupported,
+    check_logprobs,
     check_tool_choice,
     new_request_id,
 )
@@ -55,32 +49,16 @@ PUBLISH_TIMEOUT_S = 10.0
 RETRY_AFTER_S = 1  # what an overloaded router tells callers to wait
 
 
-class ChatCompletionBody(BaseModel):
-    """The part of OpenAI's chat completion request Switchboard carries out. Other OpenAI
-    parameters are refused by name unless they ask for nothing (``UNSUPPORTED_PARAMETERS``), and
-    so is any field OpenAI does not define, as OpenAI's API does."""
-
-    model_config = ConfigDict(extra="allow")
+class ChatCompletionBody(ChatParameters):
+    """OpenAI's chat completion request as Switchboard carries it out. Other OpenAI parameters
+    are refused by name unless they ask for nothing (``UNSUPPORTED_PARAMETERS``), and so is any
+    field OpenAI does not define, as OpenAI's API does."""
 
     model: str = Field(
         min_length=1,
         max_length=200,
         description=f"`{AUTO_MODEL}` to classify, or a tier name to force it.",
     )
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, gt=0, le=MAX_TOKENS)
-    max_completion_tokens: int | None = Field(default=None, gt=0, le=MAX_TOKENS)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
-    tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
-    metadata: RequestMetadata = Field(default_factory=RequestMetadata)
 
 
 class HttpContext:
@@ -137,33 +115,25 @@ def _plain(value: Any) -> str:
 
 def to_chat_request(body: ChatCompletionBody, idempotency_header: str | None) -> ChatRequest:
     _refuse_extras(body)
-    try:
-        check_tool_choice(body.tools, body.tool_choice)
-    except ValueError as exc:
-        raise invalid(str(exc), "tool_choice", "invalid_value") from None
+    for check, param in (
+        (lambda: check_tool_choice(body.tools, body.tool_choice), "tool_choice"),
+        (lambda: check_logprobs(body.logprobs, body.top_logprobs), "top_logprobs"),
+    ):
+        try:
+            check()
+        except ValueError as exc:
+            raise invalid(str(exc), param, "invalid_value") from None
     meta = body.metadata
     key = idempotency_header or meta.idempotency_key
-    extra: dict[str, Any] = {}
+    fields = {name: getattr(body, name) for name in _CARRIED}
     if key:
-        extra["request_id"] = idempotent_request_id(meta.tenant, key)
+        fields["request_id"] = idempotent_request_id(meta.tenant, key)
         meta = meta.model_copy(update={"idempotency_key": key})
-    return ChatRequest(
-        model=body.model,
-        messages=body.messages,
-        max_tokens=body.max_completion_tokens or body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        stop=body.stop,
-        seed=body.seed,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        tools=body.tools,
-        tool_choice=body.tool_choice,
-        parallel_tool_calls=body.parallel_tool_calls,
-        response_format=body.response_format,
-        metadata=meta,
-        **extra,
-    )
+    return ChatRequest(**fields, metadata=meta)
+
+
+# what the body hands on as it is (metadata may gain the Idempotency-Key)
+_CARRIED = (*(name for name in ChatParameters.model_fields if name != "metadata"), "model")
 
 
 def _headers(result: ChatResult) -> dict[str, str]:

@@ -10,6 +10,7 @@ only turns them into HTTP: JSON bodies, SSE streams, error bodies and dropped co
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import random
@@ -70,8 +71,10 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """The fields the simulator reads; the rest (temperature, seed...) is accepted and ignored.
-    ``tools`` and ``response_format`` shape the answer (``structured.py``)."""
+    """The fields the simulator reads; the rest (temperature, seed, user, metadata,
+    reasoning_effort, logit_bias...) is accepted and ignored. ``tools`` and ``response_format``
+    shape the answer (``structured.py``); ``n`` answers that many choices; ``logprobs`` and
+    ``top_logprobs`` add made-up, deterministic log probabilities per token."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -84,6 +87,9 @@ class ChatCompletionRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    n: int = Field(default=1, ge=1, le=128)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @property
     def token_cap(self) -> int | None:
@@ -381,54 +387,86 @@ async def _until_disconnected(receive: Receive) -> None:
 
 
 @dataclass(frozen=True)
+class _Choice:
+    """One choice of an answer: its words, and its text or tool call."""
+
+    words: list[str]
+    text: str  # the content: the words, or the JSON that response_format asked for
+    call: ToolCallAnswer | None  # a tool call instead of text
+
+    def pieces(self, plan: CompletionPlan) -> list[tuple[int, str, list[str]]]:
+        """The streamed fragments of the text or of the call's arguments, each with the token
+        count at which it is due and its tokens; joined, they are the whole."""
+        bounds = plan.chunk_bounds()
+        if self.call is None and self.text == " ".join(self.words):
+            tokens = [w if i == 0 else " " + w for i, w in enumerate(self.words)]
+            return [(end, "".join(tokens[first:end]), tokens[first:end]) for first, end in bounds]
+        whole = self.call.arguments if self.call else self.text
+        if not bounds:
+            return [(0, whole, [whole])]
+        size = -(-len(whole) // len(bounds))  # ceiling: every character in some piece
+        cut = [whole[i * size : (i + 1) * size] for i in range(len(bounds))]
+        return [(end, piece, [piece]) for (_, end), piece in zip(bounds, cut, strict=True)]
+
+
+def _logprob_entries(tokens: list[str], top: int) -> list[dict[str, Any]]:
+    """Made-up log probabilities, the same for the same tokens, in OpenAI's shape."""
+    out = []
+    for token in tokens:
+        digest = hashlib.sha256(token.encode()).digest()
+        best = -digest[0] / 255 * 2  # in [-2, 0]
+        alternatives = [
+            {
+                "token": f"{token.strip()}~{k}",
+                "logprob": best - 1 - k - digest[k + 1] / 255,
+                "bytes": list(f"{token.strip()}~{k}".encode()),
+            }
+            for k in range(max(top - 1, 0))
+        ]
+        head = {"token": token, "logprob": best, "bytes": list(token.encode())}
+        out.append({**head, "top_logprobs": [head, *alternatives][:top]})
+    return out
+
+
+@dataclass(frozen=True)
 class _Answer:
-    """One simulated answer: its plan, words and usage, in OpenAI's shapes."""
+    """One simulated answer: its plan, choices and usage, in OpenAI's shapes."""
 
     id: str
     created: int
     model: str
     plan: CompletionPlan
-    words: list[str]
+    choices: list[_Choice]
     usage: dict[str, int]
-    text: str  # the content: the words, or the JSON that response_format asked for
-    call: ToolCallAnswer | None  # a tool call instead of text
+    logprobs: int | None  # top_logprobs when the request asked for logprobs
 
     @classmethod
     def build(cls, model: str, body: ChatCompletionRequest, plan: CompletionPlan) -> _Answer:
         messages = [m.model_dump() for m in body.messages]
-        words = completion_words(model, messages, plan.completion_tokens)
+        choices = []
+        for variant in range(body.n):
+            words = completion_words(model, messages, plan.completion_tokens, variant)
+            call = _structured("tools", tool_call, body.tools, body.tool_choice, messages, words)
+            json_answer = (
+                None
+                if call
+                else _structured("response_format", json_text, body.response_format, words)
+            )
+            text = json_answer or ("" if call else " ".join(words))
+            choices.append(_Choice(words, text, call))
         prompt = prompt_tokens(messages)
+        completion = plan.completion_tokens * body.n
         usage = {
             "prompt_tokens": prompt,
-            "completion_tokens": plan.completion_tokens,
-            "total_tokens": prompt + plan.completion_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
         }
         answer_id = f"chatcmpl-sim-{uuid.uuid4().hex[:24]}"
-        call = _structured("tools", tool_call, body.tools, body.tool_choice, messages, words)
-        json_answer = (
-            None if call else _structured("response_format", json_text, body.response_format, words)
-        )
-        text = json_answer or ("" if call else " ".join(words))
-        return cls(answer_id, int(time.time()), model, plan, words, usage, text, call)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        return cls(answer_id, int(time.time()), model, plan, choices, usage, top)
 
-    @property
-    def finish_reason(self) -> str:
-        return "tool_calls" if self.call else self.plan.finish_reason
-
-    def pieces(self) -> list[tuple[int, str]]:
-        """The streamed fragments of the text or of the call's arguments, each with the token
-        count at which it is due; joined, they are the whole."""
-        bounds = self.plan.chunk_bounds()
-        if self.call is None and self.text == " ".join(self.words):
-            return [
-                (end, ("" if not first else " ") + " ".join(self.words[first:end]))
-                for first, end in bounds
-            ]
-        whole = self.call.arguments if self.call else self.text
-        if not bounds:
-            return [(0, whole)]
-        size = -(-len(whole) // len(bounds))  # ceiling: every character in some piece
-        return [(end, whole[i * size : (i + 1) * size]) for i, (_, end) in enumerate(bounds)]
+    def finish_reason(self, choice: _Choice) -> str:
+        return "tool_calls" if choice.call else self.plan.finish_reason
 
     def _envelope(self, kind: str) -> dict[str, Any]:
         return {
@@ -439,20 +477,38 @@ class _Answer:
             "system_fingerprint": FINGERPRINT,
         }
 
-    def completion(self) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": self.text, "refusal": None}
-        if self.call is not None:
-            message.update(content=None, tool_calls=[self.call.as_message_call()])
-        choice = {
-            "index": 0,
-            "message": message,
-            "logprobs": None,
-            "finish_reason": self.finish_reason,
-        }
-        return {**self._envelope("chat.completion"), "choices": [choice], "usage": self.usage}
+    def _logprobs(self, tokens: list[str]) -> dict[str, Any] | None:
+        if self.logprobs is None:
+            return None
+        return {"content": _logprob_entries(tokens, self.logprobs), "refusal": None}
 
-    def chunk(self, delta: dict[str, Any], finish: str | None, with_usage: bool) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def completion(self) -> dict[str, Any]:
+        out = []
+        for index, choice in enumerate(self.choices):
+            message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
+            if choice.call is not None:
+                message.update(content=None, tool_calls=[choice.call.as_message_call()])
+            tokens = [t for _, _, ts in choice.pieces(self.plan) for t in ts]
+            out.append(
+                {
+                    "index": index,
+                    "message": message,
+                    "logprobs": self._logprobs(tokens) if choice.call is None else None,
+                    "finish_reason": self.finish_reason(choice),
+                }
+            )
+        return {**self._envelope("chat.completion"), "choices": out, "usage": self.usage}
+
+    def chunk(
+        self,
+        delta: dict[str, Any],
+        finish: str | None,
+        with_usage: bool,
+        index: int = 0,
+        tokens: list[str] | None = None,
+    ) -> bytes:
+        logprobs = self._logprobs(tokens) if tokens is not None else None
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         body = {**self._envelope("chat.completion.chunk"), "choices": [choice]}
         if with_usage:
             body["usage"] = None  # as OpenAI does: usage comes alone in the last chunk
@@ -480,34 +536,46 @@ def _sse(body: dict[str, Any]) -> bytes:
 async def _stream(
     request: Request, state: SimulatorState, answer: _Answer, include_usage: bool, drop: bool
 ) -> AsyncIterator[bytes]:
-    """SSE: role chunk after the TTFT, content paced at tokens_per_s, finish, usage, [DONE].
+    """SSE: role chunks after the TTFT, content paced at tokens_per_s (the choices of ``n`` > 1
+    interleaved, as OpenAI sends them), finish, usage, [DONE]. A ``disconnect`` fault closes the
+    connection right after the first content chunk: the client has a token, then nothing.
 
     Starlette cancels this generator when the client disconnects, so plain sleeps are safe.
     """
     plan = answer.plan
     await asyncio.sleep(plan.ttft_s)
-    yield answer.chunk({"role": "assistant", "content": ""}, None, include_usage)
-    if drop:
-        await _drop_connection(request, state)
-        return
+    for index in range(len(answer.choices)):
+        yield answer.chunk({"role": "assistant", "content": ""}, None, include_usage, index)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    call = answer.call
-    if call is not None:
-        head = {"index": 0, "id": call.id, "type": "function"}
-        opening = {**head, "function": {"name": call.name, "arguments": ""}}
-        yield answer.chunk({"tool_calls": [opening]}, None, include_usage)
-    for end, piece in answer.pieces():
+    for index, choice in enumerate(answer.choices):
+        if choice.call is not None:
+            head = {"index": 0, "id": choice.call.id, "type": "function"}
+            opening = {**head, "function": {"name": choice.call.name, "arguments": ""}}
+            yield answer.chunk({"tool_calls": [opening]}, None, include_usage, index)
+    pieces = [choice.pieces(plan) for choice in answer.choices]
+    for step in range(max(len(p) for p in pieces)):
+        end = pieces[0][step][0] if step < len(pieces[0]) else 0
         delay = start + end * plan.token_interval_s - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        delta: dict[str, Any]
-        if call is not None:
-            delta = {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
-        else:
-            delta = {"content": piece}
-        yield answer.chunk(delta, None, include_usage)
-    yield answer.chunk({}, answer.finish_reason, include_usage)
+        for index, choice in enumerate(answer.choices):
+            if step >= len(pieces[index]):
+                continue
+            _, piece, tokens = pieces[index][step]
+            delta: dict[str, Any]
+            if choice.call is not None:
+                delta = {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+                yield answer.chunk(delta, None, include_usage, index)
+            else:
+                yield answer.chunk({"content": piece}, None, include_usage, index, tokens)
+        if drop:
+            break
+    if drop:
+        await _drop_connection(request, state)
+        return
+    for index, choice in enumerate(answer.choices):
+        yield answer.chunk({}, answer.finish_reason(choice), include_usage, index)
     if include_usage:
         yield answer.usage_chunk()
     yield b"data: [DONE]\n\n"

@@ -283,16 +283,21 @@ _FILLER = (
 ).split()
 
 
-def completion_words(model: str, messages: Sequence[Mapping[str, Any]], tokens: int) -> list[str]:
+def completion_words(
+    model: str, messages: Sequence[Mapping[str, Any]], tokens: int, variant: int = 0
+) -> list[str]:
     """Deterministic answer text, one word per token, that quotes the last user message.
 
     The same prompt always gives the same words, so tests can compare streamed and
-    non-streamed answers and spot which request an answer belongs to.
+    non-streamed answers and spot which request an answer belongs to. ``variant`` (the choice
+    index when ``n`` > 1) numbers the answer and changes the words after the quote.
     """
     user = [_text(m) for m in messages if m.get("role") == "user"]
     snippet = " ".join((user[-1] if user else "").split())[:SNIPPET_CHARS] or "(no user text)"
-    words = f"Simulated answer from {model} to: {snippet} ...".split()
-    digest = hashlib.sha256("\n".join(_text(m) for m in messages).encode()).digest()
+    label = f"answer #{variant + 1}" if variant else "answer"
+    words = f"Simulated {label} from {model} to: {snippet} ...".split()
+    salt = f"\n#{variant}" if variant else ""
+    digest = hashlib.sha256(("\n".join(_text(m) for m in messages) + salt).encode()).digest()
     start = int.from_bytes(digest[:4], "big")
     while len(words) < tokens:
         words.append(_FILLER[(start + len(words)) % len(_FILLER)])

@@ -27,6 +27,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiokafka.errors import KafkaTimeoutError, UnknownTopicOrPartitionError
@@ -35,9 +36,10 @@ from pydantic import TypeAdapter
 from schemas.topics import Topics
 from schemas.v1 import AttemptEvent, AttemptStatus, ChatError, ChatResult, Outcome, RoutedRequest
 from services.common import capabilities
+from services.common.deadletter import dead_letter
 from services.common.kafka import Publisher
-from services.common.routing_config import LoadedConfig
-from services.workers.adapters.llm import Completion, ModelClient
+from services.common.routing_config import LoadedConfig, ModelSpec
+from services.workers.adapters.llm import Completion, ModelClient, supported_parameters
 from services.workers.adapters.outcomes import OutcomeStore, Sending, Stored
 from services.workers.adapters.sent import DELIVERY_HEADER, SentCheck
 from services.workers.domain import policy
@@ -52,6 +54,18 @@ _STATUS: dict[str, AttemptStatus] = {"timeout": "timeout", "rate_limited": "rate
 WAIT_POLL_S = 0.2
 SEARCH_EVERY_S = 1.0
 _WAIT_WARN_S = 60.0
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Something a model lacks for a request, and the request field that asks for it."""
+
+    what: str  # "tools", "context_window", "parameter 'logit_bias'"
+    param: str
+
+
+class Refused(ValueError):
+    """No model of the tier can take the request (the dead letter's error type)."""
 
 
 class KeyReused(ValueError):
@@ -92,7 +106,12 @@ class TierService:
         self.already_sent = 0  # deliveries whose answer another send had put out already
         self.waited = 0  # deliveries that waited for a living owner to send their answer
         self.taken_over = 0  # deliveries whose note was taken from an owner that was gone
+        self.refused = 0  # requests no model of the tier can take (a capability, a parameter)
         self._exclusive: dict[str, tuple[asyncio.Lock, int]] = {}
+        # what each of the tier's models can do and takes, worked out once
+        self._abilities = {
+            spec: (capabilities.of(spec), supported_parameters(spec)) for spec in self.spec.models
+        }
 
     async def process(self, routed: RoutedRequest, delivery: str) -> None:
         """Answer ``routed``, which arrived as ``delivery`` (``topic:partition:offset``)."""
@@ -270,9 +289,10 @@ class TierService:
         request = routed.request
         errors: list[ModelCallError] = []
         wanted = capabilities.needs(request)
-        unable: dict[str, list[str]] = {}  # model → what it lacks, for models skipped
+        asked = request.model_parameters()
+        unable: dict[str, list[Gap]] = {}  # model → what it lacks, for models skipped
         for attempt in policy.attempts(self.spec):
-            lacks = capabilities.of(attempt.spec).lacks(wanted)
+            lacks = self._lacks(attempt.spec, wanted, asked)
             if lacks:  # in-tier fallback goes only to models that can take the request
                 unable[attempt.spec.label] = lacks
                 continue
@@ -313,14 +333,8 @@ class TierService:
                 usage=completion.usage,
                 cost_usd=completion.cost_usd,
             )
-        if not errors and unable:  # the router checks this; a config changed in between
-            missing = "; ".join(f"{m} lacks {', '.join(c)}" for m, c in unable.items())
-            return self._error(
-                routed,
-                "unsupported_capability",
-                f"no model of tier {self.tier!r} can take this request ({missing})",
-                0,
-            )
+        if not errors and unable:
+            return await self._refuse(routed, unable, delivery)
         fallback = self.config.spec.fallback
         if (
             fallback
@@ -350,8 +364,60 @@ class TierService:
             retryable=bool(last and last.transient),
         )
 
+    def _lacks(
+        self, spec: ModelSpec, wanted: capabilities.Needs, asked: dict[str, object]
+    ) -> list[Gap]:
+        able, takes = self._abilities[spec]
+        gaps = [Gap(c, capabilities.ASKED_BY.get(c, "messages")) for c in able.lacks(wanted)]
+        gaps += [Gap(f"parameter {name!r}", name) for name in asked if name not in takes]
+        return gaps
+
+    async def _refuse(
+        self, routed: RoutedRequest, unable: dict[str, list[Gap]], delivery: str
+    ) -> ChatError:
+        """No model of the tier can take the request: a parameter or capability none has (the
+        router checks capabilities first; parameters, which litellm knows, only here). A request
+        from the Kafka ingress is also dead-lettered with the reason."""
+        self.refused += 1
+        closest = min(unable.values(), key=len)[0]  # what the closest model lacks first
+        kind = "parameter" if closest.what.startswith("parameter") else "capability"
+        missing = "; ".join(
+            f"{m} lacks {', '.join(g.what for g in gs)}" for m, gs in unable.items()
+        )
+        hint = (
+            "omit it, send it to a tier whose models take it, or list it in the model's "
+            "`capabilities.params` if litellm does not know the model takes it"
+            if kind == "parameter"
+            else "send it to a tier with a model that has it"
+        )
+        error = self._error(
+            routed,
+            f"unsupported_{kind}",
+            f"no model of tier {self.tier!r} takes {closest.what} ({missing}): {hint}",
+            0,
+            param=closest.param,
+        )
+        if not self.topics.is_router_reply_topic(routed.reply_to):
+            topic, partition, offset = delivery.rsplit(":", 2)
+            letter = dead_letter(
+                payload=routed.model_dump_json().encode(),
+                topic=topic,
+                partition=int(partition),
+                offset=int(offset),
+                consumer=f"worker-{self.tier}",
+                exc=Refused(error.message),
+            )
+            await self.publisher.publish(self.topics.dead_letter, letter, key=routed.request_id)
+        return error
+
     def _error(
-        self, routed: RoutedRequest, code: str, message: str, attempts: int, retryable: bool = False
+        self,
+        routed: RoutedRequest,
+        code: str,
+        message: str,
+        attempts: int,
+        retryable: bool = False,
+        param: str | None = None,
     ) -> ChatError:
         return ChatError(
             request_id=routed.request_id,
@@ -361,6 +427,7 @@ class TierService:
             config_hash=routed.config_hash,
             code=code,
             message=message,
+            param=param,
             retryable=retryable,
             attempts=attempts,
         )

@@ -16,8 +16,13 @@ import litellm
 import pytest
 
 from schemas.v1 import ChatRequest, Usage
-from services.common.routing_config import ModelSpec
-from services.workers.adapters.llm import LiteLLMClient, _direct_route, cost_usd
+from services.common.routing_config import ModelCapabilities, ModelSpec
+from services.workers.adapters.llm import (
+    LiteLLMClient,
+    _direct_route,
+    cost_usd,
+    supported_parameters,
+)
 from services.workers.errors import (
     AdapterError,
     BadRequest,
@@ -129,7 +134,8 @@ def test_cost_from_the_price_map_matches_litellm() -> None:
     ("transport", "target"),
     [
         ("auto", "litellm.llms.openai.chat.gpt_transformation.OpenAIGPTConfig.map_openai_params"),
-        ("litellm", "litellm.stream_chunk_builder"),
+        ("litellm", "services.workers.adapters.llm._StreamState.add"),
+        ("auto", "services.workers.adapters.llm._StreamState.add"),
     ],
 )
 async def test_a_failure_on_our_side_of_the_call_is_permanent(
@@ -176,6 +182,77 @@ async def test_sampling_parameters_reach_the_model(
         answer = await client.complete(spec(simulator, transport=transport), request, 10)
         assert answer.text
         assert sent and all(sent[0].get(k) == v for k, v in wanted.items()), (transport, sent)
+
+
+@pytest.mark.parametrize("transport", ["auto", "litellm"])
+async def test_several_choices_and_their_logprobs_come_back_whole(
+    simulator: str, client: LiteLLMClient, transport: str
+) -> None:
+    request = REQUEST.model_copy(update={"n": 2, "logprobs": True, "top_logprobs": 2})
+    answer = await client.complete(spec(simulator, transport=transport), request, 10)
+    choices = answer.body["choices"]
+    assert [c["index"] for c in choices] == [0, 1], answer.body
+    assert all(c["finish_reason"] == "length" for c in choices)
+    texts = [c["message"]["content"] for c in choices]
+    assert texts[0] != texts[1] and answer.text == texts[0]
+    for choice in choices:
+        entries = choice["logprobs"]["content"]
+        assert "".join(e["token"] for e in entries) == choice["message"]["content"]
+        assert all(len(e["top_logprobs"]) == 2 for e in entries)
+    assert answer.usage.completion_tokens == 24
+
+
+def test_the_parameters_a_model_takes_are_litellms_plus_the_configs() -> None:
+    openai_model = ModelSpec(model="openai/gpt-4o-mini")
+    assert {"n", "logit_bias", "logprobs", "user"} <= supported_parameters(openai_model)
+    assert "metadata" not in supported_parameters(openai_model)  # litellm lists it for none
+    mistral = ModelSpec(model="mistral/mistral-small-latest")
+    assert not {"logit_bias", "n", "logprobs"} & supported_parameters(mistral)
+    declared = ModelSpec(
+        model="mistral/mistral-small-latest",
+        capabilities=ModelCapabilities(params=("metadata", "user")),
+    )
+    assert {"metadata", "user"} <= supported_parameters(declared)
+
+
+@pytest.mark.parametrize("transport", ["auto", "litellm"])
+async def test_declared_parameters_litellm_does_not_know_are_sent_as_they_are(
+    simulator: str, client: LiteLLMClient, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # litellm's list for an unknown OpenAI model lacks `user`, and it lists `metadata` for no
+    # model: the config says this one takes both, so both reach the provider's body
+    bodies: list[dict[str, Any]] = []
+    original = httpx.AsyncClient.send
+
+    async def spy(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> Any:
+        if request.url.path.endswith("/chat/completions"):
+            bodies.append(json.loads(request.content))
+        return await original(self, request, **kwargs)
+
+    import aiohttp
+
+    post = aiohttp.ClientSession._request
+
+    async def spy_aiohttp(self: Any, method: str, url: Any, **kwargs: Any) -> Any:
+        if str(url).endswith("/chat/completions") and "json" in kwargs:
+            bodies.append(kwargs["json"])
+        return await post(self, method, url, **kwargs)
+
+    monkeypatch.setattr(httpx.AsyncClient, "send", spy)
+    monkeypatch.setattr(aiohttp.ClientSession, "_request", spy_aiohttp)
+    request = REQUEST.model_copy(
+        update={
+            "user": "agent-7",
+            "metadata": REQUEST.metadata.model_validate({"tenant": "acme", "ticket": "T-1"}),
+        }
+    )
+    declared = ModelCapabilities(params=("user", "metadata"))
+    answer = await client.complete(
+        spec(simulator, transport=transport, capabilities=declared), request, 10
+    )
+    assert answer.text
+    (body,) = bodies
+    assert body["user"] == "agent-7" and body["metadata"] == {"ticket": "T-1"}, body
 
 
 LOOKUP = {

@@ -211,7 +211,10 @@ async def test_an_image_over_the_limit_is_a_dead_letter_naming_the_part() -> Non
         ({"response_format": {"type": "xml"}}, "response_format"),
         ({"functions": [{"name": "f"}]}, "'functions'"),
         ({"stream": True}, "'stream'"),
-        ({"logprobs": True}, "'logprobs'"),
+        ({"top_logprobs": 2}, "'top_logprobs' needs 'logprobs'"),
+        ({"n": 200}, "n"),
+        ({"metadata": {"order": 17}}, "metadata"),
+        ({"verbosity": "low"}, "'verbosity'"),
     ],
 )
 async def test_out_of_bounds_or_unsupported_fields_are_refused_and_the_next_routed(

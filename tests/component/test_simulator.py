@@ -175,6 +175,28 @@ async def test_stream_matches_the_non_streamed_answer(http: httpx.AsyncClient) -
     assert streamed == plain["choices"][0]["message"]["content"]
 
 
+async def test_n_choices_and_logprobs_streamed_match_the_plain_answer(
+    http: httpx.AsyncClient,
+) -> None:
+    asked = {"max_tokens": 12, "n": 2, "logprobs": True, "top_logprobs": 3}
+    plain = (await http.post("/v1/chat/completions", json=_chat(**asked))).json()
+    assert [c["index"] for c in plain["choices"]] == [0, 1]
+    texts = [c["message"]["content"] for c in plain["choices"]]
+    assert texts[0] != texts[1]  # two samples, not one twice
+    assert plain["usage"]["completion_tokens"] == 24
+    entries = plain["choices"][0]["logprobs"]["content"]
+    assert "".join(e["token"] for e in entries) == texts[0]
+    assert all(len(e["top_logprobs"]) == 3 and e["logprob"] <= 0 for e in entries)
+    response = await http.post("/v1/chat/completions", json=_chat(stream=True, **asked))
+    chunks = [e for e in _sse_events(response.text) if e != "[DONE]"]
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert "".join(c["delta"].get("content") or "" for c in mine) == texts[index]
+        assert mine[-1]["finish_reason"] == "length"
+        tokens = [e["token"] for c in mine if c["logprobs"] for e in c["logprobs"]["content"]]
+        assert "".join(tokens) == texts[index]
+
+
 async def test_stream_without_usage_option_has_no_usage_chunk(http: httpx.AsyncClient) -> None:
     response = await http.post("/v1/chat/completions", json=_chat(stream=True))
     chunks = _sse_events(response.text)[:-1]
@@ -276,7 +298,11 @@ async def test_disconnect_drops_the_connection(http: httpx.AsyncClient) -> None:
             async for chunk in resp.aiter_bytes():
                 received.append(chunk)
     events = _sse_events(b"".join(received).decode())
-    assert len(events) == 1 and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    # the role, then the first token, then nothing: a stream cut after its first token
+    assert len(events) == 2 and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert (
+        events[1]["choices"][0]["delta"]["content"] and not events[1]["choices"][0]["finish_reason"]
+    )
     assert (await http.post("/v1/chat/completions", json=_chat())).status_code == 200
 
 

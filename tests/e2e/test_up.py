@@ -252,6 +252,22 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
     assert call.function.name == "lookup_order" and "order_id" in json.loads(
         call.function.arguments
     )
+    # every other OpenAI parameter the default config's models take
+    sampled = client.chat.completions.create(
+        model="switchboard/auto",
+        messages=[{"role": "user", "content": "Say hello"}],
+        n=2,
+        logprobs=True,
+        top_logprobs=1,
+        user="agent-7",
+        metadata={"ticket": "T-1"},
+        reasoning_effort="low",
+        logit_bias={"50256": -100},
+        seed=3,
+        stop=["\n\n"],
+    )
+    assert len(sampled.choices) == 2
+    assert all(c.logprobs and c.logprobs.content for c in sampled.choices)
 
     assert up.stop() == 0
     time.sleep(0)  # children were waited for by the supervisor before it exited

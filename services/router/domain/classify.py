@@ -66,7 +66,7 @@ _COMPUTE: dict[str, Callable[[Features], Any]] = {
     "task": lambda f: f.request.metadata.task,
     "tenant": lambda f: f.request.metadata.tenant,
     "model": lambda f: f.request.model,
-    "max_tokens": lambda f: f.request.max_tokens,
+    "max_tokens": lambda f: f.request.token_cap,
 }
 
 

@@ -29,7 +29,7 @@ from litellm.types.utils import LlmProviders
 from litellm.utils import ProviderConfigManager
 from pydantic import BaseModel
 
-from schemas.v1 import ChatRequest, Usage
+from schemas.v1 import PASSED_PARAMETERS, ChatRequest, Usage
 from services.common.routing_config import ModelSpec
 from services.workers.errors import (
     AdapterError,
@@ -117,6 +117,10 @@ def cost_usd(spec: ModelSpec, usage: Usage) -> float:
 
 
 def _call_args(spec: ModelSpec, request: ChatRequest, timeout_s: float) -> dict[str, Any]:
+    """litellm's arguments for one call. The request's own parameters (``model_parameters``)
+    are all ones the model takes (``supported_parameters``; the worker skips a model that does
+    not): litellm's own go as arguments, the config's ``capabilities.params`` ones as extra body
+    fields, sent as they are."""
     args: dict[str, Any] = {
         "model": spec.model,
         "messages": [m.model_dump(exclude_none=True) for m in request.messages],
@@ -134,19 +138,39 @@ def _call_args(spec: ModelSpec, request: ChatRequest, timeout_s: float) -> dict[
         args["api_key"] = key
     elif spec.api_base:
         args["api_key"] = _NO_KEY
-    for name in _SAMPLING:
-        value = getattr(request, name)
-        if value is not None:
-            args[name] = value
-    for name in _STRUCTURED:
-        value = getattr(request, name)
-        if value is not None:
-            args[name] = _plain(value)
-    if any(name in args for name in _STRUCTURED):
-        # litellm drops what a provider does not take (drop_params); these change what the
-        # answer must be, so a model that cannot take them fails the attempt instead
+    params = request.model_parameters()
+    if params:
+        known = litellm_parameters(spec.model, spec.api_base)
+        extra = {name: _plain(v) for name, v in params.items() if name not in known}
+        args.update((name, _plain(v)) for name, v in params.items() if name in known)
+        if extra:
+            args["extra_body"] = extra
+        # litellm drops what a provider does not take (drop_params): a parameter the client set
+        # fails the attempt instead, so nothing the client asked for is silently left out
         args["drop_params"] = False
     return args
+
+
+@functools.lru_cache(maxsize=256)
+def litellm_parameters(model: str, api_base: str | None) -> frozenset[str]:
+    """The OpenAI parameters litellm passes to ``model`` (its provider's list, which may depend
+    on the model: o-series models take no ``top_p``)."""
+    try:
+        provider_model, provider, _key, _base = litellm.get_llm_provider(
+            model=model, api_base=api_base
+        )
+        found = litellm.get_supported_openai_params(
+            model=provider_model, custom_llm_provider=provider
+        )
+    except Exception:
+        return frozenset()
+    return frozenset(found or ())
+
+
+def supported_parameters(spec: ModelSpec) -> frozenset[str]:
+    """What ``spec`` takes: litellm's list, plus the config's ``capabilities.params``."""
+    declared = spec.capabilities.params if spec.capabilities is not None else ()
+    return litellm_parameters(spec.model, spec.api_base) | frozenset(declared)
 
 
 def _plain(value: Any) -> Any:
@@ -269,13 +293,19 @@ class LiteLLMClient:
     ) -> Completion:
         args = _call_args(spec, request, timeout_s)
         messages = args["messages"]
-        params = {k: args[k] for k in (*_SAMPLING, *_STRUCTURED) if k in args}
+        params = {k: args[k] for k in PASSED_PARAMETERS if k in args}
         params.update(stream=True, stream_options={"include_usage": True})
         config = route.config
-        optional = config.map_openai_params(
-            non_default_params=params, optional_params={}, model=route.model, drop_params=True
-        )
-        dropped = [k for k in _STRUCTURED if k in params and k not in optional]
+        try:
+            optional = config.map_openai_params(
+                non_default_params=params,
+                optional_params={},
+                model=route.model,
+                drop_params=args.get("drop_params", True),
+            )
+        except litellm.UnsupportedParamsError as exc:
+            raise BadRequest(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+        dropped = [k for k in _KEPT_AS_NAMED if k in params and k not in optional]
         if dropped:
             raise BadRequest(f"litellm does not pass {dropped} to {spec.model}")
         litellm_params = {"custom_llm_provider": route.provider, "api_base": route.api_base}
@@ -283,6 +313,7 @@ class LiteLLMClient:
             {}, route.model, messages, optional, litellm_params, args.get("api_key"), route.api_base
         )
         body = config.transform_request(route.model, messages, optional, litellm_params, headers)
+        body.update(args.get("extra_body") or {})
         started = time.perf_counter()
         ttft: float | None = None
         stream = _StreamState()
@@ -301,7 +332,7 @@ class LiteLLMClient:
                     streaming_response=lines, sync_stream=False, json_mode=False
                 )
                 async for chunk in chunks:
-                    if stream.add(chunk) and ttft is None:
+                    if _fold(stream, chunk) and ttft is None:
                         ttft = (time.perf_counter() - started) * 1000
         except ModelCallError:
             raise
@@ -312,7 +343,7 @@ class LiteLLMClient:
         except Exception as exc:
             raise _classify(exc) from exc
         latency = (time.perf_counter() - started) * 1000
-        if stream.finish_reason is None:
+        if not stream.finished:
             raise ProviderUnavailable("the provider's stream ended before a finish_reason")
         usage = stream.usage()
         return Completion(stream.body(route.model), usage, ttft, latency, cost_usd(spec, usage))
@@ -323,43 +354,36 @@ class LiteLLMClient:
         args = _call_args(spec, request, timeout_s)
         started = time.perf_counter()
         ttft: float | None = None
-        chunks: list[Any] = []
+        state = _StreamState()
         try:
             async with asyncio.timeout(timeout_s):
                 stream = await litellm.acompletion(**args)
                 async for chunk in stream:
-                    if ttft is None and _has_content(chunk):
+                    if _fold(state, chunk) and ttft is None:
                         ttft = (time.perf_counter() - started) * 1000
-                    chunks.append(chunk)
         except ModelCallError:
             raise
         except Exception as exc:
             raise _classify(exc) from exc
         latency = (time.perf_counter() - started) * 1000
-        if not chunks:
+        if not state.choices:
             raise ProviderUnavailable("the provider closed the stream without a chunk")
-        built = litellm.stream_chunk_builder(chunks, messages=args["messages"])
-        body = built.model_dump() if built is not None else {}
-        raw_usage = body.get("usage") or {}
-        usage = Usage(
-            prompt_tokens=raw_usage.get("prompt_tokens") or 0,
-            completion_tokens=raw_usage.get("completion_tokens") or 0,
-            total_tokens=raw_usage.get("total_tokens") or 0,
-        )
+        first = state.choices.get(0)
+        if first is None or first.finish_reason is None:
+            raise ProviderUnavailable("the provider's stream ended before a finish_reason")
+        # litellm's stream wrapper passes on only the first choice's finish chunk when n > 1:
+        # the others ended with the stream, as the first did
+        for choice in state.choices.values():
+            choice.finish_reason = choice.finish_reason or first.finish_reason
+        # folded here rather than by litellm.stream_chunk_builder, which keeps only choice 0
+        usage = state.usage()
+        body = state.body(spec.model.split("/", 1)[-1])
         return Completion(body, usage, ttft, latency, cost_usd(spec, usage))
 
 
-_SAMPLING = (
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-)
-# what the answer must be: tools it may call, the JSON it must be
-_STRUCTURED = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+# parameters an OpenAI-format provider is sent under the same name; the others may be renamed
+# (``max_tokens`` becomes ``max_completion_tokens`` for o-series models)
+_KEPT_AS_NAMED = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "n", "logprobs")
 
 
 async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
@@ -385,44 +409,35 @@ def _status_error(status: int, text: str) -> ModelCallError:
     return ProviderUnavailable(message, status=status)
 
 
-class _StreamState:
-    """Folds parsed stream chunks into one OpenAI ``chat.completion``."""
+class _ChoiceState:
+    """One choice (``n`` > 1 streams several, by index) as its deltas arrive."""
 
     def __init__(self) -> None:
-        self.id: str | None = None
-        self.created: int | None = None
         self.text: list[str] = []
         self.reasoning: list[str] = []
         self.finish_reason: str | None = None
-        self.raw_usage: Any = None
         self.tool_calls: dict[int, dict[str, Any]] = {}  # by the deltas' index
+        self.logprobs: list[Any] | None = None  # the token entries, when the client asked
 
-    def add(self, chunk: Any) -> bool:
-        """Take one chunk; True when it carried content (the first one sets TTFT)."""
-        if isinstance(chunk, dict):  # GenericStreamingChunk: the iterator's end-of-stream marker
-            return False
-        self.id = self.id or getattr(chunk, "id", None)
-        self.created = self.created or getattr(chunk, "created", None)
-        usage = getattr(chunk, "usage", None)
-        if usage is not None:
-            self.raw_usage = usage
+    def add(self, choice: Any) -> bool:
+        delta = choice.delta
         content = False
-        for choice in getattr(chunk, "choices", None) or []:
-            if choice.index != 0:
-                continue
-            delta = choice.delta
-            if delta.content:
-                self.text.append(delta.content)
-                content = True
-            reasoning = getattr(delta, "reasoning_content", None)
-            if reasoning:
-                self.reasoning.append(reasoning)
-                content = True
-            for call in getattr(delta, "tool_calls", None) or []:
-                self._add_tool_call(call)
-                content = True
-            if choice.finish_reason:
-                self.finish_reason = choice.finish_reason
+        if delta.content:
+            self.text.append(delta.content)
+            content = True
+        reasoning = getattr(delta, "reasoning_content", None)
+        if reasoning:
+            self.reasoning.append(reasoning)
+            content = True
+        for call in getattr(delta, "tool_calls", None) or []:
+            self._add_tool_call(call)
+            content = True
+        logprobs = getattr(choice, "logprobs", None)
+        if logprobs is not None:
+            entries = _get(logprobs, "content")
+            self.logprobs = (self.logprobs or []) + [_plain_dict(e) for e in entries or ()]
+        if choice.finish_reason:
+            self.finish_reason = choice.finish_reason
         return content
 
     def _add_tool_call(self, call: Any) -> None:
@@ -440,6 +455,62 @@ class _StreamState:
                 slot["function"]["name"] = function.name
             slot["function"]["arguments"] += getattr(function, "arguments", None) or ""
 
+    def body(self, index: int) -> dict[str, Any]:
+        text = "".join(self.text)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+            message["content"] = text or None  # as OpenAI answers a call without text
+        logprobs = None if self.logprobs is None else {"content": self.logprobs}
+        return {
+            "index": index,
+            "message": message,
+            "logprobs": logprobs,
+            "finish_reason": self.finish_reason,
+        }
+
+
+def _get(value: Any, name: str) -> Any:
+    return value.get(name) if isinstance(value, dict) else getattr(value, name, None)
+
+
+def _plain_dict(value: Any) -> Any:
+    return value.model_dump(exclude_none=True) if isinstance(value, BaseModel) else value
+
+
+class _StreamState:
+    """Folds parsed stream chunks into one OpenAI ``chat.completion``."""
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.created: int | None = None
+        self.raw_usage: Any = None
+        self.choices: dict[int, _ChoiceState] = {}
+
+    def add(self, chunk: Any) -> bool:
+        """Take one chunk; True when it carried content (the first one sets TTFT)."""
+        if isinstance(chunk, dict):  # GenericStreamingChunk: the iterator's end-of-stream marker
+            return False
+        self.id = self.id or getattr(chunk, "id", None)
+        self.created = self.created or getattr(chunk, "created", None)
+        usage = getattr(chunk, "usage", None)
+        if usage is not None:
+            self.raw_usage = usage
+        content = False
+        for choice in getattr(chunk, "choices", None) or []:
+            state = self.choices.get(choice.index)
+            if state is None:
+                state = self.choices[choice.index] = _ChoiceState()
+            content = state.add(choice) or content
+        return content
+
+    @property
+    def finished(self) -> bool:
+        """Every choice that began has a finish_reason (a cut stream has not)."""
+        return bool(self.choices) and all(c.finish_reason for c in self.choices.values())
+
     def usage(self) -> Usage:
         u = self.raw_usage
         prompt = int(getattr(u, "prompt_tokens", 0) or 0)
@@ -448,24 +519,21 @@ class _StreamState:
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
 
     def body(self, model: str) -> dict[str, Any]:
-        text = "".join(self.text)
-        message: dict[str, Any] = {"role": "assistant", "content": text}
-        if self.reasoning:
-            message["reasoning_content"] = "".join(self.reasoning)
-        if self.tool_calls:
-            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
-            message["content"] = text or None  # as OpenAI answers a call without text
         usage = self.usage()
         return {
             "id": self.id or "",
             "object": "chat.completion",
             "created": self.created or int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason}],
+            "choices": [self.choices[i].body(i) for i in sorted(self.choices)],
             "usage": usage.model_dump(),
         }
 
 
-def _has_content(chunk: Any) -> bool:
-    choices = getattr(chunk, "choices", None) or []
-    return bool(choices) and bool(getattr(choices[0].delta, "content", None))
+def _fold(state: _StreamState, chunk: Any) -> bool:
+    """``state.add(chunk)``; a chunk it cannot fold is our failure, not the provider's: asking
+    the model again (another paid call) would fail the same way."""
+    try:
+        return state.add(chunk)
+    except Exception as exc:
+        raise AdapterError(f"folding a stream chunk: {type(exc).__name__}: {exc}") from exc
