@@ -46,6 +46,11 @@ class Topics:
         """Messages a consumer could not process (DeadLetter)."""
         return f"{self.prefix}.dlq.v1"
 
+    @property
+    def cancel(self) -> str:
+        """Streamed requests whose client left (CancelRequest); every worker reads it."""
+        return f"{self.prefix}.cancel.v1"
+
     def tier(self, name: str) -> str:
         """Routed requests for one tier (RoutedRequest)."""
         return f"{self.prefix}.tier.{name}.v1"

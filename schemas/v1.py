@@ -6,7 +6,9 @@ within a version. A breaking change is a new module (``v2``) and new topics.
 Flow::
 
     ChatRequest ──router──▶ RoutedRequest ──worker──▶ ChatResult | ChatError  (reply topic)
+                                               ├────▶ StreamChunk…  (before it, if streamed)
                                                └────▶ AttemptEvent             (events topic)
+    a streaming client that left ──router──▶ CancelRequest                    (cancel topic)
     anything unreadable ─────────────────────▶ DeadLetter                     (dead-letter topic)
 """
 
@@ -237,8 +239,6 @@ ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 UNSUPPORTED_PARAMETERS: dict[str, tuple[Any, ...]] = {
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
-    "stream": (None, False),
-    "stream_options": (None,),
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
@@ -260,6 +260,11 @@ def check_tool_choice(tools: list[Tool] | None, choice: ToolChoice | None) -> No
         raise ValueError("'tool_choice' requires a tool, and 'tools' is empty")
     if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
         raise ValueError(f"'tool_choice' names function '{choice.function.name}', not in 'tools'")
+
+
+def check_stream_options(stream: bool | None, options: StreamOptions | None) -> None:
+    if options is not None and not stream:
+        raise ValueError("'stream_options' needs 'stream': true")
 
 
 def check_logprobs(logprobs: bool | None, top_logprobs: int | None) -> None:
@@ -311,6 +316,10 @@ def asks_for_unsupported(name: str, value: Any) -> bool:
     return name in UNSUPPORTED_PARAMETERS and value not in UNSUPPORTED_PARAMETERS[name]
 
 
+class StreamOptions(_Message):
+    include_usage: bool = False
+
+
 class ChatParameters(_Message):
     """The OpenAI chat parameters Switchboard carries out: the HTTP body's and the ingress
     record's. Unknown fields are kept (``model_extra``) so OpenAI parameters that would otherwise
@@ -337,6 +346,10 @@ class ChatParameters(_Message):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    stream: bool | None = Field(
+        default=None, description="Answer with server-sent events (HTTP only)."
+    )
+    stream_options: StreamOptions | None = None
     metadata: RequestMetadata = Field(default_factory=RequestMetadata)
 
 
@@ -356,6 +369,7 @@ class ChatRequest(ChatParameters):
                 raise ValueError(f"'{name}' is not supported by Switchboard yet")
         check_tool_choice(self.tools, self.tool_choice)
         check_logprobs(self.logprobs, self.top_logprobs)
+        check_stream_options(self.stream, self.stream_options)
         return self
 
     def model_parameters(self) -> dict[str, Any]:
@@ -426,6 +440,13 @@ class RoutedRequest(_Message):
         return self.request.request_id
 
 
+class StreamMark(_Message):
+    """Which stream carried an answer's chunks, and how many it sent."""
+
+    id: str = Field(min_length=1, max_length=300)
+    chunks: int = Field(ge=0)
+
+
 TokenCount = Annotated[int, Field(ge=0, le=TOKEN_COUNT_MAX)]
 # A duration or price: never negative, never NaN or infinite.
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -456,6 +477,9 @@ class ChatResult(_Message):
     completion: dict[str, Any]
     usage: Usage
     cost_usd: NonNegative = 0.0
+    stream: StreamMark | None = Field(
+        default=None, description="The stream that carried this answer's chunks, if streamed."
+    )
     completed_at: datetime = Field(default_factory=utcnow)
 
 
@@ -477,12 +501,48 @@ class ChatError(_Message):
     )
     retryable: bool = False
     attempts: int = Field(default=0, ge=0, le=ATTEMPT_MAX)
+    stream: StreamMark | None = Field(
+        default=None, description="The stream whose chunks went out before this error, if any."
+    )
     completed_at: datetime = Field(default_factory=utcnow)
 
 
 Outcome = Annotated[ChatResult | ChatError, Field(discriminator="kind")]
 
-AttemptStatus = Literal["ok", "error", "timeout", "rate_limited", "skipped"]
+
+class StreamChunk(_Message):
+    """Part of a streamed answer, on the reply topic before its ChatResult or ChatError.
+
+    A worker coalesces the model's deltas for a few milliseconds into one chunk: ``choices``
+    are OpenAI ``chat.completion.chunk`` choices (``index``, ``delta``, ``logprobs``,
+    ``finish_reason``), at most one per choice index. ``stream`` names one model call's stream
+    and ``seq`` counts its chunks from 0, so a reader shows each chunk once, in order, and never
+    mixes two streams (a redelivered request is answered by a new one)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["chunk"] = "chunk"
+    request_id: str
+    stream: str = Field(min_length=1, max_length=300)
+    seq: int = Field(ge=0)
+    model: str
+    choices: list[dict[str, Any]]
+
+
+Reply = Annotated[ChatResult | ChatError | StreamChunk, Field(discriminator="kind")]
+
+
+class CancelRequest(_Message):
+    """The client of a streamed request left: stop its model call (the cancel topic)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: str = Field(min_length=1, max_length=200)
+    reason: str = Field(default="the client disconnected", max_length=500)
+    at: datetime = Field(default_factory=utcnow)
+
+
+# cut_off: a streamed answer that broke after its first chunk went out; cancelled: the client
+# of a stream left, and the model call was stopped
+AttemptStatus = Literal["ok", "error", "timeout", "rate_limited", "skipped", "cut_off", "cancelled"]
 
 
 class AttemptEvent(_Message):

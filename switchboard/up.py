@@ -232,6 +232,10 @@ class Stack:
             # where a Kafka producer connects (aiokafka: the embedded broker is Tansu)
             "kafka_bootstrap": self.plan.kafka_bootstrap,
             "ready_urls": self.ready_urls,
+            # the provider simulator's faults and stats endpoints, when it runs
+            "simulator_url": (
+                f"http://127.0.0.1:{self.plan.ports['simulator']}" if self.plan.simulated else None
+            ),
             "pids": {c.name: c.pid for c in self.children},
             "supervisor_pid": os.getpid(),
         }

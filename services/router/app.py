@@ -59,7 +59,14 @@ def create_app(settings: RouterSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tier_topics = [topics.tier(t) for t in config.tier_names]
-        shared = [*tier_topics, topics.ingress, topics.results, topics.dead_letter, topics.events]
+        shared = [
+            *tier_topics,
+            topics.ingress,
+            topics.results,
+            topics.dead_letter,
+            topics.events,
+            topics.cancel,
+        ]
         await ensure_topics(settings.kafka_bootstrap, shared, settings.partitions)
         watch = BrokerWatch(
             settings.kafka_bootstrap,

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from aiokafka import ConsumerRecord
 from pydantic import TypeAdapter, ValidationError
 
-from schemas.v1 import ChatError, ChatRequest, Outcome
+from schemas.v1 import ChatError, ChatRequest, Reply, StreamChunk
 from services.common.capabilities import MissingCapability
 from services.common.deadletter import describe, from_record
 from services.common.kafka import BatchPublisher, Outgoing, Publisher
@@ -18,7 +18,7 @@ from services.router.domain.images import BadImage
 from services.router.service import PendingReplies, Router, payload_fingerprint
 
 log = logging.getLogger(__name__)
-_OUTCOME = TypeAdapter(Outcome)
+_REPLY: TypeAdapter[Reply] = TypeAdapter(Reply)
 
 
 def _request_id_of(payload: bytes | None) -> str | None:
@@ -28,6 +28,10 @@ def _request_id_of(payload: bytes | None) -> str | None:
     except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, too deep
         return None
     return value if isinstance(value, str) and 0 < len(value) <= 200 else None
+
+
+class NotStreamed(ValueError):
+    """``stream: true`` on the Kafka ingress, which answers with one outcome."""
 
 
 class TooLarge(ValueError):
@@ -68,6 +72,11 @@ class IngressHandler:
             if self.max_bytes is not None and len(payload or b"") > self.max_bytes:
                 raise TooLarge(f"request of {len(payload or b'')} bytes, over {self.max_bytes}")
             request = ChatRequest.model_validate_json(payload or b"")
+            if request.stream:
+                raise NotStreamed(
+                    "'stream': true is served over HTTP (server-sent events); a Kafka job's "
+                    "answer is one ChatResult on the results topic: omit 'stream'"
+                )
             own_id = "request_id" in request.model_fields_set  # else a fresh one: no resend
             routed = self.router.route(
                 request,
@@ -90,7 +99,13 @@ class IngressHandler:
         out = [Outgoing(topics.dead_letter, letter.model_dump_json().encode())]
         if request_id := _request_id_of(record.value):
             refused = isinstance(
-                exc, ValidationError | UnknownModel | BadImage | MissingCapability | TooLarge
+                exc,
+                ValidationError
+                | UnknownModel
+                | BadImage
+                | MissingCapability
+                | TooLarge
+                | NotStreamed,
             )
             error = ChatError(
                 request_id=request_id,
@@ -122,10 +137,13 @@ class ReplyHandler:
 
     async def __call__(self, record: ConsumerRecord) -> None:
         try:
-            outcome = _OUTCOME.validate_json(record.value or b"")
+            reply = _REPLY.validate_json(record.value or b"")
         except ValueError as exc:  # ValidationError, and anything else the bytes cause
             log.error("unreadable reply dead-lettered: %s", describe(exc))
             await self.publisher.publish(self.dead_letter, from_record(record, self.name, exc))
             self.dead_letters += 1
             return
-        self.replies.resolve(outcome)
+        if isinstance(reply, StreamChunk):
+            self.replies.chunk(reply)
+        else:
+            self.replies.resolve(reply)

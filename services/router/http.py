@@ -3,29 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.v1 import (
     AUTO_MODEL,
     UNSUPPORTED_PARAMETERS,
+    ChatError,
     ChatParameters,
     ChatRequest,
     ChatResult,
     Outcome,
     RoutedRequest,
+    StreamChunk,
     asks_for_unsupported,
     check_logprobs,
+    check_stream_options,
     check_tool_choice,
     new_request_id,
 )
@@ -41,6 +45,7 @@ from services.router.service import (
     fingerprint,
     idempotent_request_id,
 )
+from services.router.streaming import RelayResponse, StreamRelay, error_event, until_disconnect
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +123,7 @@ def to_chat_request(body: ChatCompletionBody, idempotency_header: str | None) ->
     for check, param in (
         (lambda: check_tool_choice(body.tools, body.tool_choice), "tool_choice"),
         (lambda: check_logprobs(body.logprobs, body.top_logprobs), "top_logprobs"),
+        (lambda: check_stream_options(body.stream, body.stream_options), "stream_options"),
     ):
         try:
             check()
@@ -184,42 +190,229 @@ def _admit(ctx: HttpContext) -> None:
         )
 
 
-async def _answer(ctx: HttpContext, chat: ChatRequest, reply_to: str) -> JSONResponse:
+def _route(
+    ctx: HttpContext, chat: ChatRequest, reply_to: str, content: str | None
+) -> RoutedRequest:
     _admit(ctx)
-    content = fingerprint(chat) if chat.metadata.idempotency_key else None
     try:
-        routed = ctx.router.route(chat, reply_to, content_hash=content)
+        return ctx.router.route(chat, reply_to, content_hash=content)
     except UnknownModel as exc:
         raise invalid(str(exc), "model", "model_not_found") from exc
     except BadImage as exc:
         raise invalid(f"'{exc.param}': {exc.message}", exc.param, exc.code) from exc
     except MissingCapability as exc:
         raise invalid(str(exc), exc.param, "unsupported_capability") from exc
+
+
+def _expect(ctx: HttpContext, chat: ChatRequest, content: str | None) -> tuple[Any, bool]:
     try:
-        future, first = ctx.replies.expect(chat.request_id, content)
+        return ctx.replies.expect(chat.request_id, content)
     except KeyReused as exc:
         raise key_reused() from exc
+
+
+def _wait_s(ctx: HttpContext, routed: RoutedRequest) -> float:
+    """How long a caller waits for the answer: the request's deadline, and a grace for the
+    answer's way back."""
+    budget = (routed.deadline_at - routed.routed_at).total_seconds() if routed.deadline_at else 600
+    return budget + ctx.reply_grace_s
+
+
+def _deadline_passed(routed: RoutedRequest) -> ApiError:
+    return ApiError(
+        504,
+        f"no answer from tier {routed.tier!r} within the deadline; send it again with the "
+        "same Idempotency-Key: an answer that came since is served, else it is tried afresh",
+        type="timeout_error",
+        code="deadline_exceeded",
+    )
+
+
+async def _answer(ctx: HttpContext, chat: ChatRequest, reply_to: str) -> JSONResponse:
+    content = fingerprint(chat) if chat.metadata.idempotency_key else None
+    routed = _route(ctx, chat, reply_to, content)
+    future, first = _expect(ctx, chat, content)
     try:
         if first:
             await _publish_for_all(ctx, routed, future)
-        wait_s = (
-            (routed.deadline_at - routed.routed_at).total_seconds() if routed.deadline_at else 600
-        )
-        outcome = await asyncio.wait_for(asyncio.shield(future), wait_s + ctx.reply_grace_s)
+        outcome = await asyncio.wait_for(asyncio.shield(future), _wait_s(ctx, routed))
     except TimeoutError as exc:
-        raise ApiError(
-            504,
-            f"no answer from tier {routed.tier!r} within the deadline; send it again with the "
-            "same Idempotency-Key: an answer that came since is served, else it is tried afresh",
-            type="timeout_error",
-            code="deadline_exceeded",
-        ) from exc
+        raise _deadline_passed(routed) from exc
     finally:
         ctx.replies.leave(chat.request_id, future)
     if not isinstance(outcome, ChatResult):
         raise from_outcome(outcome)
     completion = {**outcome.completion, "id": outcome.request_id}
     return JSONResponse(completion, headers=_headers(outcome))
+
+
+async def _stream(
+    ctx: HttpContext,
+    chat: ChatRequest,
+    reply_to: str,
+    release: Callable[[], None],
+    receive: Callable[[], Awaitable[Any]],
+) -> Response:
+    """``stream=true``: publish, wait for the first chunk (an error before it is an ordinary
+    HTTP error, with its status), then answer with the events (services/router/streaming.py).
+    From then on the response owns the wait: it leaves it, and ``release``s the reply topic,
+    when it ends."""
+    content = fingerprint(chat) if chat.metadata.idempotency_key else None
+    try:
+        routed = _route(ctx, chat, reply_to, content)
+        future, first = _expect(ctx, chat, content)
+    except BaseException:
+        release()
+        raise
+    queue: asyncio.Queue[StreamChunk] = asyncio.Queue()
+    ctx.replies.follow(chat.request_id, queue)
+    options = chat.stream_options
+    relay = StreamRelay(
+        chat.request_id,
+        int(routed.routed_at.timestamp()),
+        include_usage=bool(options and options.include_usage),
+    )
+    deadline = asyncio.get_running_loop().time() + _wait_s(ctx, routed)
+    handed = False
+
+    def close() -> None:
+        ctx.replies.unfollow(chat.request_id, queue)
+        ctx.replies.leave(chat.request_id, future)
+        release()
+
+    try:
+        if first:
+            await _publish_for_all(ctx, routed, future)
+        gone = asyncio.ensure_future(until_disconnect(receive))
+        try:
+            opening, ended = await _opening(relay, queue, future, deadline, routed, gone)
+        finally:
+            gone.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gone
+        if opening is None:  # the client left before the first chunk
+            if ctx.replies.callers(chat.request_id) <= 1 and not future.done():
+                await _cancel(ctx, chat.request_id)
+            return Response(status_code=499)  # nobody reads it
+        headers = {
+            "x-switchboard-request-id": chat.request_id,
+            "x-switchboard-tier": routed.tier,
+            "x-switchboard-model": relay.model or "",
+            "x-switchboard-rule": routed.rule,
+            "x-switchboard-config-hash": routed.config_hash,
+        }
+        events = _events(relay, opening, ended, queue, future, deadline, routed)
+
+        async def left() -> None:
+            # the last caller of the request left before its end: stop the model call
+            if ctx.replies.callers(chat.request_id) <= 1 and not future.done():
+                await _cancel(ctx, chat.request_id)
+
+        response = RelayResponse(events, headers, on_close=close, on_disconnect=left)
+        handed = True
+        return response
+    finally:
+        if not handed:
+            close()
+
+
+async def _cancel(ctx: HttpContext, request_id: str) -> None:
+    """Best effort: a cancel that cannot be published costs a model call nobody reads."""
+    try:
+        await asyncio.wait_for(ctx.router.cancel(request_id), PUBLISH_TIMEOUT_S)
+    except (TimeoutError, KafkaError) as exc:
+        log.warning(
+            "request %s: the client left; the cancel was not published: %r", request_id, exc
+        )
+    else:
+        log.info("request %s: the client left mid-stream; cancel published", request_id)
+
+
+async def _opening(
+    relay: StreamRelay,
+    queue: asyncio.Queue[StreamChunk],
+    future: asyncio.Future[Outcome],
+    deadline: float,
+    routed: RoutedRequest,
+    gone: asyncio.Future[None],
+) -> tuple[list[bytes] | None, bool]:
+    """The first events, and whether they end the stream; None if the client left first. An
+    error before any chunk is raised: the caller answers it as an ordinary HTTP error."""
+    while True:
+        item = await _next_reply(queue, future, deadline, gone)
+        if gone.done():
+            return None, False
+        if item is None:
+            raise _deadline_passed(routed)
+        if isinstance(item, StreamChunk):
+            opening = relay.take(item)
+            if opening:
+                return opening, False
+        elif isinstance(item, ChatError):
+            raise from_outcome(item)
+        else:
+            return relay.finish(item), True
+
+
+async def _next_reply(
+    queue: asyncio.Queue[StreamChunk],
+    future: asyncio.Future[Outcome],
+    deadline: float,
+    gone: asyncio.Future[None] | None = None,
+) -> StreamChunk | Outcome | None:
+    """The next chunk, else the outcome once every chunk before it is taken; None at the
+    deadline. Chunks and outcome arrive in the order the worker sent them (one partition), and
+    the reply handler queues a chunk before it resolves the outcome that follows it."""
+    if not queue.empty():
+        return queue.get_nowait()
+    if future.done():
+        return future.result()
+    loop = asyncio.get_running_loop()
+    getter: asyncio.Future[Any] = asyncio.ensure_future(queue.get())
+    waits: set[asyncio.Future[Any]] = {getter, future} if gone is None else {getter, future, gone}
+    try:
+        await asyncio.wait(
+            waits,
+            timeout=max(deadline - loop.time(), 0),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        if not getter.done():
+            getter.cancel()
+    if getter.done() and not getter.cancelled():
+        return getter.result()
+    if future.done():
+        return future.result()
+    return None
+
+
+async def _events(
+    relay: StreamRelay,
+    opening: list[bytes],
+    ended: bool,
+    queue: asyncio.Queue[StreamChunk],
+    future: asyncio.Future[Outcome],
+    deadline: float,
+    routed: RoutedRequest,
+) -> AsyncIterator[bytes]:
+    for event in opening:
+        yield event
+    while not ended:
+        try:
+            item = await _next_reply(queue, future, deadline)
+        except ApiError as exc:  # the wait was failed for every caller (the broker went away)
+            yield error_event(exc)
+            return
+        if item is None:
+            yield error_event(_deadline_passed(routed))
+            return
+        if isinstance(item, StreamChunk):
+            for event in relay.take(item):
+                yield event
+            continue
+        for event in relay.finish(item):
+            yield event
+        ended = True
 
 
 async def _publish_for_all(
@@ -253,15 +446,23 @@ def api(ctx: HttpContext) -> APIRouter:
         _check_key(ctx, request)
 
     @routes.post("/v1/chat/completions", dependencies=[Depends(require_key)])
-    async def chat_completions(body: ChatCompletionBody, request: Request) -> JSONResponse:
+    async def chat_completions(body: ChatCompletionBody, request: Request) -> Response:
         chat = to_chat_request(body, request.headers.get("idempotency-key"))
         request.state.request_id = chat.request_id  # for the 500 of an unexpected error
-        # the reply topic (generation) is kept while this caller waits on it
+        # the reply topic (generation) is kept while this caller waits on it: for a stream,
+        # until its response ends
         reply_to = ctx.reply_topics.take()
+        handed = False
         try:
+            if chat.stream:
+                handed = True  # _stream releases it: at once, or when its response ends
+                return await _stream(
+                    ctx, chat, reply_to, lambda: ctx.reply_topics.release(reply_to), request.receive
+                )
             return await _answer(ctx, chat, reply_to)
         finally:
-            ctx.reply_topics.release(reply_to)
+            if not handed:
+                ctx.reply_topics.release(reply_to)
 
     @routes.get("/v1/models", dependencies=[Depends(require_key)])
     async def models(request: Request) -> JSONResponse:

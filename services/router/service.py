@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from schemas.topics import Topics
-from schemas.v1 import ChatRequest, Outcome, RoutedRequest
+from schemas.v1 import CancelRequest, ChatRequest, Outcome, RoutedRequest, StreamChunk
 from services.common.capabilities import TierCapabilities
 from services.common.kafka import Outgoing, Publisher
 from services.common.routing_config import LoadedConfig, TierSpec
@@ -35,9 +35,15 @@ def outcome_key(scope: str | bytes | None, request_id: str) -> str:
 def fingerprint(request: ChatRequest) -> str:
     """Hash of what was asked: a resend under the same key asking for something else is refused
     instead of answered with the first request's outcome. The id, the key, the deadline and the
-    priority say how to deliver, not what: a resend after a 504 may give itself longer."""
+    priority say how to deliver, not what: a resend after a 504 may give itself longer, and a
+    streamed request resent whole (or the other way) is answered from the same outcome."""
     content = request.model_dump_json(
-        exclude={"request_id": True, "metadata": {"idempotency_key", "deadline_ms", "priority"}}
+        exclude={
+            "request_id": True,
+            "stream": True,  # the same answer, streamed or whole
+            "stream_options": True,
+            "metadata": {"idempotency_key", "deadline_ms", "priority"},
+        }
     )
     return hashlib.sha256(content.encode()).hexdigest()[:32]
 
@@ -113,6 +119,11 @@ class Router:
     async def publish(self, routed: RoutedRequest) -> None:
         await self.publisher.publish(self.topics.tier(routed.tier), routed, key=routed.request_id)
 
+    async def cancel(self, request_id: str) -> None:
+        """Tell the workers the client of streamed ``request_id`` left (services/workers/cancels.py)."""
+        cancel = CancelRequest(request_id=request_id)
+        await self.publisher.publish(self.topics.cancel, cancel, key=request_id)
+
     def encode(self, routed: RoutedRequest, raw_request: bytes | None = None) -> Outgoing:
         """``routed`` as a message for a batch publish: same topic and key as ``publish``.
 
@@ -138,6 +149,8 @@ class _Waiting:
     future: asyncio.Future[Outcome]
     fingerprint: str | None
     callers: int = 1
+    # streamed callers: each gets every chunk of the request (StreamRelay picks what to show)
+    followers: list[asyncio.Queue[StreamChunk]] = field(default_factory=list)
 
 
 class PendingReplies:
@@ -175,6 +188,32 @@ class PendingReplies:
         future: asyncio.Future[Outcome] = loop.create_future()
         self._waiting[request_id] = _Waiting(future, fingerprint)
         return future, True
+
+    def follow(self, request_id: str, queue: asyncio.Queue[StreamChunk]) -> None:
+        """``queue`` gets the chunks of ``request_id`` from now on (call after ``expect``)."""
+        waiting = self._waiting.get(request_id)
+        if waiting is not None:
+            waiting.followers.append(queue)
+
+    def callers(self, request_id: str) -> int:
+        """How many callers wait on ``request_id`` (0: none)."""
+        waiting = self._waiting.get(request_id)
+        return 0 if waiting is None else waiting.callers
+
+    def unfollow(self, request_id: str, queue: asyncio.Queue[StreamChunk]) -> None:
+        waiting = self._waiting.get(request_id)
+        if waiting is not None and queue in waiting.followers:
+            waiting.followers.remove(queue)
+
+    def chunk(self, chunk: StreamChunk) -> bool:
+        """Hand a streamed answer's chunk to the callers following it; False if none is."""
+        self.answered_at = asyncio.get_running_loop().time()  # progress, for readiness
+        waiting = self._waiting.get(chunk.request_id)
+        if waiting is None or not waiting.followers:
+            return False
+        for queue in waiting.followers:
+            queue.put_nowait(chunk)
+        return True
 
     def resolve(self, outcome: Outcome) -> bool:
         self.answered_at = asyncio.get_running_loop().time()

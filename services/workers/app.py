@@ -27,6 +27,7 @@ from services.common.runtime import (
 from services.workers.adapters.llm import LiteLLMClient, missing_keys
 from services.workers.adapters.outcomes import RedisOutcomeStore
 from services.workers.adapters.sent import SentCheck
+from services.workers.cancels import Cancels
 from services.workers.config import WorkerSettings
 from services.workers.handlers import RecordHandler
 from services.workers.service import TierService
@@ -63,6 +64,7 @@ class WorkerApp:
             outcome_url=settings.outcome_redis_url,
         )
         self.sent = SentCheck(settings.kafka_bootstrap, f"{name}-sent")
+        self.cancels = Cancels(settings.kafka_bootstrap, topics.cancel, f"{name}-cancels")
         self.service = TierService(
             tier=settings.tier,
             config=config,
@@ -72,6 +74,7 @@ class WorkerApp:
             outcomes=self.outcomes,
             sent=self.sent,
             topic_exists=functools.partial(topic_exists, settings.kafka_bootstrap),
+            cancels=self.cancels,
         )
         self.handler = RecordHandler(self.service, publisher, topics, name)
         wait = (
@@ -108,9 +111,16 @@ class WorkerApp:
         topics = self.settings.topics
         await ensure_topics(
             self.settings.kafka_bootstrap,
-            [topics.tier(self.settings.tier), topics.events, topics.dead_letter, topics.results],
+            [
+                topics.tier(self.settings.tier),
+                topics.events,
+                topics.dead_letter,
+                topics.results,
+                topics.cancel,
+            ],
             self.settings.partitions,
         )
+        await self.cancels.start()
         await self.outcomes.start()
         if self.fences is not None:
             await self.fences.start()
@@ -176,6 +186,7 @@ class WorkerApp:
             await self.fences.stop()
         await self.outcomes.close()
         await self.sent.close()
+        await self.cancels.stop()
         await self.client.aclose()
         await self._stop_http()
 

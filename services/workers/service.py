@@ -29,12 +29,22 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from aiokafka.errors import KafkaTimeoutError, UnknownTopicOrPartitionError
 from pydantic import TypeAdapter
 
 from schemas.topics import Topics
-from schemas.v1 import AttemptEvent, AttemptStatus, ChatError, ChatResult, Outcome, RoutedRequest
+from schemas.v1 import (
+    AttemptEvent,
+    AttemptStatus,
+    ChatError,
+    ChatResult,
+    Outcome,
+    RoutedRequest,
+    StreamChunk,
+    StreamMark,
+)
 from services.common import capabilities
 from services.common.deadletter import dead_letter
 from services.common.kafka import Publisher
@@ -42,8 +52,10 @@ from services.common.routing_config import LoadedConfig, ModelSpec
 from services.workers.adapters.llm import Completion, ModelClient, supported_parameters
 from services.workers.adapters.outcomes import OutcomeStore, Sending, Stored
 from services.workers.adapters.sent import DELIVERY_HEADER, SentCheck
+from services.workers.cancels import Cancels
 from services.workers.domain import policy
 from services.workers.errors import ModelCallError, RateLimited
+from services.workers.stream import ChunkStream
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +74,10 @@ class Gap:
 
     what: str  # "tools", "context_window", "parameter 'logit_bias'"
     param: str
+
+
+class ClientLeft(Exception):
+    """The client of a streamed request left (a cancel arrived): its call was stopped."""
 
 
 class Refused(ValueError):
@@ -91,6 +107,7 @@ class TierService:
         outcomes: OutcomeStore,
         sent: SentCheck,
         topic_exists: Callable[[str], Awaitable[bool]] | None = None,
+        cancels: Cancels | None = None,
     ) -> None:
         self.tier = tier
         self.spec = config.tier(tier)
@@ -101,6 +118,8 @@ class TierService:
         self.outcomes = outcomes
         self.sent = sent
         self.topic_exists = topic_exists
+        self.cancels = cancels
+        self.cancelled = 0  # streamed calls stopped (or not begun) because the client left
         self.orphaned = 0  # answers dropped: the router's reply topic no longer exists
         self.replayed = 0  # answered again from the stored outcome
         self.already_sent = 0  # deliveries whose answer another send had put out already
@@ -186,12 +205,19 @@ class TierService:
         await self._publish(routed.reply_to, outcome, routed.request_id, delivery)
 
     async def _publish(
-        self, topic: str, message: Outcome | RoutedRequest, key: str, delivery: str
+        self,
+        topic: str,
+        message: Outcome | RoutedRequest | StreamChunk,
+        key: str,
+        delivery: str | None,
     ) -> None:
+        """Publish to ``topic``; ``delivery`` (the answered record) goes in a header, for the
+        search of a redelivery. Stream chunks carry none: they are not the answer."""
         # (not marked sent here: one more Redis round trip on every answer, for what a search finds
         # anyway; docs/reliability.md has what it cost)
+        headers = {DELIVERY_HEADER: delivery} if delivery is not None else None
         try:
-            await self.publisher.publish(topic, message, key, {DELIVERY_HEADER: delivery})
+            await self.publisher.publish(topic, message, key, headers)
         except (KafkaTimeoutError, UnknownTopicOrPartitionError):
             if not await self._reply_topic_gone(topic):
                 raise  # Kafka is away, or slow: the consumer retries
@@ -310,14 +336,39 @@ class TierService:
             if attempt.retry:
                 await asyncio.sleep(policy.backoff_s(self.spec, attempt.retry))
             timeout = policy.attempt_timeout(self.spec, attempt.spec, left)
+            stream = self._chunks(routed, attempt, delivery) if request.stream else None
             started = time.perf_counter()
             try:
-                completion = await self.client.complete(attempt.spec, request, timeout)
+                if stream is None:
+                    completion = await self.client.complete(attempt.spec, request, timeout)
+                else:
+                    completion = await self._streamed(routed, attempt, stream, timeout)
+                    await stream.close()
+            except ClientLeft:
+                assert stream is not None
+                await stream.abort()
+                self.cancelled += 1
+                left_ms = (time.perf_counter() - started) * 1000
+                await self._event(routed, attempt, None, None, left_ms, status="cancelled")
+                return self._error(
+                    routed,
+                    "cancelled",
+                    "the client left before the answer was complete; the model call was stopped",
+                    attempt.index + 1,
+                    retryable=True,
+                    stream=stream.mark,
+                )
             except ModelCallError as exc:
                 errors.append(exc)
                 failed_ms = (time.perf_counter() - started) * 1000
+                if stream is not None and stream.started:
+                    return await self._cut_off(routed, attempt, stream, exc, failed_ms)
                 await self._event(routed, attempt, None, exc, failed_ms)
                 continue
+            except BaseException:
+                if stream is not None:
+                    await stream.abort()
+                raise
             events.append(asyncio.create_task(self._event(routed, attempt, completion, None)))
             return ChatResult(
                 request_id=routed.request_id,
@@ -332,6 +383,7 @@ class TierService:
                 completion={**completion.body, "model": attempt.spec.label},
                 usage=completion.usage,
                 cost_usd=completion.cost_usd,
+                stream=stream.mark if stream is not None else None,
             )
         if not errors and unable:
             return await self._refuse(routed, unable, delivery)
@@ -362,6 +414,67 @@ class TierService:
             f"every model of tier {self.tier!r} failed ({detail})",
             len(errors),
             retryable=bool(last and last.transient),
+        )
+
+    async def _streamed(
+        self, routed: RoutedRequest, attempt: policy.Attempt, stream: ChunkStream, timeout_s: float
+    ) -> Completion:
+        """The model call of a streamed request, stopped if its client leaves (``ClientLeft``)."""
+        call = self.client.complete(attempt.spec, routed.request, timeout_s, stream.add)
+        if self.cancels is None:
+            return await call
+        with self.cancels.watch(routed.request_id) as gone:
+            if gone.is_set():
+                call.close()  # never begun
+                raise ClientLeft
+            task = asyncio.ensure_future(call)
+            waiter = asyncio.ensure_future(gone.wait())
+            try:
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:  # this worker stops: the call goes with it
+                await _stop(task, waiter)
+                raise
+            if task.done():
+                waiter.cancel()
+                return task.result()
+            await _stop(task, waiter)
+            raise ClientLeft
+
+    def _chunks(self, routed: RoutedRequest, attempt: policy.Attempt, delivery: str) -> ChunkStream:
+        """The stream one attempt's deltas go out on; its id is unique to this delivery, this
+        worker and this attempt, so a redelivery (or a second owner) streams under another."""
+
+        async def publish(chunk: StreamChunk) -> None:
+            await self._publish(routed.reply_to, chunk, routed.request_id, None)
+
+        return ChunkStream(
+            publish,
+            request_id=routed.request_id,
+            stream_id=f"{delivery}/{self.outcomes.owner}/{attempt.index}",
+            model=attempt.spec.label,
+        )
+
+    async def _cut_off(
+        self,
+        routed: RoutedRequest,
+        attempt: policy.Attempt,
+        stream: ChunkStream,
+        exc: ModelCallError,
+        failed_ms: float,
+    ) -> ChatError:
+        """A streamed answer broke after chunks went out: the client has part of one model's
+        answer, so no other model may take over. What the model sent before it broke goes out,
+        then an error that says the answer was cut off (retryable: a resend is tried afresh)."""
+        await stream.close()
+        await self._event(routed, attempt, None, exc, failed_ms, status="cut_off")
+        return self._error(
+            routed,
+            "stream_cut_off",
+            f"{attempt.spec.label}'s answer broke off after {stream.mark.chunks} chunk(s) went "
+            f"out ({exc.code}: {exc}); resend it for a whole answer",
+            attempt.index + 1,
+            retryable=True,
+            stream=stream.mark,
         )
 
     def _lacks(
@@ -418,6 +531,7 @@ class TierService:
         attempts: int,
         retryable: bool = False,
         param: str | None = None,
+        stream: StreamMark | None = None,
     ) -> ChatError:
         return ChatError(
             request_id=routed.request_id,
@@ -430,6 +544,7 @@ class TierService:
             param=param,
             retryable=retryable,
             attempts=attempts,
+            stream=stream,
         )
 
     async def _event(
@@ -439,7 +554,9 @@ class TierService:
         completion: Completion | None,
         error: ModelCallError | None,
         failed_ms: float = 0.0,
+        status: AttemptStatus | None = None,
     ) -> None:
+        """Publish the attempt's row; ``status`` overrides the one its outcome implies."""
         usage = completion.usage if completion else None
         event = AttemptEvent(
             request_id=routed.request_id,
@@ -449,8 +566,8 @@ class TierService:
             rule=routed.rule,
             config_hash=routed.config_hash,
             attempt=attempt.index,
-            status="ok" if error is None else _STATUS.get(error.code, "error"),
-            error_code="" if error is None else error.code,
+            status=status or ("ok" if error is None else _STATUS.get(error.code, "error")),
+            error_code="client_left" if status == "cancelled" else (error.code if error else ""),
             tokens_in=usage.prompt_tokens if usage else 0,
             tokens_out=usage.completion_tokens if usage else 0,
             latency_ms=completion.latency_ms if completion else failed_ms,
@@ -460,3 +577,11 @@ class TierService:
             tenant_hash=policy.tenant_hash(routed.request.metadata.tenant),
         )
         await self.publisher.publish(self.topics.events, event, key=routed.request_id)
+
+
+async def _stop(*tasks: asyncio.Future[Any]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

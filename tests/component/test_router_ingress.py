@@ -210,7 +210,7 @@ async def test_an_image_over_the_limit_is_a_dead_letter_naming_the_part() -> Non
         ({"tool_choice": "required"}, "'tool_choice' requires a tool"),
         ({"response_format": {"type": "xml"}}, "response_format"),
         ({"functions": [{"name": "f"}]}, "'functions'"),
-        ({"stream": True}, "'stream'"),
+        ({"stream": True}, "'stream': true is served over HTTP"),
         ({"top_logprobs": 2}, "'top_logprobs' needs 'logprobs'"),
         ({"n": 200}, "n"),
         ({"metadata": {"order": 17}}, "metadata"),

@@ -137,6 +137,30 @@ LOOKUP: Any = {
 }
 
 
+async def concurrent_streams(base_url: str, key: str, count: int) -> int:
+    """``count`` streams at once; how many ended cleanly with text and usage."""
+    from openai import AsyncOpenAI
+
+    async with AsyncOpenAI(
+        base_url=f"{base_url}/v1", api_key=key, max_retries=0, timeout=120
+    ) as sdk:
+
+        async def one(i: int) -> bool:
+            stream = await sdk.chat.completions.create(
+                model="switchboard/auto",
+                messages=[{"role": "user", "content": f"Stream number {i}"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = [chunk async for chunk in stream]
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            usage = chunks[-1].usage
+            return f"Stream number {i}" in text and usage is not None and usage.total_tokens > 0
+
+        done = await asyncio.gather(*(one(i) for i in range(count)))
+    return sum(done)
+
+
 def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
     stack: tuple[Up, str, str, Path],
 ) -> None:
@@ -268,6 +292,42 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
     )
     assert len(sampled.choices) == 2
     assert all(c.logprobs and c.logprobs.content for c in sampled.choices)
+
+    # streaming, with the SDK's own patterns: the same text as the whole answer, and usage
+    greeting = [{"role": "user", "content": "Stream a short greeting"}]
+    whole = client.chat.completions.create(model="switchboard/auto", messages=greeting, seed=5)
+    streamed = list(
+        client.chat.completions.create(
+            model="switchboard/auto",
+            messages=greeting,
+            seed=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == whole.choices[0].message.content
+    last = streamed[-1].usage
+    assert last is not None and last.prompt_tokens > 0 and last.completion_tokens > 0
+    with client.chat.completions.stream(model="switchboard/auto", messages=greeting) as helper:
+        final = helper.get_final_completion()
+    assert final.choices[0].message.content == text
+    # a stream cut after its first token ends in an error event, not [DONE]
+    simulator = state["simulator_url"]
+    fault = {"model": "sim-light", "kind": "disconnect", "count": 1}
+    httpx.post(f"{simulator}/simulator/faults", json=fault, timeout=10).raise_for_status()
+    with httpx.stream(
+        "POST",
+        f"{base_url}/v1/chat/completions",
+        json={"model": "fast", "messages": greeting, "stream": True},
+        headers={"authorization": f"Bearer {key}"},
+        timeout=60,
+    ) as cut:
+        lines = [line for line in cut.iter_lines() if line.startswith("data: ")]
+    assert "data: [DONE]" not in lines
+    assert json.loads(lines[-1].removeprefix("data: "))["error"]["code"] == "stream_cut_off"
+    # a hundred concurrent streams from AsyncOpenAI
+    assert asyncio.run(concurrent_streams(base_url, key, 100)) == 100
 
     assert up.stop() == 0
     time.sleep(0)  # children were waited for by the supervisor before it exited

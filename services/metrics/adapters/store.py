@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS {db}.{table} (
     rule            LowCardinality(String) COMMENT 'rule that chose the tier',
     config_hash     LowCardinality(String),
     attempt         UInt16 COMMENT '0-based model call within the request',
-    status          LowCardinality(String) COMMENT 'ok | error | timeout | rate_limited',
+    status          LowCardinality(String) COMMENT 'ok | error | timeout | rate_limited | cut_off | cancelled',
     error_code      LowCardinality(String),
     tokens_in       UInt32,
     tokens_out      UInt32,

@@ -16,7 +16,7 @@ import os
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -64,9 +64,19 @@ class Completion:
         return str((choices[0].get("message") or {}).get("content") or "")
 
 
+# What one streamed choice added: ``content``, ``reasoning_content``, ``tool_calls`` (OpenAI's
+# delta pieces), ``logprobs`` (token entries), ``finish_reason``; only the keys it set.
+Delta = dict[str, Any]
+DeltaListener = Callable[[int, Delta], None]
+
+
 class ModelClient(Protocol):
     async def complete(
-        self, spec: ModelSpec, request: ChatRequest, timeout_s: float
+        self,
+        spec: ModelSpec,
+        request: ChatRequest,
+        timeout_s: float,
+        on_delta: DeltaListener | None = None,
     ) -> Completion: ...
 
 
@@ -275,12 +285,19 @@ class LiteLLMClient:
             )
         return self._session
 
-    async def complete(self, spec: ModelSpec, request: ChatRequest, timeout_s: float) -> Completion:
+    async def complete(
+        self,
+        spec: ModelSpec,
+        request: ChatRequest,
+        timeout_s: float,
+        on_delta: DeltaListener | None = None,
+    ) -> Completion:
+        """One call of ``spec``; ``on_delta`` is handed each choice's delta as it arrives."""
         try:
             route = _direct_route(spec.model, spec.api_base) if spec.transport == "auto" else None
             if route is not None:
-                return await self._complete_direct(route, spec, request, timeout_s)
-            return await self._complete_litellm(spec, request, timeout_s)
+                return await self._complete_direct(route, spec, request, timeout_s, on_delta)
+            return await self._complete_litellm(spec, request, timeout_s, on_delta)
         except ModelCallError:
             raise
         except Exception as exc:
@@ -289,7 +306,12 @@ class LiteLLMClient:
             raise AdapterError(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
 
     async def _complete_direct(
-        self, route: _Route, spec: ModelSpec, request: ChatRequest, timeout_s: float
+        self,
+        route: _Route,
+        spec: ModelSpec,
+        request: ChatRequest,
+        timeout_s: float,
+        on_delta: DeltaListener | None,
     ) -> Completion:
         args = _call_args(spec, request, timeout_s)
         messages = args["messages"]
@@ -316,7 +338,7 @@ class LiteLLMClient:
         body.update(args.get("extra_body") or {})
         started = time.perf_counter()
         ttft: float | None = None
-        stream = _StreamState()
+        stream = _StreamState(on_delta)
         try:
             async with (
                 asyncio.timeout(timeout_s),
@@ -349,12 +371,16 @@ class LiteLLMClient:
         return Completion(stream.body(route.model), usage, ttft, latency, cost_usd(spec, usage))
 
     async def _complete_litellm(
-        self, spec: ModelSpec, request: ChatRequest, timeout_s: float
+        self,
+        spec: ModelSpec,
+        request: ChatRequest,
+        timeout_s: float,
+        on_delta: DeltaListener | None,
     ) -> Completion:
         args = _call_args(spec, request, timeout_s)
         started = time.perf_counter()
         ttft: float | None = None
-        state = _StreamState()
+        state = _StreamState(on_delta)
         try:
             async with asyncio.timeout(timeout_s):
                 stream = await litellm.acompletion(**args)
@@ -419,41 +445,58 @@ class _ChoiceState:
         self.tool_calls: dict[int, dict[str, Any]] = {}  # by the deltas' index
         self.logprobs: list[Any] | None = None  # the token entries, when the client asked
 
-    def add(self, choice: Any) -> bool:
+    def add(self, choice: Any, out: Delta | None = None) -> bool:
+        """Fold one streamed choice; with ``out``, also put what it added there, plain."""
         delta = choice.delta
         content = False
         if delta.content:
             self.text.append(delta.content)
             content = True
+            if out is not None:
+                out["content"] = delta.content
         reasoning = getattr(delta, "reasoning_content", None)
         if reasoning:
             self.reasoning.append(reasoning)
             content = True
+            if out is not None:
+                out["reasoning_content"] = reasoning
         for call in getattr(delta, "tool_calls", None) or []:
-            self._add_tool_call(call)
+            piece = self._add_tool_call(call)
             content = True
+            if out is not None:
+                out.setdefault("tool_calls", []).append(piece)
         logprobs = getattr(choice, "logprobs", None)
         if logprobs is not None:
-            entries = _get(logprobs, "content")
-            self.logprobs = (self.logprobs or []) + [_plain_dict(e) for e in entries or ()]
+            entries = [_plain_dict(e) for e in _get(logprobs, "content") or ()]
+            self.logprobs = (self.logprobs or []) + entries
+            if out is not None and entries:
+                out["logprobs"] = entries
         if choice.finish_reason:
             self.finish_reason = choice.finish_reason
+            if out is not None:
+                out["finish_reason"] = choice.finish_reason
         return content
 
-    def _add_tool_call(self, call: Any) -> None:
+    def _add_tool_call(self, call: Any) -> dict[str, Any]:
         """A tool call arrives as deltas of one index: its id and name once, then the
-        arguments' JSON text in pieces."""
+        arguments' JSON text in pieces. Returns the delta's own part, plain."""
         index = getattr(call, "index", None) or 0
         slot = self.tool_calls.setdefault(
             index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
         )
+        piece: dict[str, Any] = {"index": index}
         if getattr(call, "id", None):
-            slot["id"] = call.id
+            slot["id"] = piece["id"] = call.id
+            piece["type"] = "function"
         function = getattr(call, "function", None)
         if function is not None:
-            if getattr(function, "name", None) and not slot["function"]["name"]:
-                slot["function"]["name"] = function.name
-            slot["function"]["arguments"] += getattr(function, "arguments", None) or ""
+            name = getattr(function, "name", None)
+            if name and not slot["function"]["name"]:
+                slot["function"]["name"] = name
+            arguments = getattr(function, "arguments", None) or ""
+            slot["function"]["arguments"] += arguments
+            piece["function"] = {"arguments": arguments, **({"name": name} if name else {})}
+        return piece
 
     def body(self, index: int) -> dict[str, Any]:
         text = "".join(self.text)
@@ -481,13 +524,15 @@ def _plain_dict(value: Any) -> Any:
 
 
 class _StreamState:
-    """Folds parsed stream chunks into one OpenAI ``chat.completion``."""
+    """Folds parsed stream chunks into one OpenAI ``chat.completion``; with a ``listener``, also
+    hands it each choice's delta as it comes (index, plain delta: ``Delta``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, listener: DeltaListener | None = None) -> None:
         self.id: str | None = None
         self.created: int | None = None
         self.raw_usage: Any = None
         self.choices: dict[int, _ChoiceState] = {}
+        self.listener = listener
 
     def add(self, chunk: Any) -> bool:
         """Take one chunk; True when it carried content (the first one sets TTFT)."""
@@ -503,7 +548,13 @@ class _StreamState:
             state = self.choices.get(choice.index)
             if state is None:
                 state = self.choices[choice.index] = _ChoiceState()
-            content = state.add(choice) or content
+            if self.listener is None:
+                content = state.add(choice) or content
+                continue
+            out: Delta = {}
+            content = state.add(choice, out) or content
+            if out:
+                self.listener(choice.index, out)
         return content
 
     @property
