@@ -410,8 +410,16 @@ class RoutedRequest(_Message):
     schema_version: Literal[1] = SCHEMA_VERSION
     request: ChatRequest
     tier: str
-    rule: str = Field(description="Name of the rule that chose the tier, or 'default' / 'forced'.")
+    rule: str = Field(
+        description="Name of the rule that chose the tier, or 'default' / 'forced' / 'pinned'."
+    )
     config_hash: str
+    pinned: str | None = Field(
+        default=None,
+        max_length=200,
+        description="The label of the model the request named: only it answers, unless its "
+        "config allows fallback (pinned_fallback).",
+    )
     attempt: int = Field(
         default=0,
         ge=0,

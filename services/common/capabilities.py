@@ -131,13 +131,19 @@ class TierCapabilities:
         self.models = [of(spec) for spec in tier.models]
         self._windows = any(c.context_window is not None for c in self.models)
 
-    def check(self, request: ChatRequest) -> None:
-        """Raise ``MissingCapability`` when no model of the tier can take ``request``."""
+    def check(self, request: ChatRequest, pinned: str | None = None) -> None:
+        """Raise ``MissingCapability`` when no model of the tier (or the ``pinned`` one) can
+        take ``request``."""
         wanted = needs(request)
         if not wanted.capabilities and not self._windows:
             return
-        gaps = [c.lacks(wanted) for c in self.models]
+        chosen = [
+            (label, c)
+            for label, c in zip(self.labels, self.models, strict=True)
+            if pinned is None or label == pinned
+        ]
+        gaps = [c.lacks(wanted) for _, c in chosen]
         if gaps and all(gaps):
             # name what the closest model lacks: the fewest gaps, first in the tier's order
             closest = min(gaps, key=len)
-            raise MissingCapability(self.name, closest[0], self.labels)
+            raise MissingCapability(self.name, closest[0], [label for label, _ in chosen])

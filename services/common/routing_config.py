@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.topics import valid_tier_name
+from schemas.v1 import AUTO_MODEL
 from services.common.conditions import Condition, ConditionError, compile_condition
 
 _ENV_REF = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::-([^}]*))?\}")
@@ -79,6 +81,16 @@ class ModelSpec(_Strict):
 
     capabilities: ModelCapabilities | None = Field(
         default=None, description="Overrides litellm's model map: tools, json_schema, vision."
+    )
+    aliases: tuple[str, ...] = Field(
+        default=(),
+        description="Other names a request's `model` may pin this model by (its label and its "
+        "litellm model string pin it too).",
+    )
+    pinned_fallback: bool = Field(
+        default=False,
+        description="A request pinned to this model may fall back to the tier's other models "
+        "(and the fallback tier) when it fails; by default only this model answers it.",
     )
 
     @property
@@ -147,7 +159,43 @@ class RoutingConfig(_Strict):
             if rule.name in seen:
                 raise ValueError(f"rules[{i}].name: duplicate rule name {rule.name!r}")
             seen.add(rule.name)
+        self.pins()  # names that pin a model are unambiguous
         return self
+
+    def pins(self) -> dict[str, Pin]:
+        """Every name a request's ``model`` may pin a model by: its label, its litellm model
+        string, its aliases. A model in several tiers is pinned through the first tier that
+        tries it first, else the first that lists it. Raises ``ValueError`` for a name that is a
+        tier's, or that names two different models."""
+        out: dict[str, Pin] = {}
+        listed = [
+            (tier_name, j, model)
+            for tier_name, tier in self.tiers.items()
+            for j, model in enumerate(tier.models)
+        ]
+        for tier_name, j, model in sorted(listed, key=lambda entry: entry[1] > 0):
+            for name in (model.label, model.model, *model.aliases):
+                where = f"tiers.{tier_name}.models[{j}]"
+                if name in self.tiers or name == AUTO_MODEL:
+                    raise ValueError(
+                        f"{where}: {name!r} names a model and a tier (or switchboard/auto); "
+                        "a request's model would be ambiguous: rename one"
+                    )
+                known = out.get(name)
+                if known is not None and known.label != model.label:
+                    raise ValueError(
+                        f"{where}: {name!r} names both {known.label!r} and {model.label!r}"
+                    )
+                out.setdefault(name, Pin(tier_name, model.label))
+        return out
+
+
+@dataclass(frozen=True)
+class Pin:
+    """Where a model name sends a request: the tier it goes through, and the model's label."""
+
+    tier: str
+    label: str
 
 
 class LoadedConfig:
@@ -164,6 +212,7 @@ class LoadedConfig:
         self.spec = spec
         self.hash = config_hash
         self.rules = rules
+        self.pins = spec.pins()
 
     def tier(self, name: str) -> TierSpec:
         return self.spec.tiers[name]

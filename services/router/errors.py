@@ -65,13 +65,17 @@ _BY_CODE = {
     "invalid_request": (400, "invalid_request_error"),
     "unsupported_capability": (400, "invalid_request_error"),
     "unsupported_parameter": (400, "invalid_request_error"),
+    "model_not_found": (400, "invalid_request_error"),
 }
 
 
 def from_outcome(error: ChatError) -> ApiError:
     status, kind = _BY_CODE.get(error.code, (502, "upstream_error"))
     param = "Idempotency-Key" if error.code == "idempotency_key_reused" else error.param
-    return ApiError(status, error.message, type=kind, code=error.code, param=param)
+    headers = {"x-switchboard-request-id": error.request_id}
+    if error.tier:
+        headers["x-switchboard-tier"] = error.tier
+    return ApiError(status, error.message, type=kind, code=error.code, param=param, headers=headers)
 
 
 def key_reused() -> ApiError:

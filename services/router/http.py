@@ -33,7 +33,9 @@ from schemas.v1 import (
     check_tool_choice,
     new_request_id,
 )
+from services.common import capabilities
 from services.common.capabilities import MissingCapability
+from services.common.routing_config import LoadedConfig
 from services.router.domain.classify import UnknownModel
 from services.router.domain.images import BadImage
 from services.router.errors import ApiError, from_outcome, invalid, key_reused, param_path
@@ -62,7 +64,8 @@ class ChatCompletionBody(ChatParameters):
     model: str = Field(
         min_length=1,
         max_length=200,
-        description=f"`{AUTO_MODEL}` to classify, or a tier name to force it.",
+        description=f"`{AUTO_MODEL}` to classify, a tier name to force it, or a configured "
+        "model's name or alias to pin it (GET /v1/models).",
     )
 
 
@@ -437,6 +440,73 @@ async def _publish_for_all(
         raise
 
 
+def model_list(config: LoadedConfig) -> list[dict[str, Any]]:
+    """What a request's ``model`` may be: ``switchboard/auto``, each tier (what at least one of
+    its models can do), each configured model (the tier a request naming it goes through, its
+    other names, what it can do)."""
+    spec = config.spec
+    data: list[dict[str, Any]] = [
+        {
+            "id": AUTO_MODEL,
+            "object": "model",
+            "owned_by": "switchboard",
+            "description": "classified by the routing rules",
+            "tier": None,
+        }
+    ]
+    for name, tier in spec.tiers.items():
+        abilities = [capabilities.of(m) for m in tier.models]
+        windows = [a.context_window for a in abilities if a.context_window is not None]
+        data.append(
+            {
+                "id": name,
+                "object": "model",
+                "owned_by": "switchboard",
+                "description": tier.description,
+                "tier": name,
+                "models": [m.label for m in tier.models],
+                "capabilities": {
+                    "tools": any(a.tools for a in abilities),
+                    "json_schema": any(a.json_schema for a in abilities),
+                    "vision": any(a.vision for a in abilities),
+                    "context_window": max(windows) if windows else None,
+                },
+            }
+        )
+    shown: set[str] = set()
+    for pin in config.pins.values():
+        if pin.label in shown:
+            continue
+        shown.add(pin.label)
+        model = next(m for m in spec.tiers[pin.tier].models if m.label == pin.label)
+        able = capabilities.of(model)
+        data.append(
+            {
+                "id": pin.label,
+                "object": "model",
+                "owned_by": model.provider,
+                "description": f"pins {model.model} (through tier {pin.tier})",
+                "tier": pin.tier,
+                "tiers": [
+                    t
+                    for t, ts in spec.tiers.items()
+                    if any(m.label == pin.label for m in ts.models)
+                ],
+                "aliases": sorted(
+                    {n for n, p in config.pins.items() if p.label == pin.label} - {pin.label}
+                ),
+                "pinned_fallback": model.pinned_fallback,
+                "capabilities": {
+                    "tools": able.tools,
+                    "json_schema": able.json_schema,
+                    "vision": able.vision,
+                    "context_window": able.context_window,
+                },
+            }
+        )
+    return data
+
+
 def api(ctx: HttpContext) -> APIRouter:
     routes = APIRouter()
 
@@ -466,26 +536,7 @@ def api(ctx: HttpContext) -> APIRouter:
 
     @routes.get("/v1/models", dependencies=[Depends(require_key)])
     async def models(request: Request) -> JSONResponse:
-        spec = ctx.router.config.spec
-        data: list[dict[str, Any]] = [
-            {
-                "id": AUTO_MODEL,
-                "object": "model",
-                "owned_by": "switchboard",
-                "description": "classified by the routing rules",
-            }
-        ]
-        for name, tier in spec.tiers.items():
-            data.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "owned_by": "switchboard",
-                    "description": tier.description,
-                    "models": [m.label for m in tier.models],
-                }
-            )
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": model_list(ctx.router.config)})
 
     @routes.get("/health")
     async def health() -> JSONResponse:

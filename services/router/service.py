@@ -91,7 +91,7 @@ class Router:
         check_images(request, self.max_image_bytes)
         decision = classify(request, self.config)
         tier = self.config.tier(decision.tier)
-        self._capabilities(decision.tier, tier).check(request)
+        self._capabilities(decision.tier, tier).check(request, decision.pinned)
         now = datetime.now(UTC)
         budget_s: float | None = None
         if request.metadata.deadline_ms:
@@ -103,6 +103,7 @@ class Router:
             tier=decision.tier,
             rule=decision.rule,
             config_hash=self.config.hash,
+            pinned=decision.pinned,
             routed_at=now,
             deadline_at=None if budget_s is None else now + timedelta(seconds=budget_s),
             reply_to=reply_to,

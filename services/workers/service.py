@@ -317,7 +317,17 @@ class TierService:
         wanted = capabilities.needs(request)
         asked = request.model_parameters()
         unable: dict[str, list[Gap]] = {}  # model → what it lacks, for models skipped
-        for attempt in policy.attempts(self.spec):
+        models = policy.pinned_models(self.spec, routed.pinned)
+        if not models:  # pinned by a router whose config had the model in this tier
+            return self._error(
+                routed,
+                "model_not_found",
+                f"tier {self.tier!r} has no model {routed.pinned!r} (the config changed since "
+                "the request was routed); GET /v1/models lists the models",
+                0,
+                param="model",
+            )
+        for attempt in policy.attempts(self.spec, models):
             lacks = self._lacks(attempt.spec, wanted, asked)
             if lacks:  # in-tier fallback goes only to models that can take the request
                 unable[attempt.spec.label] = lacks
@@ -393,9 +403,15 @@ class TierService:
             and fallback != self.tier
             and routed.attempt == 0
             and all(e.transient for e in errors)
+            and (routed.pinned is None or models[0].pinned_fallback)
         ):
             rerouted = routed.model_copy(
-                update={"tier": fallback, "rule": f"fallback:{self.tier}", "attempt": 1}
+                update={
+                    "tier": fallback,
+                    "rule": f"fallback:{self.tier}",
+                    "attempt": 1,
+                    "pinned": None,  # a pinned model that allows fallback let any model answer
+                }
             )
             topic = self.topics.tier(fallback)
             async with self._one_sender(delivery):

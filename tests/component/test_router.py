@@ -168,10 +168,57 @@ async def test_a_caller_sharing_a_key_with_other_content_gets_a_422(wired: Any) 
     assert len(routed) == 1
 
 
-async def test_models_lists_the_tiers(wired: Any) -> None:
+async def test_models_lists_the_tiers_and_the_models_with_capabilities(wired: Any) -> None:
     client, _, _ = wired
-    ids = [m["id"] for m in (await client.get("/v1/models")).json()["data"]]
-    assert ids == ["switchboard/auto", "fast", "balanced", "reasoning", "vision"]
+    data = (await client.get("/v1/models")).json()["data"]
+    ids = [m["id"] for m in data]
+    assert ids[:5] == ["switchboard/auto", "fast", "balanced", "reasoning", "vision"]
+    assert set(ids[5:]) == {"sim-light", "sim-balanced", "sim-reasoning", "sim-vision"}
+    by_id = {m["id"]: m for m in data}
+    assert by_id["vision"]["capabilities"]["vision"] and not by_id["fast"]["capabilities"]["vision"]
+    light = by_id["sim-light"]
+    assert (light["tier"], light["tiers"], light["aliases"]) == (
+        "fast",
+        ["fast", "balanced"],
+        ["openai/sim-light"],
+    )
+    assert light["capabilities"] == {
+        "tools": True,
+        "json_schema": True,
+        "vision": False,
+        "context_window": 128000,
+    }
+    assert by_id["sim-balanced"]["tier"] == "balanced"  # the tier that tries it first
+
+
+@pytest.mark.parametrize(
+    ("model", "tier", "rule", "pinned"),
+    [
+        ("sim-balanced", "balanced", "pinned", "sim-balanced"),
+        ("openai/sim-light", "fast", "pinned", "sim-light"),
+        ("reasoning", "reasoning", "forced", None),
+        ("switchboard/auto", "fast", "short", None),
+    ],
+)
+async def test_a_model_name_pins_the_model_through_its_tier(
+    wired: Any, model: str, tier: str, rule: str, pinned: str | None
+) -> None:
+    client, routed, _ = wired
+    response = await client.post("/v1/chat/completions", json=chat(model=model))
+    assert response.status_code == 200, response.text
+    (sent,) = routed
+    assert (sent.tier, sent.rule, sent.pinned) == (tier, rule, pinned)
+    assert response.headers["x-switchboard-rule"] == rule
+
+
+async def test_a_pinned_model_without_a_capability_is_refused_by_name(wired: Any) -> None:
+    client, routed, _ = wired
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    body = chat([{"type": "text", "text": "what is this?"}, image], model="sim-light")
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400 and routed == []
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_capability" and "sim-light" in error["message"]
 
 
 @pytest.mark.parametrize(
@@ -179,6 +226,7 @@ async def test_models_lists_the_tiers(wired: Any) -> None:
     [
         ({"model": "switchboard/auto"}, "messages", "missing_required_parameter"),
         (chat(model="gpt-9"), "model", "model_not_found"),
+        (chat(model="sim-Light"), "model", "model_not_found"),
         ({"model": "switchboard/auto", "messages": []}, "messages", "invalid_value"),
         (
             {"model": "switchboard/auto", "messages": [{"role": "wizard", "content": "x"}]},

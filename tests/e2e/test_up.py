@@ -276,6 +276,18 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
     assert call.function.name == "lookup_order" and "order_id" in json.loads(
         call.function.arguments
     )
+    # the client answers the call; the model finishes with text
+    finished = client.chat.completions.create(
+        model="switchboard/auto",
+        messages=[
+            {"role": "user", "content": "Where is order A-17?"},
+            asked.choices[0].message.model_dump(exclude_none=True),  # type: ignore[list-item]
+            {"role": "tool", "tool_call_id": call.id, "content": '{"status": "shipped"}'},
+        ],
+        tools=[LOOKUP],
+    )
+    assert finished.choices[0].finish_reason in ("stop", "length")
+    assert finished.choices[0].message.content and not finished.choices[0].message.tool_calls
     # every other OpenAI parameter the default config's models take
     sampled = client.chat.completions.create(
         model="switchboard/auto",

@@ -60,8 +60,58 @@ def test_classify(tmp_path: Path, request_: ChatRequest, tier: str, rule: str) -
 
 def test_unknown_model_names_the_choices(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, BASE))
-    with pytest.raises(UnknownModel, match="switchboard/auto, fast, slow"):
+    with pytest.raises(UnknownModel, match="switchboard/auto, fast, slow; or pin a model: "):
         classify(ChatRequest(model="gpt-5", messages=[{"role": "user", "content": "x"}]), config)
+
+
+PINS = """
+tiers:
+  fast:
+    models:
+      - {model: openai/gpt-4o-mini, aliases: [mini]}
+      - {model: openai/gpt-4.1, name: big}
+  deep:
+    models:
+      - {model: openai/gpt-4.1, name: big, pinned_fallback: true}
+      - {model: openai/o3}
+default: fast
+"""
+
+
+def test_model_names_pin_through_the_tier_that_tries_the_model_first(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, PINS))
+    pinned = {name: (pin.tier, pin.label) for name, pin in config.pins.items()}
+    assert pinned == {
+        "openai/gpt-4o-mini": ("fast", "openai/gpt-4o-mini"),
+        "mini": ("fast", "openai/gpt-4o-mini"),
+        "big": ("deep", "big"),  # first in deep, second in fast
+        "openai/gpt-4.1": ("deep", "big"),
+        "openai/o3": ("deep", "openai/o3"),
+    }
+    decision = classify(
+        ChatRequest(model="mini", messages=[{"role": "user", "content": "x"}]), config
+    )
+    assert (decision.tier, decision.rule, decision.pinned) == (
+        "fast",
+        "pinned",
+        "openai/gpt-4o-mini",
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("      - {model: openai/gpt-4o, aliases: [mini]}\n", "'mini' names both"),
+        ("      - {model: openai/gpt-4o, aliases: [deep]}\n", "names a model and a tier"),
+        ("      - {model: openai/gpt-4o, name: switchboard/auto}\n", "names a model and a tier"),
+    ],
+)
+def test_a_name_that_would_pin_two_things_is_a_config_error(
+    tmp_path: Path, change: str, message: str
+) -> None:
+    text = PINS.replace("      - {model: openai/o3}\n", "      - {model: openai/o3}\n" + change)
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
 
 
 def test_simulated_config_sends_short_and_reasoning_to_different_tiers() -> None:
@@ -135,3 +185,19 @@ def test_hash_changes_with_content(tmp_path: Path) -> None:
     a = load_config(write(tmp_path, BASE)).hash
     b = load_config(write(tmp_path, BASE.replace("< 20", "< 21"))).hash
     assert a != b
+
+
+def test_a_pinned_request_is_tried_on_its_model_alone_unless_it_allows_fallback(
+    tmp_path: Path,
+) -> None:
+    from services.workers.domain.policy import attempts, pinned_models
+
+    config = load_config(write(tmp_path, PINS))
+    fast, deep = config.tier("fast"), config.tier("deep")
+    assert [m.label for m in pinned_models(fast, None)] == ["openai/gpt-4o-mini", "big"]
+    assert [m.label for m in pinned_models(fast, "big")] == ["big"]  # no fallback in fast
+    assert [m.label for m in pinned_models(deep, "openai/o3")] == ["openai/o3"]
+    assert [m.label for m in pinned_models(deep, "big")] == ["big", "openai/o3"]
+    assert pinned_models(fast, "openai/o3") == []
+    tries = [(a.index, a.spec.label, a.retry) for a in attempts(fast, pinned_models(fast, "big"))]
+    assert tries == [(0, "big", 0), (1, "big", 1)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,18 +15,22 @@ CHARS_PER_TOKEN = 4
 
 
 class UnknownModel(ValueError):
-    """The request's ``model`` is neither ``switchboard/auto`` nor a tier name."""
+    """The request's ``model`` is not ``switchboard/auto``, a tier, or a configured model."""
 
-    def __init__(self, model: str, tiers: list[str]) -> None:
+    def __init__(self, model: str, tiers: list[str], models: Sequence[str] = ()) -> None:
         self.model = model
         choices = ", ".join([AUTO_MODEL, *tiers])
-        super().__init__(f"unknown model {model!r}; use one of: {choices}")
+        named = f"; or pin a model: {', '.join(models)}" if models else ""
+        super().__init__(
+            f"unknown model {model!r}; use one of: {choices}{named} (GET /v1/models lists them)"
+        )
 
 
 @dataclass(frozen=True)
 class Decision:
     tier: str
     rule: str
+    pinned: str | None = None  # the model's label, when the request named one
 
 
 def _prompt(f: Features) -> str:
@@ -128,11 +132,20 @@ def features(request: ChatRequest) -> dict[str, Any]:
     return dict(Features(request))
 
 
+PINNED = "pinned"  # the rule of a request that named a model
+
+
 def classify(request: ChatRequest, config: LoadedConfig) -> Decision:
+    """A tier name forces the tier; a model name (label, litellm string or alias) pins the model
+    through its tier; ``switchboard/auto`` goes by the rules, then the default."""
     if request.model != AUTO_MODEL:
         if request.model in config.spec.tiers:
             return Decision(request.model, "forced")
-        raise UnknownModel(request.model, config.tier_names)
+        pin = config.pins.get(request.model)
+        if pin is not None:
+            return Decision(pin.tier, PINNED, pin.label)
+        labels = list(dict.fromkeys(p.label for p in config.pins.values()))
+        raise UnknownModel(request.model, config.tier_names, labels)
     feats = Features(request)
     for rule, condition in config.rules:
         if condition.matches(feats):

@@ -17,10 +17,22 @@ class Attempt:
     retry: int  # 0 = first try of this model
 
 
-def attempts(tier: TierSpec) -> Iterator[Attempt]:
-    """Models in order, each tried 1 + ``retries_per_model`` times (the caller stops early)."""
+def pinned_models(tier: TierSpec, pinned: str | None) -> list[ModelSpec]:
+    """The models that may answer: all of the tier's; for a request that pinned a model, that
+    one, then (if it allows ``pinned_fallback``) the others. Empty: the tier has no such model."""
+    if pinned is None:
+        return list(tier.models)
+    chosen = [m for m in tier.models if m.label == pinned]
+    if chosen and chosen[0].pinned_fallback:
+        chosen += [m for m in tier.models if m.label != pinned]
+    return chosen
+
+
+def attempts(tier: TierSpec, models: list[ModelSpec] | None = None) -> Iterator[Attempt]:
+    """Models in order (``models``, default the tier's), each tried 1 + ``retries_per_model``
+    times (the caller stops early)."""
     index = 0
-    for spec in tier.models:
+    for spec in tier.models if models is None else models:
         for retry in range(tier.retries_per_model + 1):
             yield Attempt(index, spec, retry)
             index += 1
