@@ -24,7 +24,7 @@ from typing import Any
 from schemas.v1 import ChatRequest
 from services.common.routing_config import ModelSpec, TierSpec
 
-CHARS_PER_TOKEN = 4  # the prompt estimate rules use (prompt_tokens)
+CHARS_PER_TOKEN = 4  # the prompt estimate: the rules' prompt_tokens, the context_window check
 _MAP_FILE = "model_prices_and_context_window_backup.json"
 _FLAGS = {
     "tools": "supports_function_calling",

@@ -1,4 +1,5 @@
-"""Which tier a request goes to: a forced tier, the first matching rule, or the default."""
+"""Which tier a request goes to: a forced tier, a pinned model's tier, the first matching rule,
+or the default."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.v1 import AUTO_MODEL, ChatRequest
+from services.common.capabilities import CHARS_PER_TOKEN
 from services.common.conditions import TAG_PREFIX
 from services.common.routing_config import LoadedConfig
-
-CHARS_PER_TOKEN = 4
 
 
 class UnknownModel(ValueError):
