@@ -268,7 +268,10 @@ async def _stream(
         release()
         raise
     queue: asyncio.Queue[StreamChunk] = asyncio.Queue()
-    ctx.replies.follow(chat.request_id, queue)
+    if first:
+        ctx.replies.follow(chat.request_id, queue)
+    # else a caller with the same Idempotency-Key is being answered: this one joined after its
+    # first chunks went by, so it gets the answer whole, as one chunk, when it is done
     options = chat.stream_options
     relay = StreamRelay(
         chat.request_id,

@@ -263,3 +263,34 @@ async def test_a_client_leaving_before_the_first_token_cancels_too(
         await caller
     rows = await wait_until(lambda: row_status(slow_stack, request_id), what="the row")
     assert rows == [["cancelled", "client_left"]] and worker.cancelled == 1
+
+
+async def test_a_caller_joining_a_stream_under_its_key_gets_the_whole_answer(
+    slow_stack: Stack,
+) -> None:
+    headers = {**AUTH, "idempotency-key": f"join-{uuid.uuid4().hex}"}
+    body = {"model": "fast", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    first_chunk = asyncio.Event()
+
+    async def first_caller(http: httpx.AsyncClient) -> list[Any]:
+        lines = []
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                lines.append(line)
+                if line.startswith("data: "):
+                    first_chunk.set()
+        return events("\n".join(lines))
+
+    def text(seen: list[Any]) -> str:
+        bodies = [e for e in seen if isinstance(e, dict) and e.get("choices")]
+        return "".join(b["choices"][0]["delta"].get("content") or "" for b in bodies)
+
+    async with httpx.AsyncClient(base_url=slow_stack.base_url, headers=headers, timeout=60) as http:
+        first = asyncio.ensure_future(first_caller(http))
+        await asyncio.wait_for(first_chunk.wait(), 30)
+        joined = await http.post("/v1/chat/completions", json=body)  # mid-stream, same key
+        streamed = await asyncio.wait_for(first, 30)
+    whole = events(joined.text)
+    assert streamed[-1] == "[DONE]" and whole[-1] == "[DONE]"
+    assert len([e for e in streamed if isinstance(e, dict)]) > 2  # the first caller's chunks
+    assert len(whole) == 2 and text(whole) == text(streamed)  # one chunk, then [DONE]
