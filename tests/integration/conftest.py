@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 
 from switchboard.embedded import Child, free_port, start_broker
-from tests.integration.stack import Stack, running_stack
+from tests.integration.stack import Stack, StackOf, running_stack
 
 
 @pytest.fixture
@@ -24,6 +25,21 @@ async def fast_stack(
         kafka_bootstrap, redis_url, topic_prefix, routing_config, chdb_data_dir, ["fast"]
     ) as stack:
         yield stack
+
+
+@pytest.fixture
+def stack_of(
+    kafka_bootstrap: str, redis_url: str, topic_prefix: str, tmp_path: Path, chdb_data_dir: Path
+) -> StackOf:
+    """``stack_of(config_yaml, tiers)``: the services in this process on a routing config of
+    the test's own, with one worker per tier named."""
+
+    def make(config: str, tiers: list[str]) -> AbstractAsyncContextManager[Stack]:
+        path = tmp_path / "routing.yaml"
+        path.write_text(config)
+        return running_stack(kafka_bootstrap, redis_url, topic_prefix, path, chdb_data_dir, tiers)
+
+    return make
 
 
 @pytest.fixture

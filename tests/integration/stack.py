@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import openai
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.topics import Topics
@@ -38,6 +39,15 @@ class Stack:
     workers: dict[str, WorkerApp]
     metrics: MetricsApp
     router_app: Any
+
+
+# the ``stack_of`` fixture (conftest): a routing config's text and tiers → a running stack
+StackOf = Callable[[str, list[str]], AbstractAsyncContextManager[Stack]]
+
+
+def openai_sdk(stack: Stack) -> openai.AsyncOpenAI:
+    """The official openai SDK on ``stack``'s front door (no retries: a test sees each answer)."""
+    return openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=API_KEY, max_retries=0)
 
 
 def common(bootstrap: str, redis_url: str, prefix: str, config: Path) -> dict[str, Any]:

@@ -7,25 +7,17 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import openai
 import pytest
 
-from tests.integration.stack import API_KEY, Stack, collect, produce, running_stack
+from tests.integration.stack import Stack, StackOf, collect, openai_sdk, produce
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 @pytest.fixture
-async def stack(
-    kafka_bootstrap: str,
-    redis_url: str,
-    topic_prefix: str,
-    tmp_path: Path,
-    simulator_url: str,
-    chdb_data_dir: Path,
-) -> AsyncIterator[Stack]:
+async def stack(stack_of: StackOf, simulator_url: str) -> AsyncIterator[Stack]:
     """Tier ``mixed``: a model behind litellm's Mistral provider (no ``n``, ``logprobs`` or
     ``logit_bias``), then an OpenAI-compatible one; tier ``narrow``: the first alone. Both are
     served by the simulator; the Mistral one is never called."""
@@ -36,8 +28,7 @@ async def stack(
         + base
         + "        capabilities: {params: [user, metadata]}\n"
     )
-    config = tmp_path / "routing.yaml"
-    config.write_text(
+    config = (
         "version: 1\ntiers:\n"
         "  mixed:\n    interactive: true\n    models:\n"
         + mistral
@@ -46,18 +37,12 @@ async def stack(
         + mistral
         + "rules: []\ndefault: mixed\n"
     )
-    async with running_stack(
-        kafka_bootstrap, redis_url, topic_prefix, config, chdb_data_dir, ["mixed", "narrow"]
-    ) as running:
+    async with stack_of(config, ["mixed", "narrow"]) as running:
         yield running
 
 
-def client(stack: Stack) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=API_KEY, max_retries=0)
-
-
 async def test_parameters_reach_a_model_that_takes_them(stack: Stack) -> None:
-    async with client(stack) as sdk:
+    async with openai_sdk(stack) as sdk:
         completion = await sdk.chat.completions.create(
             model="mixed",
             messages=[{"role": "user", "content": "Two ways to say hello"}],
@@ -83,7 +68,7 @@ async def test_parameters_reach_a_model_that_takes_them(stack: Stack) -> None:
 
 
 async def test_a_tier_without_a_model_that_takes_it_refuses_by_name(stack: Stack) -> None:
-    async with client(stack) as sdk:
+    async with openai_sdk(stack) as sdk:
         with pytest.raises(openai.BadRequestError) as refused:
             await sdk.chat.completions.create(
                 model="narrow",

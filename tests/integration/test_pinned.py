@@ -5,29 +5,20 @@ allows it (``pinned_fallback``)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.integration.stack import API_KEY, Stack, running_stack, wait_until
+from tests.integration.stack import Stack, StackOf, openai_sdk, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 @pytest.fixture
-async def stack(
-    kafka_bootstrap: str,
-    redis_url: str,
-    topic_prefix: str,
-    tmp_path: Path,
-    simulator_url: str,
-    chdb_data_dir: Path,
-) -> AsyncIterator[Stack]:
+async def stack(stack_of: StackOf, simulator_url: str) -> AsyncIterator[Stack]:
     base = f"        api_base: {simulator_url}/v1\n"
-    config = tmp_path / "routing.yaml"
-    config.write_text(
+    config = (
         "version: 1\ntiers:\n  mixed:\n    interactive: true\n    retry_backoff_s: 0\n"
         "    models:\n"
         "      - model: openai/sim-light\n        name: sim-light\n        aliases: [light]\n"
@@ -37,9 +28,7 @@ async def stack(
         + base
         + "rules: []\ndefault: mixed\n"
     )
-    async with running_stack(
-        kafka_bootstrap, redis_url, topic_prefix, config, chdb_data_dir, ["mixed"]
-    ) as running:
+    async with stack_of(config, ["mixed"]) as running:
         yield running
 
 
@@ -61,9 +50,7 @@ async def rows(stack: Stack, request_id: str, count: int) -> list[list[object]]:
 async def test_a_pinned_model_answers_alone_and_its_rows_say_pinned(
     stack: Stack, simulator_url: str
 ) -> None:
-    async with openai.AsyncOpenAI(
-        base_url=f"{stack.base_url}/v1", api_key=API_KEY, max_retries=0
-    ) as sdk:
+    async with openai_sdk(stack) as sdk:
         answered = await sdk.chat.completions.with_raw_response.create(
             model="light", messages=[{"role": "user", "content": "hi"}]
         )
@@ -87,9 +74,7 @@ async def test_a_pinned_model_that_allows_fallback_lets_the_tier_answer(
     stack: Stack, simulator_url: str
 ) -> None:
     await fail_next(simulator_url, "sim-balanced", 2)
-    async with openai.AsyncOpenAI(
-        base_url=f"{stack.base_url}/v1", api_key=API_KEY, max_retries=0
-    ) as sdk:
+    async with openai_sdk(stack) as sdk:
         answered = await sdk.chat.completions.with_raw_response.create(
             model="sim-balanced", messages=[{"role": "user", "content": "hi"}]
         )

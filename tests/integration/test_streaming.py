@@ -19,28 +19,23 @@ import pytest
 
 from services.router.service import idempotent_request_id
 from tests.conftest import start_simulator
-from tests.integration.stack import API_KEY, Stack, collect, produce, running_stack, wait_until
+from tests.integration.stack import (
+    API_KEY,
+    Stack,
+    StackOf,
+    collect,
+    openai_sdk,
+    produce,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture
-async def stack(
-    kafka_bootstrap: str,
-    redis_url: str,
-    topic_prefix: str,
-    routing_config: Path,
-    chdb_data_dir: Path,
-) -> AsyncIterator[Stack]:
-    async with running_stack(
-        kafka_bootstrap, redis_url, topic_prefix, routing_config, chdb_data_dir, ["fast"]
-    ) as running:
-        yield running
-
-
-def client(stack: Stack) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=API_KEY, max_retries=0)
+def stack(fast_stack: Stack) -> Stack:
+    return fast_stack
 
 
 def events(text: str) -> list[Any]:
@@ -58,7 +53,7 @@ async def queue_fault(simulator_url: str, model: str, kind: str) -> None:
 
 async def test_a_streamed_answer_is_the_whole_answer_in_chunks_with_usage(stack: Stack) -> None:
     messages = [{"role": "user", "content": f"Stream me a greeting {uuid.uuid4().hex[:6]}"}]
-    async with client(stack) as sdk:
+    async with openai_sdk(stack) as sdk:
         whole = await sdk.chat.completions.create(model="fast", messages=messages)
         stream = await sdk.chat.completions.create(
             model="fast", messages=messages, stream=True, stream_options={"include_usage": True}
@@ -90,7 +85,7 @@ async def test_the_sdk_stream_helper_and_tool_call_deltas(stack: Stack) -> None:
             "strict": True,
         },
     }
-    async with client(stack) as sdk:
+    async with openai_sdk(stack) as sdk:
         async with sdk.chat.completions.stream(
             model="fast",
             messages=[{"role": "user", "content": "Where is order A-17?"}],
@@ -139,7 +134,7 @@ async def test_a_stream_cut_after_its_first_token_ends_in_an_error_event(
     assert seen[-1]["error"]["code"] == "stream_cut_off"
     # the official SDK raises on it
     await queue_fault(simulator_url, "sim-light", "disconnect")
-    async with client(stack) as sdk:
+    async with openai_sdk(stack) as sdk:
         stream = await sdk.chat.completions.create(
             model="fast", messages=[{"role": "user", "content": "hi"}], stream=True
         )
@@ -196,24 +191,14 @@ def slow_simulator(logs_dir: Path) -> Any:
 
 
 @pytest.fixture
-async def slow_stack(
-    kafka_bootstrap: str,
-    redis_url: str,
-    topic_prefix: str,
-    tmp_path: Path,
-    slow_simulator: str,
-    chdb_data_dir: Path,
-) -> AsyncIterator[Stack]:
-    config = tmp_path / "routing.yaml"
-    config.write_text(
+async def slow_stack(stack_of: StackOf, slow_simulator: str) -> AsyncIterator[Stack]:
+    config = (
         "version: 1\ntiers:\n  fast:\n    interactive: true\n    timeout_s: 30\n    models:\n"
         f"      - model: openai/sim-light\n        name: sim-light\n"
         f"        api_base: {slow_simulator}/v1\n"
         "rules: []\ndefault: fast\n"
     )
-    async with running_stack(
-        kafka_bootstrap, redis_url, topic_prefix, config, chdb_data_dir, ["fast"]
-    ) as running:
+    async with stack_of(config, ["fast"]) as running:
         yield running
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Literal
 
 import openai
@@ -15,7 +14,7 @@ import pytest
 from pydantic import BaseModel
 
 from schemas.v1 import ChatRequest, RoutedRequest
-from tests.integration.stack import API_KEY, Stack, collect, produce, running_stack
+from tests.integration.stack import Stack, StackOf, collect, openai_sdk, produce
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -30,17 +29,9 @@ def _model(name: str, simulator_url: str, capabilities: str) -> str:
 
 
 @pytest.fixture
-async def stack(
-    kafka_bootstrap: str,
-    redis_url: str,
-    topic_prefix: str,
-    tmp_path: Path,
-    simulator_url: str,
-    chdb_data_dir: Path,
-) -> AsyncIterator[Stack]:
+async def stack(stack_of: StackOf, simulator_url: str) -> AsyncIterator[Stack]:
     """Tier ``mixed``: a model without tools, then one with them; tier ``plain``: none."""
-    config = tmp_path / "routing.yaml"
-    config.write_text(
+    config = (
         "version: 1\ntiers:\n"
         "  mixed:\n    interactive: true\n    models:\n"
         + _model("sim-light", simulator_url, "{tools: false, json_schema: false}")
@@ -49,14 +40,8 @@ async def stack(
         + _model("sim-light", simulator_url, "{tools: false, json_schema: false}")
         + "rules: []\ndefault: mixed\n"
     )
-    async with running_stack(
-        kafka_bootstrap, redis_url, topic_prefix, config, chdb_data_dir, ["mixed", "plain"]
-    ) as running:
+    async with stack_of(config, ["mixed", "plain"]) as running:
         yield running
-
-
-def client(stack: Stack) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=API_KEY, max_retries=0)
 
 
 class Triage(BaseModel):
@@ -82,7 +67,7 @@ LOOKUP = {
 
 
 async def test_parse_returns_the_pydantic_object(stack: Stack) -> None:
-    async with client(stack) as sdk:
+    async with openai_sdk(stack) as sdk:
         completion = await sdk.chat.completions.parse(
             model="switchboard/auto",
             messages=[{"role": "user", "content": "My refund has not arrived"}],
@@ -96,7 +81,7 @@ async def test_parse_returns_the_pydantic_object(stack: Stack) -> None:
 
 async def test_a_tool_call_loop_ends_in_an_answer(stack: Stack) -> None:
     messages: list[dict[str, object]] = [{"role": "user", "content": "Where is order A-17?"}]
-    async with client(stack) as sdk:
+    async with openai_sdk(stack) as sdk:
         first = await sdk.chat.completions.create(
             model="mixed", messages=messages, tools=[LOOKUP], tool_choice="auto"
         )
@@ -115,7 +100,7 @@ async def test_a_tool_call_loop_ends_in_an_answer(stack: Stack) -> None:
 
 
 async def test_a_tier_without_the_capability_refuses_by_name(stack: Stack) -> None:
-    async with client(stack) as sdk:
+    async with openai_sdk(stack) as sdk:
         with pytest.raises(openai.BadRequestError) as refused:
             await sdk.chat.completions.create(
                 model="plain", messages=[{"role": "user", "content": "hi"}], tools=[LOOKUP]
