@@ -5,7 +5,7 @@ scenario starts the processes it measures and stops them before the next begins,
 never share a core with each other's leftovers. A scenario that fails is reported as failed,
 the others still run, and the command exits non-zero.
 
-    python -m bench                 # the full suite (about 15 minutes on 2 cores)
+    python -m bench                 # the full suite (about 20 minutes on 2 cores)
     python -m bench --only worker   # some scenarios (comma-separated keys)
     python -m bench --quick --out /tmp/b   # tiny sizes: checks the mechanics, not a result
 """
@@ -25,7 +25,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import decisions, ingest, jobs, redis_sizing, startup, sync, sync_light, worker
+from bench import (
+    decisions,
+    ingest,
+    jobs,
+    redis_sizing,
+    startup,
+    stream,
+    sync,
+    sync_light,
+    worker,
+)
 from bench.common import RESULTS_DIR, Bench, Section, machine_info
 from bench.targets import evaluate, targets_markdown
 
@@ -33,6 +43,7 @@ SCENARIOS: dict[str, Callable[[Bench], Section]] = {
     "startup": startup.run,
     "sync": sync.run,
     "sync_light": sync_light.run,
+    "stream": stream.run,
     "worker": worker.run,
     "router": decisions.run,
     "metrics": ingest.run,

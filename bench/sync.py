@@ -120,6 +120,7 @@ class Target:
     procs: dict[str, int] = field(default_factory=dict)
     # Called around each step: a start hook returning a stop hook, whose dict joins the result.
     observe: Callable[[], Callable[[], dict[str, Any]]] | None = None
+    loadgen_args: tuple[str, ...] = ()  # more arguments for bench.loadgen (``--stream``)
 
 
 # --- running the generator ---------------------------------------------------------------------
@@ -146,6 +147,7 @@ def drive(target: Target, rate: float, duration_s: float, warmup_s: float) -> di
     ]
     for name, value in target.headers.items():
         argv += ["--header", f"{name}: {value}"]
+    argv += target.loadgen_args
     limit = warmup_s + duration_s + TIMEOUT_S + 60
     done = subprocess.run(
         argv, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=limit

@@ -58,6 +58,27 @@ def _sync_limit(d: dict[str, Any]) -> str:
     return floor + cpu_part
 
 
+def _stream_limit(d: dict[str, Any]) -> str:
+    """The measured parts of the streamed TTFT overhead at 100 RPS, largest first."""
+    parts = d["stream"]["ttft_parts"]["100"]
+    words = {
+        "kafka_two_hops": "two Kafka hops (measured alone)",
+        "rest": "router and worker work and queues",
+        "model_call_in_worker": "the model call inside the worker beyond direct's TTFT",
+    }
+    known = sorted(
+        ((k, parts[k]) for k in words if parts.get(k) is not None), key=lambda kv: -kv[1]
+    )
+    machine = (
+        f"; the machine used {parts['machine_cores']:.2f} of {CORES} cores in that step "
+        f"({parts['other_cores']:.2f} outside the benchmark), Switchboard's processes "
+        f"{parts['cpu_ms_per_answer']:.1f} ms CPU per answer"
+        if "machine_cores" in parts
+        else ""
+    )
+    return "; ".join(f"{words[k]} {v:.1f} ms" for k, v in known) + machine
+
+
 def _worker_limit(d: dict[str, Any]) -> str:
     w = d["worker"]
     return (
@@ -140,6 +161,14 @@ TARGETS = [
         ),
         lambda v: v < 0,
         _sync_limit,
+        " ms",
+    ),
+    Target(
+        "stream TTFT overhead p50 at 100 RPS",
+        "≤ 15 ms",
+        lambda d: _get(d, "stream", "ttft_overhead_ms", "100", "switchboard", "p50_ms"),
+        lambda v: v <= 15,
+        _stream_limit,
         " ms",
     ),
     Target(
