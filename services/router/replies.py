@@ -5,7 +5,8 @@ broker (Tansu) applies no retention, and every fetch from a partition costs time
 the record batches the partition holds (one per answer here): around 12,000 answers its reader
 stops getting any (docs/embedded-broker.md). So on the embedded broker (``generation_size`` > 0,
 which ``switchboard up`` sets) replies go to generations: after ``generation_size`` requests named
-the current one, new requests name the next. Generations take turns on ``SLOTS`` topics,
+the current one, or as many records came on it (a streamed answer's chunks), new requests name
+the next. Generations take turns on ``SLOTS`` topics,
 ``<reply topic>.s<N>``: a slot is emptied (deleted and created again) just before a new generation
 takes it, once no caller waits on the generation that had it before.
 
@@ -51,6 +52,7 @@ class ReplyTopics:
         self.size = generation_size
         self.generation = 0
         self.sent = 0  # requests that named the current generation
+        self.received = 0  # records read from the current generation's topic
         self.waiting: dict[int, int] = {0: 0}  # callers waiting, by generation
         self.rotations = 0
 
@@ -86,7 +88,15 @@ class ReplyTopics:
                 return
 
     def full(self) -> bool:
-        return bool(self.size) and self.sent >= self.size
+        """A generation holds ``size`` requests, or ``size`` records when there are more of
+        those: a streamed answer is many records (its chunks), each a batch the broker's fetches
+        pay for."""
+        return bool(self.size) and max(self.sent, self.received) >= self.size
+
+    def read(self, topic: str) -> None:
+        """A record was read from ``topic``."""
+        if topic == self.current:
+            self.received += 1
 
     def next_free(self) -> bool:
         """Whether the next generation's slot is free: nobody waits on the one that had it."""
@@ -96,7 +106,7 @@ class ReplyTopics:
     def rotate(self) -> str:
         """Start the next generation (its slot emptied and read); returns its topic."""
         self.generation += 1
-        self.sent = 0
+        self.sent = self.received = 0
         self.waiting[self.generation] = 0
         self.rotations += 1
         return self.current
@@ -176,6 +186,7 @@ class ReplyReader:
         """The handler, again while it fails transiently (its dead-letter publish found Kafka
         away). Anything else is logged and counted, and the reader goes on."""
         self.answers += 1
+        self.topics.read(record.topic)
         try:
             await retry_transient("handling a reply", lambda: self._handler(record), self._stopping)
         except Exception as exc:

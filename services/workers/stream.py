@@ -1,8 +1,8 @@
 """A streamed answer's way to the router: the model's deltas, coalesced into ``StreamChunk``s.
 
 The first delta goes out at once (the client's time to first token is the model's plus one
-Kafka hop). Later ones are merged for ``coalesce_s`` into one record, so a 1,000-token answer
-is tens of records, not a thousand: per choice the text pieces are joined, a tool call's
+Kafka hop). Later ones are merged for ``coalesce_s`` into one record, longer as the answer goes
+on (``window_s``), so a 1,000-token answer is tens of records, not a thousand: per choice the text pieces are joined, a tool call's
 argument pieces are joined under its index, log-probability entries are appended.
 
 Records are published one at a time, in order, numbered from 0 (``seq``) under this stream's id,
@@ -21,6 +21,16 @@ from schemas.v1 import StreamChunk, StreamMark
 from services.workers.adapters.llm import Delta
 
 COALESCE_S = 0.015  # how long later deltas gather before they go out as one chunk
+# A long answer gathers longer: after t seconds, t/STRETCH (at most MAX_COALESCE_S). A minute
+# of tokens is then about 300 records instead of 4,000, and the stream still moves 4 times a
+# second; the broker pays per record (docs/embedded-broker.md), and so do worker and router.
+STRETCH = 20
+MAX_COALESCE_S = 0.25
+
+
+def window_s(elapsed_s: float, coalesce_s: float = COALESCE_S) -> float:
+    """How long deltas gather once the stream has run ``elapsed_s``."""
+    return min(MAX_COALESCE_S, max(coalesce_s, elapsed_s / STRETCH))
 
 
 class ChunkStream:
@@ -88,12 +98,16 @@ class ChunkStream:
 
     async def _send(self) -> None:
         first = True
+        began = asyncio.get_running_loop().time()
         while True:
             await self._wake.wait()
             if not first and not self._closing.is_set():
                 # later deltas gather for a moment; closing sends what there is at once
+                elapsed = asyncio.get_running_loop().time() - began
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), self._coalesce_s)
+                    await asyncio.wait_for(
+                        self._closing.wait(), window_s(elapsed, self._coalesce_s)
+                    )
             first = False
             self._wake.clear()
             batch, self._pending = self._pending, {}

@@ -50,3 +50,20 @@ def test_release_counts_against_the_newest_generation_on_that_topic() -> None:
     assert topics.waiting == {0: 0, 1: 0}
     topics.release("sb.replies.r1.s0")  # a second release changes nothing
     assert topics.waiting == {0: 0, 1: 0}
+
+
+def test_a_generation_is_full_after_as_many_records_as_requests() -> None:
+    # a streamed answer is many records: the generation fills by what arrives on it, so the
+    # broker's partitions stay as short as they do for whole answers
+    topics = ReplyTopics("replies.r1", generation_size=10)
+    first = topics.take()
+    for _ in range(9):
+        topics.read(first)
+    topics.read("replies.r1.s2")  # another generation's record does not count
+    assert not topics.full()
+    topics.read(first)
+    assert topics.full()
+    topics.release(first)
+    assert topics.next_free()
+    topics.rotate()
+    assert not topics.full() and topics.received == 0

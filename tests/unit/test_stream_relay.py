@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from schemas.v1 import ChatError, ChatResult, StreamChunk, StreamMark, Usage
 from services.router.streaming import DONE, StreamRelay
-from services.workers.stream import ChunkStream
+from services.workers.stream import MAX_COALESCE_S, ChunkStream, window_s
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -172,3 +172,15 @@ async def test_a_failed_publish_surfaces_at_close() -> None:
     stream.add(0, {"content": "a"})
     with pytest.raises(ConnectionError):
         await asyncio.wait_for(stream.close(), 5)
+
+
+def test_a_long_answer_gathers_longer_so_its_records_stay_few() -> None:
+    assert window_s(0.0) == window_s(0.2) == 0.015
+    assert window_s(1.0) == pytest.approx(0.05)
+    assert window_s(60.0) == MAX_COALESCE_S
+    # a minute of tokens arriving every 10 ms: how many records go out
+    t, records = 0.0, 0
+    while t < 60.0:
+        t += max(window_s(t), 0.01)
+        records += 1
+    assert 250 < records < 350
