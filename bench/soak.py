@@ -130,6 +130,7 @@ class SoakParams:
     latency_scale: float = 1.0
     max_batches: int = DEFAULT_MAX_BATCHES
     warmup_s: float = 10.0
+    stream: bool = False  # the sync requests streamed (server-sent events)
 
     @property
     def duration_s(self) -> float:
@@ -267,7 +268,8 @@ def probe(up: Up) -> list[tuple[float, str | None]]:
 
 def start_loadgen(bench: Bench, up: Up, params: SoakParams, work: Path) -> tuple[Child, Path]:
     body, log = work / "sync-body.json", work / "requests.jsonl"
-    body.write_text(json.dumps(SYNC_BODY))
+    streamed = {"stream": True, "stream_options": {"include_usage": True}}
+    body.write_text(json.dumps({**SYNC_BODY, **streamed} if params.stream else SYNC_BODY))
     argv = [
         python(),
         "-m",
@@ -288,6 +290,7 @@ def start_loadgen(bench: Bench, up: Up, params: SoakParams, work: Path) -> tuple
         f"authorization: Bearer {up.api_key}",
         "--log",
         str(log),
+        *(["--stream"] if params.stream else []),
     ]
     return _spawn(bench, "loadgen", argv, base_env(), work), log
 
@@ -581,13 +584,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-batches", type=int, default=DEFAULT_MAX_BATCHES, help="the bound (5000)"
     )
+    parser.add_argument(
+        "--stream", action="store_true", help="stream the sync requests (stream: true)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where results go")
     parser.add_argument("--keep", action="store_true", help="keep the scratch dir and logs")
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.rate <= 0 or args.jobs_per_s < 0:
         parser.error("--minutes and --rate must be positive, --jobs-per-s not negative")
     params = SoakParams(
-        args.minutes, args.rate, args.jobs_per_s, args.latency_scale, args.max_batches
+        args.minutes,
+        args.rate,
+        args.jobs_per_s,
+        args.latency_scale,
+        args.max_batches,
+        stream=args.stream,
     )
     machine = machine_info()
     work = Path(tempfile.mkdtemp(prefix="switchboard-soak-"))
@@ -597,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.stop_all()
     day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
-    text, md, js = write_results(report, machine, args.out, f"soak-{day}")
+    stem = f"soak-stream-{day}" if args.stream else f"soak-{day}"
+    text, md, js = write_results(report, machine, args.out, stem)
     print(text)
     print(f"soak: {'PASSED' if report.passed else 'FAILED'}; wrote {md} and {js}")
     if args.keep:

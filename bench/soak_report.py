@@ -41,7 +41,8 @@ def markdown(report: SoakReport, machine: dict[str, Any]) -> str:
         f"(host {machine['host']}).",
         "",
         f"Parameters: {p.minutes:g} min measured after a {p.warmup_s:g} s warm-up; sync "
-        f"{p.rate:g} requests/s (model `fast`); {p.jobs_per_s:g} async jobs/s; simulator "
+        f"{p.rate:g} requests/s (model `fast`{', streamed' if p.stream else ''}); "
+        f"{p.jobs_per_s:g} async jobs/s; simulator "
         f"latency scale {p.latency_scale:g}; bound {p.max_batches:,} batches. Windows: first "
         f"{w['first'][0]:g}-{w['first'][1]:g} s, last {w['last'][0]:g}-{w['last'][1]:g} s.",
         "",
