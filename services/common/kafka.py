@@ -211,6 +211,58 @@ class BrokerPublisher:
             await resend_past_unknown_errors(send)
 
 
+class ProducerPublisher:
+    """``Publisher`` straight on an aiokafka producer, without FastStream and without linger:
+    for many small records that must each go out at once (a stream's chunks). One publish of a
+    chunk cost 612 µs of CPU and 2.0 ms through ``BrokerPublisher`` (FastStream, linger 1 ms),
+    340 µs and 0.68 ms here (docs/hot-path.md)."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        client_id: str,
+        fences: Fences | None = None,
+        idempotent: bool = False,
+    ) -> None:
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            client_id=client_id,
+            acks="all",
+            enable_idempotence=idempotent,
+            linger_ms=0,
+            max_request_size=MAX_MESSAGE_BYTES,
+            metadata_max_age_ms=METADATA_MAX_AGE_MS,
+        )
+        self._fences = fences
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def publish(
+        self,
+        topic: str,
+        message: BaseModel,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        body = message.model_dump_json().encode()
+        raw_headers = [(k, v.encode()) for k, v in {**JSON_HEADERS, **(headers or {})}.items()]
+
+        def send() -> Awaitable[Any]:
+            return self._producer.send_and_wait(
+                topic, body, key=key.encode() if key else None, headers=raw_headers
+            )
+
+        if self._fences is None:
+            await resend_past_unknown_errors(send)
+            return
+        async with self._fences.writing((topic,)):
+            await resend_past_unknown_errors(send)
+
+
 def make_broker(bootstrap: str, client_id: str, idempotent: bool = False) -> KafkaBroker:
     """FastStream's broker for one-at-a-time publishes. ``idempotent``: Kafka drops a record a
     producer retry sent twice (``CommonSettings.idempotent_producer``; the embedded broker has no

@@ -15,7 +15,13 @@ from starlette.applications import Starlette
 
 from services.common import fences
 from services.common.consumer import ConcurrentConsumer, consumer_not_ready
-from services.common.kafka import BrokerPublisher, ensure_topics, make_broker, topic_exists
+from services.common.kafka import (
+    BrokerPublisher,
+    ProducerPublisher,
+    ensure_topics,
+    make_broker,
+    topic_exists,
+)
 from services.common.routing_config import load_config
 from services.common.runtime import (
     HttpServer,
@@ -54,6 +60,9 @@ class WorkerApp:
         self.broker = make_broker(settings.kafka_bootstrap, name, settings.idempotent_producer)
         self.fences = fences.for_process(settings.run_dir, settings.embedded_broker, name)
         publisher = BrokerPublisher(self.broker, self.fences)
+        self.chunks = ProducerPublisher(
+            settings.kafka_bootstrap, f"{name}-chunks", self.fences, settings.idempotent_producer
+        )
         concurrency = settings.concurrency or tier.concurrency
         self.client = LiteLLMClient(max_connections=concurrency)
         self.outcomes = RedisOutcomeStore(
@@ -75,6 +84,7 @@ class WorkerApp:
             sent=self.sent,
             topic_exists=functools.partial(topic_exists, settings.kafka_bootstrap),
             cancels=self.cancels,
+            chunk_publisher=self.chunks,
         )
         self.handler = RecordHandler(self.service, publisher, topics, name)
         wait = (
@@ -125,6 +135,7 @@ class WorkerApp:
         if self.fences is not None:
             await self.fences.start()
         await self.broker.start()
+        await self.chunks.start()
         await self.consumer.start()
 
     async def wait_assigned(self, timeout_s: float = 60.0) -> None:
@@ -181,6 +192,7 @@ class WorkerApp:
         """Drain and close; ``/health`` answers until the end, ``/ready`` says why not."""
         self._phase = "shutting down: draining in-flight calls"
         await self.consumer.stop()
+        await self.chunks.stop()
         await self.broker.stop()
         if self.fences is not None:
             await self.fences.stop()

@@ -108,6 +108,7 @@ class TierService:
         sent: SentCheck,
         topic_exists: Callable[[str], Awaitable[bool]] | None = None,
         cancels: Cancels | None = None,
+        chunk_publisher: Publisher | None = None,
     ) -> None:
         self.tier = tier
         self.spec = config.tier(tier)
@@ -119,6 +120,8 @@ class TierService:
         self.sent = sent
         self.topic_exists = topic_exists
         self.cancels = cancels
+        # a stream's chunks, each sent at once (the answers go by ``publisher``, after them)
+        self.chunk_publisher = chunk_publisher or publisher
         self.cancelled = 0  # streamed calls stopped (or not begun) because the client left
         self.orphaned = 0  # answers dropped: the router's reply topic no longer exists
         self.replayed = 0  # answered again from the stored outcome
@@ -210,14 +213,16 @@ class TierService:
         message: Outcome | RoutedRequest | StreamChunk,
         key: str,
         delivery: str | None,
+        publisher: Publisher | None = None,
     ) -> None:
         """Publish to ``topic``; ``delivery`` (the answered record) goes in a header, for the
-        search of a redelivery. Stream chunks carry none: they are not the answer."""
+        search of a redelivery. Stream chunks carry none: they are not the answer. Every chunk
+        is stored before the answer is sent, so the answer follows them on its partition."""
         # (not marked sent here: one more Redis round trip on every answer, for what a search finds
         # anyway; docs/reliability.md has what it cost)
         headers = {DELIVERY_HEADER: delivery} if delivery is not None else None
         try:
-            await self.publisher.publish(topic, message, key, headers)
+            await (publisher or self.publisher).publish(topic, message, key, headers)
         except (KafkaTimeoutError, UnknownTopicOrPartitionError):
             if not await self._reply_topic_gone(topic):
                 raise  # Kafka is away, or slow: the consumer retries
@@ -461,7 +466,9 @@ class TierService:
         worker and this attempt, so a redelivery (or a second owner) streams under another."""
 
         async def publish(chunk: StreamChunk) -> None:
-            await self._publish(routed.reply_to, chunk, routed.request_id, None)
+            await self._publish(
+                routed.reply_to, chunk, routed.request_id, None, self.chunk_publisher
+            )
 
         return ChunkStream(
             publish,
