@@ -214,8 +214,8 @@ class BrokerPublisher:
 class ProducerPublisher:
     """``Publisher`` straight on an aiokafka producer, without FastStream and without linger:
     for many small records that must each go out at once (a stream's chunks). One publish of a
-    chunk cost 612 µs of CPU and 2.0 ms through ``BrokerPublisher`` (FastStream, linger 1 ms),
-    340 µs and 0.68 ms here (docs/hot-path.md)."""
+    chunk cost 467 µs of CPU and 1.8 ms through ``BrokerPublisher`` (FastStream, linger 1 ms),
+    231 µs and 0.4 ms here (``python -m bench.publish_cost``, docs/hot-path.md)."""
 
     def __init__(
         self,
