@@ -317,6 +317,10 @@ def asks_for_unsupported(name: str, value: Any) -> bool:
 
 
 class StreamOptions(_Message):
+    """Only ``include_usage`` is carried out; any other option is refused by name, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     include_usage: bool = False
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -204,11 +204,19 @@ class BrokerPublisher:
                 headers={**JSON_HEADERS, **headers} if headers else JSON_HEADERS,
             )
 
-        if self._fences is None:
-            await resend_past_unknown_errors(send)
-            return
-        async with self._fences.writing((topic,)):
-            await resend_past_unknown_errors(send)
+        await _send_fenced(self._fences, topic, send)
+
+
+async def _send_fenced(
+    fences: Fences | None, topic: str, send: Callable[[], Awaitable[Any]]
+) -> None:
+    """``send`` one record to ``topic``, again past Tansu's UnknownError, once the keeper does
+    not hold the topic (``fences``: embedded broker only)."""
+    if fences is None:
+        await resend_past_unknown_errors(send)
+        return
+    async with fences.writing((topic,)):
+        await resend_past_unknown_errors(send)
 
 
 class ProducerPublisher:
@@ -256,11 +264,7 @@ class ProducerPublisher:
                 topic, body, key=key.encode() if key else None, headers=raw_headers
             )
 
-        if self._fences is None:
-            await resend_past_unknown_errors(send)
-            return
-        async with self._fences.writing((topic,)):
-            await resend_past_unknown_errors(send)
+        await _send_fenced(self._fences, topic, send)
 
 
 def make_broker(bootstrap: str, client_id: str, idempotent: bool = False) -> KafkaBroker:

@@ -58,10 +58,6 @@ class StreamRelay:
         self._early: dict[int, StreamChunk] = {}
         self.ignored = 0  # chunks of other streams, and repeats
 
-    @property
-    def begun(self) -> bool:
-        return self.following is not None
-
     def take(self, chunk: StreamChunk) -> list[bytes]:
         """The events ``chunk`` lets out now (none, itself, or it and the early ones after it)."""
         if self.following is None:

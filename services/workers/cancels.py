@@ -35,7 +35,6 @@ class Cancels:
         self._task: asyncio.Task[None] | None = None
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._watching: dict[str, asyncio.Event] = {}
-        self.seen = 0
 
     async def start(self) -> None:
         consumer = AIOKafkaConsumer(
@@ -86,7 +85,6 @@ class Cancels:
                     self.cancel(cancel.request_id)
 
     def cancel(self, request_id: str) -> None:
-        self.seen += 1
         self._recent[request_id] = None
         self._recent.move_to_end(request_id)
         while len(self._recent) > KEEP:

@@ -236,6 +236,11 @@ async def test_a_pinned_model_without_a_capability_is_refused_by_name(wired: Any
         (chat(temperature=7), "temperature", "invalid_value"),
         (chat(stream_options={"include_usage": True}), "stream_options", "invalid_value"),
         (chat(stream=True, stream_options={"include_usage": 3}), "stream_options", "invalid_value"),
+        (
+            chat(stream=True, stream_options={"include_obfuscation": False}),
+            "stream_options.include_obfuscation",
+            "invalid_value",
+        ),
         (chat(audio={"voice": "alloy"}), "audio", "unsupported_parameter"),
         (chat(tools=[{"type": "function"}]), "tools[0].function", "missing_required_parameter"),
         (chat(tools=[TOOL], tool_choice=named("other")), "tool_choice", "invalid_value"),

@@ -28,6 +28,7 @@ from tests.integration.stack import (
     produce,
     wait_until,
 )
+from tests.integration.test_structured import LOOKUP
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 AUTH = {"authorization": f"Bearer {API_KEY}"}
@@ -72,24 +73,11 @@ async def test_a_streamed_answer_is_the_whole_answer_in_chunks_with_usage(stack:
 
 
 async def test_the_sdk_stream_helper_and_tool_call_deltas(stack: Stack) -> None:
-    tool = {
-        "type": "function",
-        "function": {
-            "name": "lookup_order",
-            "parameters": {
-                "type": "object",
-                "properties": {"order_id": {"type": "string"}},
-                "required": ["order_id"],
-                "additionalProperties": False,
-            },
-            "strict": True,
-        },
-    }
     async with openai_sdk(stack) as sdk:
         async with sdk.chat.completions.stream(
             model="fast",
             messages=[{"role": "user", "content": "Where is order A-17?"}],
-            tools=[tool],  # type: ignore[list-item]
+            tools=[LOOKUP],  # type: ignore[list-item]
         ) as stream:
             kinds = [event.type async for event in stream]
             final = await stream.get_final_completion()
