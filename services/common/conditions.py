@@ -5,19 +5,36 @@ Grammar::
     expr    := and ('or' and)*
     and     := unary ('and' unary)*
     unary   := 'not' unary | compare
-    compare := operand (('==' | '!=' | '<' | '<=' | '>' | '>=' | 'matches' | 'in') operand)?
+    compare := sum (('==' | '!=' | '<' | '<=' | '>' | '>=' | 'matches' | 'in') sum)?
+    sum     := term (('+' | '-') term)*
+    term    := factor (('*' | '/') factor)*
+    factor  := '-' factor | operand
     operand := NUMBER | STRING | 'true' | 'false' | 'null' | list | 'len' '(' field ')'
              | field | '(' expr ')'
-    list    := '[' (literal (',' literal)*)? ']'
-    field   := NAME ('.' NAME)?
+    list    := '[' (item (',' item)*)? ']'
+    item    := '-'? NUMBER | STRING
+    field   := NAME ('.' NAME)?  |  'tags.' KEY        (KEY may also hold '-')
 
-Fields are the request features in ``FIELDS`` (plus ``tags.<key>``). A condition is compiled once,
-at config load: unknown fields, bad regexes and type mismatches fail then, not per request.
-Comparisons against an absent value (``task`` not given) are false.
+``compile_condition(source, fields, tags)`` takes the fields a condition may read: by default the
+request features in ``FIELDS`` plus ``tags.<key>`` (rules); the canary figures pass their own set,
+whose names may be dotted (``baseline.error_rate``) and are looked up whole. A condition is
+compiled once, at config load: unknown fields, bad regexes and type mismatches fail then, not per
+request.
+
+Arithmetic (``+ - * /``, unary ``-``) takes numbers only: int if both sides are int and the
+operator is not ``/``, else float. Only a ``tags.`` name may hold ``-`` (``tags.cost-centre``), so
+``baseline.error_rate-0.01`` is a subtraction; tags are text and never take part in arithmetic,
+but write ``tags.x - 1`` with spaces if you mean the minus.
+
+Absent values: ``<``, ``<=``, ``>``, ``>=``, ``matches`` and ``in`` against an absent value
+(``task`` not given) are false; ``== null`` tests for absence, so ``task != "x"`` holds when
+``task`` is absent. Arithmetic with an absent value, or a division by zero, gives no value, and
+every comparison with such a value, ``==`` and ``!=`` included, is false.
 """
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -57,12 +74,14 @@ class ConditionError(ValueError):
         super().__init__(f"{message}{where}")
 
 
+# A '-' inside a name is allowed only in a tag key; anywhere else it is the minus operator.
+_NAME = r"tags\.[A-Za-z_][A-Za-z0-9_-]*|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?"
 _TOKEN = re.compile(
-    r"""\s*(?:
+    rf"""\s*(?:
         (?P<number>\d+(?:\.\d+)?)
       | (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
-      | (?P<op>==|!=|<=|>=|<|>|\(|\)|\[|\]|,)
-      | (?P<name>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_-]*)?)
+      | (?P<op>==|!=|<=|>=|<|>|\(|\)|\[|\]|,|\+|-|\*|/)
+      | (?P<name>{_NAME})
     )""",
     re.VERBOSE,
 )
@@ -110,18 +129,24 @@ def _tokenize(text: str) -> list[_Tok]:
 
 @dataclass(frozen=True)
 class _Node:
-    """A compiled operand: its evaluator and its static type (``None`` = the null literal)."""
+    """A compiled operand: its evaluator and its static type (``None`` = the null literal).
+
+    ``computed`` marks arithmetic, whose value is missing when an input is absent or a divisor is
+    zero; comparisons with such a value are all false."""
 
     fn: Predicate
     typ: type | None
     pos: int
     literal: bool = False
+    computed: bool = False
 
 
 class _Parser:
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, fields: Mapping[str, type], tags: bool) -> None:
         self.tokens = _tokenize(text)
         self.i = 0
+        self.fields = fields
+        self.tags = tags
 
     def peek(self) -> _Tok:
         return self.tokens[self.i]
@@ -129,6 +154,10 @@ class _Parser:
     def at_keyword(self, word: str) -> bool:
         tok = self.tokens[self.i]
         return tok.kind == "kw" and tok.value == word
+
+    def at_op(self, *ops: str) -> bool:
+        tok = self.tokens[self.i]
+        return tok.kind == "op" and tok.value in ops
 
     def take(self) -> _Tok:
         tok = self.tokens[self.i]
@@ -175,14 +204,34 @@ class _Parser:
         return self.parse_compare()
 
     def parse_compare(self) -> _Node:
-        left = self.parse_operand()
+        left = self.parse_sum()
         tok = self.peek()
         op = tok.value if tok.kind in ("op", "kw") and tok.value in _COMPARE else None
         if op is None:
             return left
         self.take()
-        right = self.parse_operand()
+        right = self.parse_sum()
         return _compare(op, left, right, tok.pos)
+
+    def parse_sum(self) -> _Node:
+        node = self.parse_term()
+        while self.at_op("+", "-"):
+            tok = self.take()
+            node = _arithmetic(tok.value, node, self.parse_term())
+        return node
+
+    def parse_term(self) -> _Node:
+        node = self.parse_factor()
+        while self.at_op("*", "/"):
+            tok = self.take()
+            node = _arithmetic(tok.value, node, self.parse_factor())
+        return node
+
+    def parse_factor(self) -> _Node:
+        if self.at_op("-"):
+            tok = self.take()
+            return _minus(self.parse_factor(), tok.pos)
+        return self.parse_operand()
 
     def parse_operand(self) -> _Node:
         tok = self.take()
@@ -198,12 +247,12 @@ class _Parser:
             self.expect("op", "(")
             field = self.expect("name")
             self.expect("op", ")")
-            inner = _field(field.value, field.pos)
+            inner = self.field(field.value, field.pos)
             if inner.typ is not str:
                 raise ConditionError(f"len() takes a text field, not {field.value!r}", field.pos)
             return _Node(_length(inner.fn), int, tok.pos)
         if tok.kind == "name":
-            return _field(tok.value, tok.pos)
+            return self.field(tok.value, tok.pos)
         if tok.kind == "op" and tok.value == "(":
             node = self.parse_or()
             self.expect("op", ")")
@@ -215,14 +264,11 @@ class _Parser:
 
     def parse_list(self, open_tok: _Tok) -> _Node:
         items: list[Any] = []
-        if self.peek().kind == "op" and self.peek().value == "]":
+        if self.at_op("]"):
             self.take()
         else:
             while True:
-                tok = self.take()
-                if tok.kind not in ("number", "string"):
-                    raise ConditionError("lists hold only numbers and strings", tok.pos)
-                items.append(tok.value)
+                items.append(self.parse_list_item())
                 sep = self.take()
                 if sep.kind == "op" and sep.value == "]":
                     break
@@ -230,6 +276,26 @@ class _Parser:
                     raise ConditionError("expected ',' or ']' in list", sep.pos)
         frozen = tuple(items)
         return _Node(lambda f: frozen, tuple, open_tok.pos, literal=True)
+
+    def parse_list_item(self) -> Any:
+        sign = -1 if self.at_op("-") else 1
+        if sign < 0:
+            self.take()
+        tok = self.take()
+        if tok.kind == "number":
+            return sign * tok.value
+        if tok.kind == "string" and sign > 0:
+            return tok.value
+        raise ConditionError("lists hold only numbers and strings", tok.pos)
+
+    def field(self, name: str, pos: int) -> _Node:
+        if name in self.fields:
+            return _Node(partial(_lookup, name), self.fields[name], pos)
+        if self.tags and name.startswith(TAG_PREFIX):
+            return _Node(partial(_lookup, name), str, pos)
+        known = sorted(self.fields) + (["tags.<key>"] if self.tags else [])
+        listed = ", ".join(known) or "none"
+        raise ConditionError(f"unknown field {name!r}; known fields: {listed}", pos)
 
 
 def _either(a: Predicate, b: Predicate) -> Predicate:
@@ -252,20 +318,53 @@ def _const(value: Any, typ: type | None, pos: int) -> _Node:
     return _Node(lambda f: value, typ, pos, literal=True)
 
 
-def _field(name: str, pos: int) -> _Node:
-    if name.startswith(TAG_PREFIX):
-        return _Node(partial(_lookup, name), str, pos)
-    if name not in FIELDS:
-        known = ", ".join(sorted(FIELDS))
-        raise ConditionError(f"unknown field {name!r}; known fields: {known}, tags.<key>", pos)
-    return _Node(partial(_lookup, name), FIELDS[name], pos)
-
-
 def _lookup(name: str, features: Features) -> Any:
     return features.get(name)
 
 
 _NUMERIC = (int, float)
+
+
+def _divide(a: Any, b: Any) -> Any:
+    return None if b == 0 else a / b
+
+
+_ARITHMETIC: dict[str, Callable[[Any, Any], Any]] = {
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+    "/": _divide,
+}
+
+
+def _apply(op: Callable[[Any, Any], Any], lf: Predicate, rf: Predicate) -> Predicate:
+    def run(f: Features) -> Any:
+        a, b = lf(f), rf(f)
+        return None if a is None or b is None else op(a, b)
+
+    return run
+
+
+def _arithmetic(op: str, left: _Node, right: _Node) -> _Node:
+    for side in (left, right):
+        if side.typ not in _NUMERIC:
+            raise ConditionError(f"{op!r} needs numbers, not {_type_name(side.typ)}", side.pos)
+    if op == "/" and right.literal and right.fn({}) == 0:
+        raise ConditionError("division by zero", right.pos)
+    typ = int if op != "/" and left.typ is int and right.typ is int else float
+    fn = _apply(_ARITHMETIC[op], left.fn, right.fn)
+    if left.literal and right.literal:
+        return _const(fn({}), typ, left.pos)
+    return _Node(fn, typ, left.pos, computed=True)
+
+
+def _minus(inner: _Node, pos: int) -> _Node:
+    if inner.typ not in _NUMERIC:
+        raise ConditionError(f"'-' needs a number, not {_type_name(inner.typ)}", inner.pos)
+    if inner.literal:
+        return _const(-inner.fn({}), inner.typ, pos)
+    fn = inner.fn
+    return _Node(lambda f: None if (v := fn(f)) is None else -v, inner.typ, pos, computed=True)
 
 
 def _comparable(a: type | None, b: type | None) -> bool:
@@ -277,17 +376,9 @@ def _comparable(a: type | None, b: type | None) -> bool:
 
 
 def _compare(op: str, left: _Node, right: _Node, pos: int) -> _Node:
-    lf, rf = left.fn, right.fn
     if op == "matches":
-        if left.typ is not str or not (right.literal and right.typ is str):
-            raise ConditionError("'matches' needs a text field on the left and a regex string", pos)
-        try:
-            pattern = re.compile(right.fn({}))
-        except re.error as exc:
-            raise ConditionError(f"bad regex {right.fn({})!r}: {exc}", right.pos) from exc
-        return _Node(
-            lambda f: (v := lf(f)) is not None and pattern.search(v) is not None, bool, pos
-        )
+        return _matches(left, right, pos)
+    lf, rf = left.fn, right.fn
     if op == "in":
         if right.typ is not tuple:
             raise ConditionError('\'in\' needs a list on the right, e.g. task in ["a", "b"]', pos)
@@ -297,8 +388,7 @@ def _compare(op: str, left: _Node, right: _Node, pos: int) -> _Node:
             f"cannot compare {_type_name(left.typ)} with {_type_name(right.typ)} using {op!r}", pos
         )
     if op in ("==", "!="):
-        negate = op == "!="
-        return _Node(lambda f: (lf(f) == rf(f)) != negate, bool, pos)
+        return _equal(op, left, right, pos)
     if left.typ is bool or right.typ is bool:
         raise ConditionError(f"{op!r} does not apply to true/false values", pos)
     compare = {
@@ -315,10 +405,44 @@ def _compare(op: str, left: _Node, right: _Node, pos: int) -> _Node:
     return _Node(ordered, bool, pos)
 
 
+def _matches(left: _Node, right: _Node, pos: int) -> _Node:
+    if left.typ is not str or not (right.literal and right.typ is str):
+        raise ConditionError("'matches' needs a text field on the left and a regex string", pos)
+    try:
+        pattern = re.compile(right.fn({}))
+    except re.error as exc:
+        raise ConditionError(f"bad regex {right.fn({})!r}: {exc}", right.pos) from exc
+    lf = left.fn
+    return _Node(lambda f: (v := lf(f)) is not None and pattern.search(v) is not None, bool, pos)
+
+
+def _equal(op: str, left: _Node, right: _Node, pos: int) -> _Node:
+    lf, rf = left.fn, right.fn
+    negate = op == "!="
+    if not (left.computed or right.computed):
+        # A plain field keeps the null semantics: absent == null, absent != "x".
+        return _Node(lambda f: (lf(f) == rf(f)) != negate, bool, pos)
+    if left.typ is None or right.typ is None:
+        raise ConditionError(f"a computed value is never null, so {op!r} null is never true", pos)
+
+    def strict(f: Features) -> bool:
+        a, b = lf(f), rf(f)
+        return a is not None and b is not None and (a == b) != negate
+
+    return _Node(strict, bool, pos)
+
+
 def _type_name(typ: type | None) -> str:
     if typ is None:
         return "null"
     return "a list" if typ is tuple else typ.__name__
+
+
+def _check_fields(fields: Mapping[str, type]) -> None:
+    """Refuse a field set with a name the tokenizer cannot produce: it could never be read."""
+    for name in fields:
+        if not re.fullmatch(_NAME, name) or name in _KEYWORDS:
+            raise ValueError(f"field {name!r} cannot be written in a condition")
 
 
 @dataclass(frozen=True)
@@ -332,8 +456,12 @@ class Condition:
         return bool(self._fn(features))
 
 
-def compile_condition(source: str) -> Condition:
+def compile_condition(
+    source: str, fields: Mapping[str, type] = FIELDS, tags: bool = True
+) -> Condition:
+    """Compile ``source`` over ``fields`` (name → type); ``tags`` also allows ``tags.<key>``."""
+    _check_fields(fields)
     if not source.strip():
         raise ConditionError("empty condition")
-    node = _Parser(source).parse()
+    node = _Parser(source, fields, tags).parse()
     return Condition(source, node.fn)
