@@ -5,6 +5,16 @@ the worker's retry, fallback, timeout and streaming paths are exercised end to e
 internet and no keys. Every answer says it is simulated (``system_fingerprint``, ``server``
 header, the text itself). Timing, text and fault decisions live in ``profiles.py``; this module
 only turns them into HTTP: JSON bodies, SSE streams, error bodies and dropped connections.
+
+Control endpoints, for tests and people driving a scenario (a canary promoted or rolled back):
+
+- ``POST /simulator/faults`` queues faults, ``DELETE /simulator/faults`` drops them;
+- ``GET /simulator/stats``: what was served, per model, and the faults still queued;
+- ``GET /simulator/profiles``: every model's current latency profile;
+- ``PATCH /simulator/profiles/{model}`` merges the body's fields over a model's profile
+  (``{"error_rate_500": 0.5}``, ``{"ttft_s": 3.0}``) for the requests that follow; requests
+  already in flight keep their plan. ``POST /simulator/profiles/{model}/reset`` restores the
+  profile the simulator started with (built-ins and the profiles file).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
@@ -128,7 +139,8 @@ class SimulatorError(Exception):
 @dataclass
 class SimulatorState:
     settings: SimulatorSettings
-    profiles: dict[str, LatencyProfile]
+    profiles: dict[str, LatencyProfile]  # current: what the next request of each model gets
+    loaded: Mapping[str, LatencyProfile]  # as started (built-ins + file): what a reset restores
     faults: FaultPlan
     stats: SimulatorStats
     jitter: random.Random
@@ -172,7 +184,8 @@ def create_app(settings: SimulatorSettings) -> FastAPI:
     profiles = load_profiles(settings.profiles_file)
     state = SimulatorState(
         settings=settings,
-        profiles=profiles,
+        profiles=dict(profiles),
+        loaded=MappingProxyType(profiles),
         faults=FaultPlan(settings.seed),
         stats=SimulatorStats(list(profiles)),
         jitter=random.Random(settings.seed),
@@ -249,6 +262,43 @@ async def stats(request: Request) -> dict[str, Any]:
     }
 
 
+@router.get("/simulator/profiles")
+async def list_profiles(request: Request) -> dict[str, Any]:
+    profiles = _state(request).profiles
+    fields = {name: profile.model_dump(mode="json") for name, profile in profiles.items()}
+    return {"simulator": True, "profiles": fields}
+
+
+# ``:path`` because a model name may carry litellm's prefix, slash included ("openai/sim-light").
+@router.patch("/simulator/profiles/{name:path}")
+async def patch_profile(request: Request, name: str) -> dict[str, Any]:
+    """Merge the body's fields over the model's current profile, for the requests that follow."""
+    state = _state(request)
+    model = _known_model(name, state)
+    changes = await _json_object(request)
+    try:
+        profile = state.profiles[model].updated(changes)
+    except ValidationError as exc:
+        raise _invalid(exc) from exc
+    return _replace_profile(state, model, profile)
+
+
+@router.post("/simulator/profiles/{name:path}/reset")
+async def reset_profile(request: Request, name: str) -> dict[str, Any]:
+    """Restore the profile the simulator started with."""
+    state = _state(request)
+    model = _known_model(name, state)
+    return _replace_profile(state, model, state.loaded[model])
+
+
+def _replace_profile(state: SimulatorState, model: str, profile: LatencyProfile) -> dict[str, Any]:
+    # Requests in flight planned from the old profile and keep it; it is frozen, never edited.
+    state.profiles[model] = profile
+    fields = profile.model_dump(mode="json")
+    log.info("simulated model %s now has the profile %s", model, fields)
+    return {"model": model, "profile": fields}
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     """Validate, pick a fault or a plan, then answer as JSON or SSE after the planned delays."""
@@ -278,6 +328,14 @@ async def chat_completions(request: Request) -> Response:
 
 async def _parse(request: Request, model: type[T]) -> T:
     """Validate a JSON body, answering 400 with the offending field as ``param``."""
+    data = await _json_object(request)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _invalid(exc) from exc
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
     try:
         data = json.loads(await request.body())
     except ValueError as exc:
@@ -286,16 +344,22 @@ async def _parse(request: Request, model: type[T]) -> T:
         ) from exc
     if not isinstance(data, dict):
         raise SimulatorError(400, "The request body must be a JSON object.")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        param = ".".join(str(p) for p in error["loc"]) or None
-        if error["type"] == "missing":
-            message = f"Missing required parameter: '{param}'."
-        else:
-            message = f"Invalid value for '{param}': {error['msg']}."
-        raise SimulatorError(400, message, param=param) from exc
+    return data
+
+
+def _invalid(exc: ValidationError) -> SimulatorError:
+    """A 400 naming the first offending field as ``param`` (None for a rule across fields)."""
+    error = exc.errors()[0]
+    param = ".".join(str(p) for p in error["loc"]) or None
+    if error["type"] == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif error["type"] == "extra_forbidden":
+        message = f"Unrecognized parameter: '{param}'."
+    elif param is None:
+        message = f"Invalid request: {error['msg']}."
+    else:
+        message = f"Invalid value for '{param}': {error['msg']}."
+    return SimulatorError(400, message, param=param)
 
 
 def _known_model(name: str, state: SimulatorState) -> str:

@@ -8,6 +8,10 @@ deterministic text, so tests and benchmarks can reason about the simulator's out
 The *fault plan* decides which requests fail: a per-request header wins, then faults queued
 through the control API (FIFO), then the profile's seeded random rates. Statistics count what
 was served so tests can check that a retry or a fallback really reached the simulator.
+
+Profiles can change at runtime (``LatencyProfile.updated``, behind the control API's
+``PATCH /simulator/profiles/{model}``), so a test can make a model slow or error-prone mid-run;
+each request reads its model's profile once, so a change applies to the requests that follow it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 # One content chunk every ~30 ms at the profile's nominal speed, like real provider streams.
 CHUNK_INTERVAL_S = 0.03
@@ -65,6 +69,16 @@ class LatencyProfile(BaseModel):
         if self.error_rate_429 + self.error_rate_500 + self.timeout_rate > 1:
             raise ValueError("error_rate_429 + error_rate_500 + timeout_rate must be <= 1")
         return self
+
+    @field_serializer("tokens_per_s", when_used="json")
+    def _finite_speed(self, value: float) -> float | str:
+        # JSON has no infinity; "inf" is what the field parses back from.
+        return "inf" if math.isinf(value) else value
+
+    def updated(self, changes: Mapping[str, Any]) -> LatencyProfile:
+        """This profile with ``changes`` merged over it, validated whole (the rates-sum check
+        included); unknown fields are refused by name."""
+        return LatencyProfile.model_validate({**self.model_dump(), **changes})
 
     @property
     def nominal_total_s(self) -> float:
@@ -119,12 +133,14 @@ class CompletionPlan:
         ]
 
 
-# Shaped like the model classes users know: a small fast model, a mid-size one, a reasoning
-# model that thinks before it answers, a vision model; and one with no latency for benchmarks.
+# Shaped like the model classes users know: a small fast model, a mid-size one and its newer,
+# slightly faster release (a canary candidate), a reasoning model that thinks before it answers,
+# a vision model; and one with no latency for benchmarks.
 BUILTIN_PROFILES: Mapping[str, LatencyProfile] = MappingProxyType(
     {
         "sim-light": LatencyProfile(ttft_s=0.25, tokens_per_s=120, output_tokens=66),
         "sim-balanced": LatencyProfile(ttft_s=0.5, tokens_per_s=80, output_tokens=88),
+        "sim-balanced-next": LatencyProfile(ttft_s=0.4, tokens_per_s=90, output_tokens=88),
         "sim-reasoning": LatencyProfile(ttft_s=2.5, tokens_per_s=60, output_tokens=90),
         "sim-vision": LatencyProfile(ttft_s=0.6, tokens_per_s=100, output_tokens=90),
         "sim-instant": LatencyProfile(

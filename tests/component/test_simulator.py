@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,8 @@ LITELLM_WARNINGS = [
 
 MESSAGES = [{"role": "user", "content": "Summarise the routing table for the on-call engineer."}]
 STARTUP_TIMEOUT_S = 10.0
+# Bound of every wait on a condition; generous, since it is only reached when a test fails.
+WAIT_TIMEOUT_S = 10.0
 
 
 @contextmanager
@@ -129,7 +131,10 @@ async def test_health_models_and_simulator_labels(http: httpx.AsyncClient) -> No
     models = (await http.get("/v1/models")).json()
     assert models["object"] == "list"
     ids = {m["id"] for m in models["data"]}
-    assert {"sim-light", "sim-balanced", "sim-reasoning", "sim-vision", "sim-instant"} <= ids
+    expected = {"sim-light", "sim-balanced", "sim-balanced-next", "sim-reasoning", "sim-vision"}
+    assert expected | {"sim-instant"} <= ids
+    candidate = await http.post("/v1/chat/completions", json=_chat("openai/sim-balanced-next"))
+    assert (candidate.status_code, candidate.json()["model"]) == (200, "sim-balanced-next")
 
 
 async def test_completion_is_an_openai_chat_completion(http: httpx.AsyncClient) -> None:
@@ -372,6 +377,173 @@ async def test_latency_scale_shrinks_and_keeps_profile_shapes(simulator: str) ->
         reasoning = await _timed_completion(base, "sim-reasoning")
     assert 0.8 * 0.25 * 0.85 <= light < 0.8 * 0.25 * 5
     assert reasoning >= 4.0 * 0.25 * 0.85 and reasoning > 2 * light
+
+
+# --- runtime profiles -------------------------------------------------------------------------
+
+SLOW_TTFT_S = 0.3
+
+
+async def _profiles(http: httpx.AsyncClient) -> dict[str, Any]:
+    response = await http.get("/simulator/profiles")
+    response.raise_for_status()
+    body = response.json()
+    assert body["simulator"] is True
+    profiles: dict[str, Any] = body["profiles"]
+    return profiles
+
+
+async def _statuses(http: httpx.AsyncClient, model: str, count: int = 3) -> list[int]:
+    return [
+        (await http.post("/v1/chat/completions", json=_chat(model))).status_code
+        for _ in range(count)
+    ]
+
+
+async def _wait_for_stats(
+    http: httpx.AsyncClient, condition: Callable[[dict[str, Any]], bool], what: str
+) -> None:
+    deadline = time.monotonic() + WAIT_TIMEOUT_S
+    while not condition((await http.get("/simulator/stats")).json()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)  # poll interval, not a wait for the condition
+
+
+async def test_profiles_list_every_model_and_round_trip(http: httpx.AsyncClient) -> None:
+    profiles = await _profiles(http)
+    models = {m["id"] for m in (await http.get("/v1/models")).json()["data"]}
+    assert set(profiles) == models
+    assert profiles["sim-balanced-next"] == {
+        "ttft_s": 0.4,
+        "tokens_per_s": 90.0,
+        "output_tokens": 88,
+        "jitter": 0.1,
+        "error_rate_429": 0.0,
+        "error_rate_500": 0.0,
+        "timeout_rate": 0.0,
+    }
+    assert profiles["sim-instant"]["tokens_per_s"] == "inf"  # JSON has no infinity
+    same = await http.patch("/simulator/profiles/sim-instant", json=profiles["sim-instant"])
+    assert same.json() == {"model": "sim-instant", "profile": profiles["sim-instant"]}
+
+
+async def test_a_patched_error_rate_fails_requests_until_reset(http: httpx.AsyncClient) -> None:
+    original = (await _profiles(http))["sim-light"]
+    patched = await http.patch("/simulator/profiles/openai/sim-light", json={"error_rate_500": 1})
+    assert patched.status_code == 200
+    assert patched.json() == {"model": "sim-light", "profile": {**original, "error_rate_500": 1.0}}
+    assert (await _profiles(http))["sim-light"]["error_rate_500"] == 1.0
+    failing = await http.post("/v1/chat/completions", json=_chat())
+    assert (failing.status_code, failing.json()["error"]["type"]) == (500, "server_error")
+    assert await _statuses(http, "sim-light") == [500, 500, 500]
+    assert await _statuses(http, "sim-balanced") == [200, 200, 200]  # other models untouched
+    light = (await http.get("/simulator/stats")).json()["models"]["sim-light"]
+    assert (light["requests"], light["completed"], light["faults"]["500"]) == (4, 0, 4)
+
+    reset = await http.post("/simulator/profiles/openai/sim-light/reset")
+    assert reset.status_code == 200
+    assert reset.json() == {"model": "sim-light", "profile": original}
+    assert (await _profiles(http))["sim-light"] == original
+    assert await _statuses(http, "sim-light") == [200, 200, 200]
+
+
+async def test_patches_merge_over_the_current_profile(http: httpx.AsyncClient) -> None:
+    first = await http.patch("/simulator/profiles/sim-light", json={"error_rate_429": 0.7})
+    assert first.status_code == 200
+    # 0.7 + 0.5 > 1 only because the first patch is kept: the merged profile is validated
+    refused = await http.patch("/simulator/profiles/sim-light", json={"error_rate_500": 0.5})
+    assert refused.status_code == 400
+    assert "must be <= 1" in refused.json()["error"]["message"]
+    both = await http.patch(
+        "/simulator/profiles/sim-light", json={"error_rate_429": 0, "error_rate_500": 0.5}
+    )
+    assert both.status_code == 200
+    profile = both.json()["profile"]
+    assert (profile["error_rate_429"], profile["error_rate_500"]) == (0.0, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        ({"ttft": 3.0}, "ttft", "Unrecognized parameter: 'ttft'"),
+        ({"ttft_s": -1}, "ttft_s", "greater than or equal to 0"),
+        ({"error_rate_500": "often"}, "error_rate_500", "'error_rate_500'"),
+        ({"error_rate_429": 1.5}, "error_rate_429", "less than or equal to 1"),
+        ({"output_tokens": None}, "output_tokens", "'output_tokens'"),
+        ({"error_rate_429": 0.6, "error_rate_500": 0.6}, None, "must be <= 1"),
+        ([1, 2], None, "JSON object"),
+    ],
+)
+async def test_bad_profile_patches_are_400s_that_change_nothing(
+    http: httpx.AsyncClient, body: Any, param: str | None, message: str
+) -> None:
+    before = await _profiles(http)
+    response = await http.patch("/simulator/profiles/sim-light", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert message in error["message"]
+    assert await _profiles(http) == before
+
+
+async def test_profile_endpoints_refuse_unknown_models(http: httpx.AsyncClient) -> None:
+    responses = [
+        await http.patch("/simulator/profiles/openai/gpt-9", json={"ttft_s": 1.0}),
+        await http.post("/simulator/profiles/gpt-9/reset"),
+    ]
+    for response in responses:
+        assert response.status_code == 404
+        error = response.json()["error"]
+        assert (error["type"], error["param"], error["code"]) == (
+            "invalid_request_error",
+            "model",
+            "model_not_found",
+        )
+        assert "gpt-9" in error["message"]
+
+
+async def test_a_patched_ttft_delays_the_answers_that_follow() -> None:
+    # sim-instant has no jitter and no pacing: at latency_scale 1 an answer waits ttft_s exactly.
+    with running_simulator(latency_scale=1.0) as (base, _):
+        async with httpx.AsyncClient(base_url=base, timeout=10.0) as client:
+            patch = {"ttft_s": SLOW_TTFT_S}
+            (await client.patch("/simulator/profiles/sim-instant", json=patch)).raise_for_status()
+            slow = await _timed_completion(base, "sim-instant")
+            started = time.perf_counter()
+            stream = _chat("sim-instant", stream=True)
+            async with client.stream("POST", "/v1/chat/completions", json=stream) as response:
+                first_line = await anext(aiter(response.aiter_lines()))
+                first_chunk = time.perf_counter() - started
+            assert first_line.startswith("data: ")
+            (await client.post("/simulator/profiles/sim-instant/reset")).raise_for_status()
+        fast = await _timed_completion(base, "sim-instant")
+    assert slow >= SLOW_TTFT_S and first_chunk >= SLOW_TTFT_S
+    assert fast < SLOW_TTFT_S  # the reset is what made it fast again
+
+
+async def test_requests_in_flight_keep_the_profile_they_started_with() -> None:
+    with running_simulator(latency_scale=1.0) as (base, _):
+        async with httpx.AsyncClient(base_url=base, timeout=10.0) as client:
+            patch = {"ttft_s": SLOW_TTFT_S}
+            (await client.patch("/simulator/profiles/sim-instant", json=patch)).raise_for_status()
+            started = time.perf_counter()
+            in_flight = asyncio.create_task(
+                client.post("/v1/chat/completions", json=_chat("sim-instant"))
+            )
+            # counted means planned: the plan is made in the same step as the count
+            await _wait_for_stats(
+                client,
+                lambda stats: stats["models"]["sim-instant"]["requests"] == 1,
+                "the first request to reach the simulator",
+            )
+            (await client.post("/simulator/profiles/sim-instant/reset")).raise_for_status()
+            fast = await _timed_completion(base, "sim-instant")
+            response = await asyncio.wait_for(in_flight, timeout=WAIT_TIMEOUT_S)
+            slow = time.perf_counter() - started
+    assert response.status_code == 200
+    assert slow >= SLOW_TTFT_S  # planned before the reset, served as planned
+    assert fast < SLOW_TTFT_S
 
 
 # --- litellm and the openai SDK ---------------------------------------------------------------

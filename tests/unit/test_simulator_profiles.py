@@ -28,7 +28,13 @@ LIGHT = BUILTIN_PROFILES["sim-light"]
 
 @pytest.mark.parametrize(
     ("name", "total_s"),
-    [("sim-light", 0.8), ("sim-balanced", 1.6), ("sim-reasoning", 4.0), ("sim-vision", 1.5)],
+    [
+        ("sim-light", 0.8),
+        ("sim-balanced", 1.6),
+        ("sim-balanced-next", 1.38),
+        ("sim-reasoning", 4.0),
+        ("sim-vision", 1.5),
+    ],
 )
 def test_builtin_profiles_have_their_class_durations(name: str, total_s: float) -> None:
     profile = BUILTIN_PROFILES[name]
@@ -37,6 +43,13 @@ def test_builtin_profiles_have_their_class_durations(name: str, total_s: float) 
     assert plan.total_s == pytest.approx(profile.nominal_total_s)
     assert plan.completion_tokens == profile.output_tokens
     assert plan.finish_reason == "stop"
+
+
+def test_balanced_next_is_a_slightly_faster_balanced_model() -> None:
+    current, candidate = BUILTIN_PROFILES["sim-balanced"], BUILTIN_PROFILES["sim-balanced-next"]
+    assert candidate.output_tokens == current.output_tokens  # same class: answers as long
+    assert candidate.ttft_s < current.ttft_s and candidate.tokens_per_s > current.tokens_per_s
+    assert 0.8 < candidate.nominal_total_s / current.nominal_total_s < 0.9
 
 
 def test_reasoning_thinks_before_answering() -> None:
@@ -87,6 +100,35 @@ def test_profile_validation_rejects_impossible_values() -> None:
         LatencyProfile(
             ttft_s=0.1, tokens_per_s=10, output_tokens=10, error_rate_429=0.6, error_rate_500=0.6
         )
+
+
+def test_updated_merges_fields_and_validates_the_whole_profile() -> None:
+    flaky = LIGHT.updated({"error_rate_429": 0.7, "ttft_s": 3.0})
+    assert (flaky.error_rate_429, flaky.ttft_s) == (0.7, 3.0)
+    assert flaky.model_dump() == {**LIGHT.model_dump(), "error_rate_429": 0.7, "ttft_s": 3.0}
+    assert LIGHT.error_rate_429 == 0 and LIGHT.ttft_s == 0.25  # frozen: a new profile
+    assert LIGHT.updated({}) == LIGHT
+    with pytest.raises(ValidationError, match="must be <= 1"):
+        flaky.updated({"error_rate_500": 0.5})  # 0.7 + 0.5, the merged rates are checked
+    with pytest.raises(ValidationError) as refused:
+        LIGHT.updated({"ttft": 1.0})
+    assert refused.value.errors()[0]["loc"] == ("ttft",)
+    with pytest.raises(ValidationError) as refused:
+        LIGHT.updated({"tokens_per_s": 0})
+    assert refused.value.errors()[0]["loc"] == ("tokens_per_s",)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_PROFILES))
+def test_profiles_round_trip_through_json(name: str) -> None:
+    profile = BUILTIN_PROFILES[name]
+    fields = profile.model_dump(mode="json")
+    assert all(isinstance(v, str | int | float) and v != math.inf for v in fields.values())
+    assert LatencyProfile.model_validate(fields) == profile
+
+
+def test_no_pacing_is_inf_in_json() -> None:
+    assert BUILTIN_PROFILES["sim-instant"].model_dump(mode="json")["tokens_per_s"] == "inf"
+    assert BUILTIN_PROFILES["sim-instant"].model_dump()["tokens_per_s"] == math.inf
 
 
 def test_load_profiles_overrides_and_adds(tmp_path: Path) -> None:
