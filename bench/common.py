@@ -297,9 +297,17 @@ def tier_spec(
     }
 
 
-def write_config(path: Path, tiers: dict[str, dict[str, Any]], default: str) -> Path:
-    """A routing config with these tiers, no rules, and ``default`` as the default tier."""
-    spec = {"version": 1, "tiers": tiers, "rules": [], "default": default}
+def write_config(
+    path: Path,
+    tiers: dict[str, dict[str, Any]],
+    default: str,
+    experiments: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """A routing config with these tiers, no rules, ``default`` as the default tier, and
+    ``experiments`` if given."""
+    spec: dict[str, Any] = {"version": 1, "tiers": tiers, "rules": [], "default": default}
+    if experiments:
+        spec["experiments"] = experiments
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 

@@ -202,6 +202,28 @@ TARGETS = [
         " µs",
     ),
     Target(
+        "router CPU per request, canary on vs off",
+        "< +5 %",
+        lambda d: _get(d, "router", "experiments", "canary_extra_pct"),
+        lambda v: v < 5,
+        lambda d: (
+            f"ingress path {d['router']['experiments']['ingress_us_canary']} µs with the canary, "
+            f"{d['router']['experiments']['ingress_us_off']} µs without"
+        ),
+        " %",
+    ),
+    Target(
+        "worker CPU per call, canary on vs off",
+        "< +5 %",
+        lambda d: _get(d, "worker", "experiments", "canary_extra_pct"),
+        lambda v: v < 5,
+        lambda d: (
+            f"{d['worker']['experiments']['cpu_ms_per_call_canary']} ms with the canary, "
+            f"{d['worker']['experiments']['cpu_ms_per_call_off']} ms without"
+        ),
+        " %",
+    ),
+    Target(
         "metrics events/s",
         "≥ 200,000",
         lambda d: _get(d, "metrics", "events_per_s"),

@@ -16,6 +16,7 @@ import math
 import subprocess
 import time
 import uuid
+from typing import Any
 
 import httpx
 
@@ -31,7 +32,7 @@ from bench.common import (
     write_config,
 )
 from schemas.topics import Topics
-from schemas.v1 import ChatRequest, RoutedRequest
+from schemas.v1 import ChatRequest, ExperimentTag, RoutedRequest
 
 MODEL = "bench-500ms"
 HOLD_MODEL = "bench-hold"
@@ -43,7 +44,12 @@ CONCURRENCY = 1000
 IN_FLIGHT = 1000
 
 
-def routed(tier: str, topics: Topics, i: int) -> tuple[bytes, bytes]:
+EXPERIMENT = "bench-canary"
+
+
+def routed(tier: str, topics: Topics, i: int, canary: bool = False) -> tuple[bytes, bytes]:
+    """A routed request; with ``canary``, assigned in the tier's experiment at 50 %, every other
+    one to the candidate (the same simulated model under another label)."""
     request = ChatRequest.model_validate(
         {
             "model": "auto",
@@ -51,14 +57,23 @@ def routed(tier: str, topics: Topics, i: int) -> tuple[bytes, bytes]:
             "messages": [{"role": "user", "content": f"Ticket {i}: my parcel has not arrived."}],
         }
     )
+    tag = None
+    if canary:
+        variant = "candidate" if i % 2 else "baseline"
+        tag = ExperimentTag(name=EXPERIMENT, variant=variant, share_pct=50.0)
     message = RoutedRequest(
-        request=request, tier=tier, rule="default", config_hash="bench", reply_to=topics.results
+        request=request,
+        tier=tier,
+        rule="default",
+        config_hash="bench",
+        reply_to=topics.results,
+        experiment=tag,
     )
     return request.request_id.encode(), message.model_dump_json().encode()
 
 
 async def _burst(
-    bootstrap: str, topics: Topics, tier: str, count: int, timeout_s: float
+    bootstrap: str, topics: Topics, tier: str, count: int, timeout_s: float, canary: bool = False
 ) -> tuple[float, bool]:
     """Send ``count`` routed requests; seconds from the first send to the last result."""
     counter = TopicCounter(bootstrap, topics.results)
@@ -68,7 +83,7 @@ async def _burst(
         seen_before = len(counter.first_seen)
         start = time.perf_counter()
         await produce_all(
-            bootstrap, topics.tier(tier), (routed(tier, topics, i) for i in range(count))
+            bootstrap, topics.tier(tier), (routed(tier, topics, i, canary) for i in range(count))
         )
         done = await counter.wait_for(seen_before + count, timeout_s)
         last = max(counter.first_seen.values()) if counter.first_seen else time.perf_counter()
@@ -140,6 +155,15 @@ def run(bench: Bench) -> Section:
                 ),
             },
             "bench",
+            experiments={
+                EXPERIMENT: {
+                    "tier": "bench",
+                    "candidate": {**tier_spec(sim, MODEL)["models"][0], "name": f"{MODEL}-next"},
+                    "share": 50,
+                    "steps": [50, 100],
+                    "criteria": ["error_rate < 1"],
+                }
+            },
         )
         baseline_calls = bench.scale(1000, 100)
         sampler = ProcSampler([sim_pid]).start()
@@ -164,9 +188,10 @@ def run(bench: Bench) -> Section:
         wall, done = asyncio.run(_burst(bootstrap, topics, "bench", calls, 300))
         sample = sampler.stop()
         sim_cpu = sim_sampler.stop().cpu_s
+        canary = _canary_cost(bootstrap, topics, worker, calls)
         rss_hold = asyncio.run(_hold(bench, sim, bootstrap, topics, stack.pid("worker-hold")))
 
-    data = {
+    data: dict[str, Any] = {
         "calls": calls,
         "completed": done,
         "simulator_latency_ms": 500,
@@ -182,11 +207,31 @@ def run(bench: Bench) -> Section:
         "baseline_litellm_nonstream_calls_per_s": plain["calls_per_s"],
         "baseline_errors": stream["errors"] + plain["errors"],
         "baseline_simulator_cpu_ms_per_call": round(sim_cpu_baseline / baseline_calls * 1000, 3),
+        "experiments": canary,
     }
     return Section("worker", data, _markdown(data))
 
 
-def _markdown(d: dict[str, float]) -> str:
+def _canary_cost(bootstrap: str, topics: Topics, worker: int, calls: int) -> dict[str, float]:
+    """CPU per call of the same worker on requests outside any experiment and on requests of a
+    canary at 50 % (half of them on the candidate), in alternating bursts: off, on, off, on."""
+    cpu: dict[str, list[float]] = {"off": [], "on": []}
+    for canary in (False, True, False, True):
+        sampler = ProcSampler([worker]).start()
+        _, done = asyncio.run(_burst(bootstrap, topics, "bench", calls, 300, canary=canary))
+        if not done:
+            raise RuntimeError("a canary-cost burst was not answered in full")
+        cpu["on" if canary else "off"].append(sampler.stop().cpu_s / calls * 1000)
+    off, on = sum(cpu["off"]) / 2, sum(cpu["on"]) / 2
+    return {
+        "cpu_ms_per_call_off": round(off, 3),
+        "cpu_ms_per_call_canary": round(on, 3),
+        "canary_extra_pct": round((on - off) / off * 100, 1),
+    }
+
+
+def _markdown(d: dict[str, Any]) -> str:
+    e = d["experiments"]
     return "\n".join(
         [
             "## Worker throughput (one process, simulator answering in 500 ms)",
@@ -203,5 +248,9 @@ def _markdown(d: dict[str, float]) -> str:
             "",
             f"{d['calls']} calls at up to {d['concurrency']} in flight; worker RSS peak "
             f"{d['rss_mb_peak']} MB, {d['rss_mb_at_1000_in_flight']} MB with 1,000 calls open.",
+            "",
+            f"With a canary at 50 % (alternating bursts of the same size, two of each): "
+            f"{e['cpu_ms_per_call_canary']} ms CPU per call against {e['cpu_ms_per_call_off']} "
+            f"ms outside any experiment, {e['canary_extra_pct']:+.1f} % (target < 5 %).",
         ]
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 DEFAULT_PREFIX = "switchboard"
 EVENTS_TABLE = "llm_events"
+DECISIONS_TABLE = "decisions"
 DEFAULT_DATABASE = "switchboard"
 
 _TIER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
@@ -51,6 +52,16 @@ class Topics:
         """Streamed requests whose client left (CancelRequest); every worker reads it."""
         return f"{self.prefix}.cancel.v1"
 
+    @property
+    def control(self) -> str:
+        """The newest ExperimentState of each experiment (keyed by name; compacted on Kafka)."""
+        return f"{self.prefix}.control.v1"
+
+    @property
+    def decisions(self) -> str:
+        """Every ControlDecision of the controller and of operators."""
+        return f"{self.prefix}.decisions.v1"
+
     def tier(self, name: str) -> str:
         """Routed requests for one tier (RoutedRequest)."""
         return f"{self.prefix}.tier.{name}.v1"
@@ -80,3 +91,17 @@ class Topics:
     @property
     def metrics_group(self) -> str:
         return f"{self.prefix}-metrics"
+
+    @property
+    def decisions_group(self) -> str:
+        """The metrics service's writer of the decisions topic."""
+        return f"{self.prefix}-metrics-decisions"
+
+    @property
+    def controller_leader(self) -> str:
+        """One partition, never written: the controller-group member holding it is active."""
+        return f"{self.prefix}.controller-leader.v1"
+
+    @property
+    def controller_group(self) -> str:
+        return f"{self.prefix}-controller"

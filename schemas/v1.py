@@ -408,6 +408,20 @@ class ChatRequest(ChatParameters):
         return ""
 
 
+Variant = Literal["baseline", "candidate", "shadow"]
+MAX_NAME = 100  # experiment names (services/common/routing_config.py checks their form)
+
+
+class ExperimentTag(_Message):
+    """The experiment a request takes part in, and which side of it the request is on."""
+
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    variant: Variant
+    share_pct: float = Field(
+        ge=0, le=100, allow_inf_nan=False, description="The candidate's share when assigned."
+    )
+
+
 class RoutedRequest(_Message):
     """A request after classification, as published to a tier topic."""
 
@@ -445,6 +459,12 @@ class RoutedRequest(_Message):
         max_length=200,
         description="Hash of the request's content. A stored outcome of another fingerprint "
         "under the same key is not served: the key was reused for a different request.",
+    )
+    experiment: ExperimentTag | None = Field(
+        default=None,
+        description="The tier's experiment this request is assigned in (None: none runs, or the "
+        "request pinned a model). A candidate request tries the candidate first, then the "
+        "tier's models.",
     )
 
     @property
@@ -581,6 +601,11 @@ class AttemptEvent(_Message):
     cost_usd: NonNegative = 0.0
     response_sha256: str = ""
     tenant_hash: str = ""
+    experiment: str = Field(default="", max_length=MAX_NAME, description="'' outside experiments.")
+    variant: Variant | Literal[""] = ""
+    share_pct: float = Field(
+        default=0.0, ge=0, le=100, allow_inf_nan=False, description="Candidate share in force."
+    )
 
 
 class DeadLetter(_Message):

@@ -3,6 +3,9 @@
 switchboard up                       broker, Redis, simulator, router, workers, metrics
 switchboard router | metrics         one service (settings from SWITCHBOARD_* variables)
 switchboard worker --tier NAME       one tier's worker
+switchboard controller               the canary controller (one active instance at a time)
+switchboard canary status [NAME]     experiments: share in force, status, recent decisions
+switchboard canary promote|rollback|pause|resume NAME
 switchboard simulator                the provider simulator (not a model)
 switchboard sql "<query>"            read-only SQL on the metrics store, printed as a table
 switchboard report [--hours H]       the decision matrix per tier and model
@@ -39,6 +42,13 @@ def _run_service(name: str, tier: str | None = None) -> int:
                 return 2
             setup_logging(ws.log_level, f"worker[{ws.tier}]")
             run_service(run_worker(ws))
+        elif name == "controller":
+            from services.controller.app import run as run_controller
+            from services.controller.config import ControllerSettings
+
+            cs = ControllerSettings()
+            setup_logging(cs.log_level, "controller")
+            run_service(run_controller(cs))
         elif name == "metrics":
             from services.metrics.app import run as run_metrics
             from services.metrics.config import MetricsSettings
@@ -75,6 +85,13 @@ def _check_config(path: str | None) -> int:
     for rule, _ in config.rules:
         print(f"  rule {rule.name}: {rule.when} -> {rule.tier}")
     print(f"  default -> {config.spec.default}; fallback -> {config.spec.fallback}")
+    for name, experiment in config.experiments.items():
+        spec = experiment.spec
+        steps = " -> ".join(f"{s:g}%" for s in spec.steps)
+        print(
+            f"  experiment {name}: {spec.mode} of {experiment.candidate} in tier {spec.tier}, "
+            f"starting at {spec.start_share:g}% ({steps}), sticky by {spec.sticky}"
+        )
     return 0
 
 
@@ -90,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker = sub.add_parser("worker", help="run one tier's worker")
     worker.add_argument("--tier", help="tier to serve (or SWITCHBOARD_TIER)")
     sub.add_parser("metrics", help="run the metrics writer")
+    sub.add_parser("controller", help="run the canary controller")
+    canary = sub.add_parser("canary", help="see and steer experiments")
+    canary.add_argument("action", choices=["status", "promote", "rollback", "pause", "resume"])
+    canary.add_argument("name", nargs="?", help="the experiment (all, for status)")
     sub.add_parser("simulator", help="run the provider simulator")
     sql = sub.add_parser("sql", help="run a read-only query on the metrics store")
     sql.add_argument("query")
@@ -105,7 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from switchboard.up import up
 
         return up()
-    if args.command in ("router", "metrics"):
+    if args.command == "canary":
+        from switchboard.canary import canary_command
+
+        return canary_command(args.action, args.name)
+    if args.command in ("router", "metrics", "controller"):
         return _run_service(args.command)
     if args.command == "worker":
         return _run_service("worker", args.tier)

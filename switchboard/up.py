@@ -91,9 +91,17 @@ def plan_from_env(env: dict[str, str]) -> Plan:
         api_key=key or f"sk-sb-{secrets.token_urlsafe(24)}",
         key_generated=not key,
         config=config,
-        simulated=config == SIMULATED_CONFIG,
+        simulated=config == SIMULATED_CONFIG or _uses_simulator(config),
         data_dir=Path(env.get("SWITCHBOARD_DATA_DIR", ".switchboard")).resolve(),
     )
+
+
+def _uses_simulator(config: Path) -> bool:
+    """A config whose models are served by the provider simulator (config/examples/*.yaml)."""
+    try:
+        return "SWITCHBOARD_SIMULATOR_URL" in config.read_text()
+    except OSError:
+        return False  # load_config says why, naming the file
 
 
 class Stack:
@@ -149,7 +157,7 @@ class Stack:
 
     def start(self) -> None:
         p = self.plan
-        for name in ("broker", "redis", "simulator", "metrics"):
+        for name in ("broker", "redis", "simulator", "metrics", "controller"):
             p.ports[name] = free_port()
         for tier in self.config.tier_names:
             p.ports[f"worker-{tier}"] = free_port()
@@ -166,7 +174,7 @@ class Stack:
         sim = None
         if p.simulated:
             say(
-                "no provider key set: starting the provider SIMULATOR (simulated models, not real ones)"
+                "the config's models are simulated: starting the provider SIMULATOR (not real models)"
             )
             sim = python_service("simulator", ["simulator"], self.env(), self.log_dir)
             self.children.append(sim)
@@ -184,6 +192,15 @@ class Stack:
                     name, ["worker", "--tier", tier], SWITCHBOARD_WORKER_PORT=str(p.ports[name])
                 )
             )
+        say("starting the canary controller")
+        services.append(
+            self._start(
+                "controller",
+                ["controller"],
+                SWITCHBOARD_CONTROLLER_PORT=str(p.ports["controller"]),
+                SWITCHBOARD_METRICS_URL=f"http://127.0.0.1:{p.ports['metrics']}",
+            )
+        )
         say("starting the router")
         services.append(
             self._start(
@@ -231,6 +248,8 @@ class Stack:
             "metrics_token": self.metrics_token,
             # where a Kafka producer connects (aiokafka: the embedded broker is Tansu)
             "kafka_bootstrap": self.plan.kafka_bootstrap,
+            # the routing config the stack serves (`switchboard canary` reads its experiments)
+            "config": str(self.plan.config.resolve()),
             "ready_urls": self.ready_urls,
             # the provider simulator's faults and stats endpoints, when it runs
             "simulator_url": (

@@ -9,6 +9,7 @@ routed message, result and metrics row.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from schemas.topics import valid_tier_name
 from schemas.v1 import AUTO_MODEL
 from services.common.conditions import Condition, ConditionError, compile_condition
+from services.common.experiments import FIGURES, Sticky
 
 _ENV_REF = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::-([^}]*))?\}")
 
@@ -128,10 +130,88 @@ class RuleSpec(_Strict):
     tier: str
 
 
+class ExperimentSpec(_Strict):
+    """A candidate model tried on a share of one tier's traffic, moved step by step by the
+    controller while its criteria hold, and rolled back when a rollback condition is met
+    (docs/experiments.md)."""
+
+    tier: str = Field(description="The tier whose traffic the candidate takes a share of.")
+    candidate: ModelSpec = Field(description="Any model entry, as in a tier's `models`.")
+    mode: Literal["canary", "shadow"] = Field(
+        default="canary",
+        description="canary: the candidate answers its share of the requests (the tier's models "
+        "remain its fallback).",
+    )
+    steps: tuple[float, ...] = Field(
+        default=(1, 5, 25, 50, 100),
+        min_length=1,
+        description="The shares, in %, a promotion moves through, rising; the last one ends it.",
+    )
+    share: float | None = Field(
+        default=None,
+        description="The share to start at: one of `steps` (default the first); 0 starts it "
+        "stopped, for an operator's promote.",
+    )
+    sticky: Sticky = Field(
+        default="tenant",
+        description="What keeps a caller on one variant: tenant, user (OpenAI `user` or tag "
+        "`user`), conversation (tag `conversation_id`), or request.",
+    )
+    criteria: tuple[str, ...] = Field(
+        min_length=1,
+        description="Conditions over the window's figures (services/common/experiments.py "
+        "FIGURES; `baseline.` for the tier's models); all must hold to promote.",
+    )
+    rollback_when: tuple[str, ...] = Field(
+        default=(),
+        description="Conditions over the same figures; any that holds rolls back to 0 % at once.",
+    )
+    min_samples: int = Field(
+        default=100,
+        ge=1,
+        le=10_000_000,
+        description="Requests each variant needs in the window before a promotion.",
+    )
+    interval_s: float = Field(
+        default=60.0, ge=1, le=86_400, description="How often the controller evaluates."
+    )
+    confidence: float = Field(
+        default=0.95,
+        gt=0.5,
+        lt=1,
+        description="Of the bounds on the candidate's error rate and latency quantiles: a "
+        "promotion needs the pessimistic bound to pass, a rollback the optimistic one to fail.",
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _rising(cls, steps: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < s <= 100 for s in steps):
+            raise ValueError("every step is a share in % above 0 and at most 100")
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise ValueError(f"steps must rise: {list(steps)}")
+        return steps
+
+    @model_validator(mode="after")
+    def _start(self) -> ExperimentSpec:
+        if self.mode == "shadow":
+            raise ValueError("mode: shadow is not supported yet; use canary")
+        if self.share is not None and self.share != 0 and self.share not in self.steps:
+            raise ValueError(f"share: {self.share} is not one of the steps {list(self.steps)}")
+        return self
+
+    @property
+    def start_share(self) -> float:
+        return self.steps[0] if self.share is None else self.share
+
+
 class RoutingConfig(_Strict):
     version: int = 1
     tiers: dict[str, TierSpec] = Field(min_length=1)
     rules: list[RuleSpec] = Field(default_factory=list)
+    experiments: dict[str, ExperimentSpec] = Field(
+        default_factory=dict, description="Canaries by name, at most one per tier."
+    )
     default: str
     fallback: str | None = Field(
         default=None,
@@ -160,6 +240,19 @@ class RoutingConfig(_Strict):
                 raise ValueError(f"rules[{i}].name: duplicate rule name {rule.name!r}")
             seen.add(rule.name)
         self.pins()  # names that pin a model are unambiguous
+        tiers_taken: dict[str, str] = {}
+        for name, experiment in self.experiments.items():
+            where = f"experiments.{name}"
+            if not valid_tier_name(name):
+                raise ValueError(f"{where}: name must match [a-z][a-z0-9_-]* (max 40)")
+            if experiment.tier not in self.tiers:
+                raise ValueError(f"{where}.tier: unknown tier {experiment.tier!r}")
+            if experiment.tier in tiers_taken:
+                raise ValueError(
+                    f"{where}.tier: tier {experiment.tier!r} already runs experiment "
+                    f"{tiers_taken[experiment.tier]!r} (one per tier)"
+                )
+            tiers_taken[experiment.tier] = name
         return self
 
     def pins(self) -> dict[str, Pin]:
@@ -198,6 +291,20 @@ class Pin:
     label: str
 
 
+@dataclass(frozen=True)
+class Experiment:
+    """An experiment with its conditions compiled."""
+
+    name: str
+    spec: ExperimentSpec
+    criteria: tuple[Condition, ...]
+    rollback_when: tuple[Condition, ...]
+
+    @property
+    def candidate(self) -> str:
+        return self.spec.candidate.label
+
+
 class LoadedConfig:
     """A validated config with its compiled rules and hash. Immutable by convention."""
 
@@ -207,12 +314,15 @@ class LoadedConfig:
         spec: RoutingConfig,
         config_hash: str,
         rules: tuple[tuple[RuleSpec, Condition], ...],
+        experiments: tuple[Experiment, ...] = (),
     ) -> None:
         self.path = path
         self.spec = spec
         self.hash = config_hash
         self.rules = rules
         self.pins = spec.pins()
+        self.experiments = {e.name: e for e in experiments}
+        self.experiment_of_tier = {e.spec.tier: e for e in experiments}
 
     def tier(self, name: str) -> TierSpec:
         return self.spec.tiers[name]
@@ -284,4 +394,19 @@ def load_config(path: str | Path) -> LoadedConfig:
             compiled.append((rule, compile_condition(rule.when)))
         except ConditionError as exc:
             raise ConfigError(path, f"rules[{i}].when", f"{exc} in {rule.when!r}") from exc
-    return LoadedConfig(path, spec, config_hash(raw), tuple(compiled))
+    experiments = tuple(
+        _compile_experiment(path, name, experiment) for name, experiment in spec.experiments.items()
+    )
+    return LoadedConfig(path, spec, config_hash(raw), tuple(compiled), experiments)
+
+
+def _compile_experiment(path: Path, name: str, spec: ExperimentSpec) -> Experiment:
+    compiled: dict[str, list[Condition]] = {"criteria": [], "rollback_when": []}
+    for key, conditions in compiled.items():
+        for i, source in enumerate(getattr(spec, key)):
+            try:
+                conditions.append(compile_condition(source, FIGURES, tags=False))
+            except ConditionError as exc:
+                where = f"experiments.{name}.{key}[{i}]"
+                raise ConfigError(path, where, f"{exc} in {source!r}") from exc
+    return Experiment(name, spec, tuple(compiled["criteria"]), tuple(compiled["rollback_when"]))

@@ -32,7 +32,7 @@ from services.common.runtime import (
 )
 from services.metrics.adapters.store import ClickHouseStore, EventStore
 from services.metrics.config import MetricsSettings
-from services.metrics.handlers import BatchHandler
+from services.metrics.handlers import BatchHandler, DecisionHandler
 
 log = logging.getLogger("switchboard.metrics")
 MAX_SQL_BYTES = 100_000
@@ -100,6 +100,18 @@ class MetricsApp:
             on_assign=self.handler.assigned,
             on_poison=self.handler.poisoned,
         )
+        self.decisions = DecisionHandler(self.store, self.publisher, topics, name)
+        self.decision_consumer = BatchConsumer(
+            bootstrap=settings.kafka_bootstrap,
+            topics=[topics.decisions],
+            group_id=topics.decisions_group,
+            handler=self.decisions,
+            max_records=500,
+            fetch_max_wait_ms=settings.fetch_wait_batch_ms * 5,  # a few a minute
+            client_id=f"{name}-decisions",
+            session_timeout_ms=settings.kafka_session_timeout_ms,
+            on_poison=self.decisions.poisoned,
+        )
         self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
         self._phase = "starting"
         self._store_probe: asyncio.Future[Any] | None = None
@@ -120,13 +132,14 @@ class MetricsApp:
         await self.store.migrate()
         await ensure_topics(
             self.settings.kafka_bootstrap,
-            [topics.events, topics.dead_letter],
+            [topics.events, topics.dead_letter, topics.decisions],
             self.settings.partitions,
         )
         if self.fences is not None:
             await self.fences.start()
         await self.publisher.start()
-        await self.consumer.start()
+        # each start takes seconds on the embedded broker (the group coordinator's answer)
+        await asyncio.gather(self.consumer.start(), self.decision_consumer.start())
 
     async def _start_query_server(self) -> None:
         token = (
@@ -173,6 +186,7 @@ class MetricsApp:
 
     async def stop(self) -> None:
         self._phase = "shutting down"
+        await self.decision_consumer.stop()
         await self.consumer.stop()
         await self._stop_http()
         await self.publisher.stop()

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from aiokafka import ConsumerRecord, TopicPartition
 
+from schemas.control import ControlDecision
 from schemas.topics import Topics
 from services.common.deadletter import from_record
 from services.common.kafka import BatchPublisher, Outgoing
@@ -146,3 +147,28 @@ class BatchHandler:
         self.already_stored += found
         log.warning("%d events read again had rows already; not inserted again", found)
         return table.filter(pc.invert(known))
+
+
+class DecisionHandler:
+    """A batch of ControlDecision records → rows of switchboard.decisions.
+
+    A record that does not parse fails its batch; the consumer splits the batch until that
+    record is alone and hands it to ``poisoned``, which dead-letters it."""
+
+    def __init__(self, store: EventStore, publisher: BatchPublisher, topics: Topics, name: str):
+        self.store = store
+        self.publisher = publisher
+        self.topics = topics
+        self.name = name
+        self.inserted = 0
+        self.dead_letters = 0
+
+    async def __call__(self, records: Sequence[ConsumerRecord]) -> None:
+        decisions = [ControlDecision.model_validate_json(r.value or b"") for r in records]
+        await self.store.insert_decisions(decisions)
+        self.inserted += len(decisions)
+
+    async def poisoned(self, record: ConsumerRecord, exc: Exception) -> None:
+        letter = from_record(record, self.name, exc).model_dump_json().encode()
+        await self.publisher.publish_all([Outgoing(self.topics.dead_letter, letter)])
+        self.dead_letters += 1

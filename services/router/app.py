@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from services.common import fences
 from services.common.consumer import BatchConsumer
+from services.common.control import ControlReader, LiveExperiments, ensure_control_topic
 from services.common.kafka import (
     BrokerPublisher,
     KafkaBatchPublisher,
@@ -40,7 +41,9 @@ def create_app(settings: RouterSettings) -> FastAPI:
     broker = make_broker(settings.kafka_bootstrap, name, settings.idempotent_producer)
     holds = fences.for_process(settings.run_dir, settings.embedded_broker, name)
     publisher = BrokerPublisher(broker, holds)
-    router = Router(config, topics, publisher, settings.max_image_bytes)
+    control = ControlReader(settings.kafka_bootstrap, topics.control, f"{name}-control")
+    live = LiveExperiments(config, control.states)
+    router = Router(config, topics, publisher, settings.max_image_bytes, live)
     replies = PendingReplies()
     batch_publisher = KafkaBatchPublisher(
         settings.kafka_bootstrap, f"{name}-ingress", holds, settings.idempotent_producer
@@ -68,6 +71,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
             topics.cancel,
         ]
         await ensure_topics(settings.kafka_bootstrap, shared, settings.partitions)
+        await ensure_control_topic(settings.kafka_bootstrap, topics.control)
         watch = BrokerWatch(
             settings.kafka_bootstrap,
             lambda: reply_topics.current,
@@ -84,6 +88,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
         if holds is not None:
             await holds.start()
         await broker.start()
+        await control.start()  # the shares in force, before the first request is routed
         await reader.start()
         await batch_publisher.start()
         # The ingress is a batch consumer: a fetched batch is routed, published in one go, and
@@ -121,6 +126,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
                 )
             )
             await reader.stop()
+            await control.stop()
             await broker.stop()
             if holds is not None:
                 await holds.stop()

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from schemas.topics import Topics
 from schemas.v1 import CancelRequest, ChatRequest, Outcome, RoutedRequest, StreamChunk
 from services.common.capabilities import TierCapabilities
+from services.common.control import LiveExperiments
 from services.common.kafka import Outgoing, Publisher
 from services.common.routing_config import LoadedConfig, TierSpec
 from services.router.domain.classify import classify
@@ -61,11 +62,14 @@ class Router:
         topics: Topics,
         publisher: Publisher,
         max_image_bytes: int = MAX_IMAGE_BYTES,
+        live: LiveExperiments | None = None,
     ) -> None:
         self.config = config
         self.topics = topics
         self.publisher = publisher
         self.max_image_bytes = max_image_bytes
+        # the shares of the experiments in force (the control topic's); none: the config's
+        self.live = live or LiveExperiments(config, {})
         self._tier_capabilities: dict[str, TierCapabilities] = {}
 
     def route(
@@ -83,6 +87,9 @@ class Router:
         that waits (HTTP) gets the tier's ``request_timeout_s``, while a job from the Kafka
         ingress gets none: it waits in its tier's queue as long as the backlog takes, and only
         each model attempt is timed (``timeout_s``). A queued job is never dropped for age.
+
+        A request the rules sent to a tier with an experiment running is assigned a variant
+        (``LiveExperiments.tag``); one that pinned a model is not.
 
         ``scope`` and ``content_hash`` make the outcome key and the fingerprint (see
         ``outcome_key``, ``fingerprint``). Raises ``UnknownModel``, ``BadImage`` or
@@ -109,6 +116,7 @@ class Router:
             reply_to=reply_to,
             outcome_key=outcome_key(scope or request.metadata.tenant, request.request_id),
             fingerprint=content_hash,
+            experiment=None if decision.pinned else self.live.tag(decision.tier, request),
         )
 
     def _capabilities(self, name: str, tier: TierSpec) -> TierCapabilities:

@@ -131,8 +131,10 @@ class TierService:
         self.refused = 0  # requests no model of the tier can take (a capability, a parameter)
         self._exclusive: dict[str, tuple[asyncio.Lock, int]] = {}
         # what each of the tier's models can do and takes, worked out once
+        candidates = [e.spec.candidate for e in config.experiments.values() if e.spec.tier == tier]
         self._abilities = {
-            spec: (capabilities.of(spec), supported_parameters(spec)) for spec in self.spec.models
+            spec: (capabilities.of(spec), supported_parameters(spec))
+            for spec in [*self.spec.models, *candidates]
         }
 
     async def process(self, routed: RoutedRequest, delivery: str) -> None:
@@ -323,6 +325,9 @@ class TierService:
         asked = request.model_parameters()
         unable: dict[str, list[Gap]] = {}  # model → what it lacks, for models skipped
         models = policy.pinned_models(self.spec, routed.pinned)
+        candidate = self._candidate(routed)
+        if candidate is not None:  # the tier's models remain its fallback
+            models = [candidate, *(m for m in models if m.label != candidate.label)]
         if not models:  # pinned by a router whose config had the model in this tier
             return self._error(
                 routed,
@@ -416,6 +421,7 @@ class TierService:
                     "rule": f"fallback:{self.tier}",
                     "attempt": 1,
                     "pinned": None,  # a pinned model that allows fallback let any model answer
+                    "experiment": None,  # this tier's experiment is not the fallback tier's
                 }
             )
             topic = self.topics.tier(fallback)
@@ -499,6 +505,17 @@ class TierService:
             retryable=True,
             stream=stream.mark,
         )
+
+    def _candidate(self, routed: RoutedRequest) -> ModelSpec | None:
+        """The experiment's candidate, for a request assigned to it (none: the worker's config
+        has no such experiment in this tier, and the tier's models answer)."""
+        tag = routed.experiment
+        if tag is None or tag.variant != "candidate":
+            return None
+        experiment = self.config.experiments.get(tag.name)
+        if experiment is None or experiment.spec.tier != self.tier:
+            return None
+        return experiment.spec.candidate
 
     def _lacks(
         self, spec: ModelSpec, wanted: capabilities.Needs, asked: dict[str, object]
@@ -598,8 +615,16 @@ class TierService:
             cost_usd=completion.cost_usd if completion else 0.0,
             response_sha256=policy.sha256_text(completion.text) if completion else "",
             tenant_hash=policy.tenant_hash(routed.request.metadata.tenant),
+            **_experiment_columns(routed),
         )
         await self.publisher.publish(self.topics.events, event, key=routed.request_id)
+
+
+def _experiment_columns(routed: RoutedRequest) -> dict[str, Any]:
+    tag = routed.experiment
+    if tag is None:
+        return {}
+    return {"experiment": tag.name, "variant": tag.variant, "share_pct": tag.share_pct}
 
 
 async def _stop(*tasks: asyncio.Future[Any]) -> None:

@@ -168,7 +168,7 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
     assert "SIMULATOR" in "\n".join(up.lines)
     state = json.loads((data_dir / "run" / "stack.json").read_text())
     pids = list(state["pids"].values())
-    assert len(pids) == 9  # broker, redis, simulator, metrics, 4 workers, router
+    assert len(pids) == 10  # broker, redis, simulator, metrics, 4 workers, controller, router
     client = OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0, timeout=60)
 
     short = client.chat.completions.with_raw_response.create(
@@ -224,7 +224,12 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
 
     # every service says it is ready where stack.json says it answers, and is alive
     tiers = load_config(ROOT / "config" / "simulated.yaml").tier_names
-    assert set(state["ready_urls"]) == {"router", "metrics", *(f"worker-{t}" for t in tiers)}
+    assert set(state["ready_urls"]) == {
+        "router",
+        "metrics",
+        "controller",
+        *(f"worker-{t}" for t in tiers),
+    }
     assert state["ready_urls"]["router"] == f"{base_url}/ready"
     for name, url in state["ready_urls"].items():
         answer = httpx.get(url, timeout=10)

@@ -70,13 +70,17 @@ async def running_stack(
     tiers: list[str],
     router: dict[str, Any] | None = None,
     embedded_run_dir: Path | None = None,
+    metrics_port: int = 0,
 ) -> AsyncIterator[Stack]:
-    """The services in this process; ``router`` adds RouterSettings fields. With
+    """The services in this process; ``router`` adds RouterSettings fields; ``metrics_port``
+    serves the metrics query endpoint (0: none). With
     ``embedded_run_dir`` they hold their writes when the embedded broker's keeper asks."""
     base = common(bootstrap, redis_url, prefix, config)
     if embedded_run_dir is not None:
         base.update(embedded_broker=True, run_dir=embedded_run_dir)
-    metrics = MetricsApp(MetricsSettings(**base, data_dir=data_dir, metrics_port=0, batch_size=500))
+    metrics = MetricsApp(
+        MetricsSettings(**base, data_dir=data_dir, metrics_port=metrics_port, batch_size=500)
+    )
     workers = {t: WorkerApp(WorkerSettings(**base, tier=t, drain_timeout_s=5)) for t in tiers}
     app = create_app(RouterSettings(**base, api_key=API_KEY, port=0, **(router or {})))
     started: list[Any] = []

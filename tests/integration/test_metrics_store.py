@@ -43,6 +43,7 @@ def rows(n: int, ts: datetime, start: int = 0) -> pa.Table:
         "latency_ms": [1.0] * n,
         "ttft_ms": [None] * n,
         "cost_usd": [0.0] * n,
+        "share_pct": [0.0] * n,
     }
     return pa.table(columns, schema=TABLE_SCHEMA)
 
@@ -119,9 +120,7 @@ async def test_a_table_created_before_the_index_gets_it_on_migrate(
     store: ClickHouseStore,
 ) -> None:
     db = store.table.split(".")[0]
-    old_ddl = DDL.replace("    INDEX {index}\n", "").replace(
-        "tenant_hash     String,", "tenant_hash     String"
-    )
+    old_ddl = re.sub(r",\n    INDEX \{index\}\n", "\n", DDL)
     assert "INDEX" not in old_ddl
 
     def create_old(client: Any) -> None:
@@ -188,3 +187,35 @@ async def test_a_failing_store_is_transient_so_the_batch_is_retried_not_dead_let
         assert is_transient(caught.value)
     finally:
         await store.close()
+
+
+async def test_a_table_created_before_the_experiment_columns_gets_them_on_migrate(
+    store: ClickHouseStore,
+) -> None:
+    db = store.table.split(".")[0]
+    added = ("experiment", "variant", "share_pct")
+    lines = [line for line in DDL.splitlines() if not line.strip().startswith((*added, "INDEX"))]
+    old_ddl = "\n".join(lines).replace("tenant_hash     String,", "tenant_hash     String")
+    before = datetime.now(UTC) - timedelta(hours=1)  # inside the 7-day TTL
+
+    def create_old(client: Any) -> None:
+        client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+        client.command(old_ddl.format(db=db, table=EVENTS_TABLE))
+        client.command(
+            f"INSERT INTO {db}.{EVENTS_TABLE} (ts, event_id, request_id, tier, model, provider,"
+            " rule, config_hash, attempt, status, error_code, tokens_in, tokens_out, latency_ms,"
+            " cost_usd, response_sha256, tenant_hash) VALUES"
+            f" ('{before:%Y-%m-%d %H:%M:%S}', 'old', 'r-old', 'fast', 'm', 'p', 'r', 'h', 0,"
+            " 'ok', '', 1, 1, 1.0, 0, '', '')"
+        )
+
+    await run(store, create_old)
+    await store.migrate()
+    await store.migrate()  # again: nothing to add
+    table = rows(3, NOW)
+    await store.insert_table(table, "after")  # rows of the current shape go in
+    _, found = await store.query(
+        f"SELECT event_id, experiment, variant, share_pct FROM {store.table} ORDER BY event_id"
+    )
+    assert ["old", "", "", 0.0] in found  # a row stored before reads as outside any experiment
+    assert len(found) == 4

@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings
 from services.common.routing_config import LoadedConfig, load_config
 from services.common.runtime import health_routes
 from services.common.settings import ENV_PREFIX
+from services.controller.config import ControllerSettings
 from services.metrics import app as metrics_app
 from services.metrics.config import MetricsSettings
 from services.router.config import RouterSettings
@@ -42,12 +43,14 @@ SETTINGS_BY_COMMAND: dict[str, type[BaseSettings]] = {
     "router": RouterSettings,
     "worker": WorkerSettings,
     "metrics": MetricsSettings,
+    "controller": ControllerSettings,
 }
 # `switchboard <command>` → the settings fields of the host and port its /health and /ready answer on.
 HEALTH_ADDRESS_FIELDS = {
     "router": ("host", "port"),
     "worker": ("worker_host", "worker_port"),
     "metrics": ("metrics_host", "metrics_port"),
+    "controller": ("controller_host", "controller_port"),
 }
 # The longest a service's /ready takes to answer before it says "not ready" (its own probe bound):
 # a Docker timeout shorter than that would turn a clear reason into a bare timeout.
@@ -55,6 +58,7 @@ READY_PROBE_S = {
     "router": 0.0,  # the router reads its broker watch's last verdict
     "worker": worker_app.PROBE_TIMEOUT_S,
     "metrics": metrics_app.STORE_PROBE_S,
+    "controller": 0.0,  # the controller reads its own flags
 }
 # Values for the variables compose requires (`${VAR:?message}`), when a test must resolve them.
 REQUIRED_STANDINS = {"SWITCHBOARD_API_KEY": "test-api-key", "CLICKHOUSE_PASSWORD": "test-password"}
@@ -379,6 +383,19 @@ def test_router_and_metrics_listen_where_they_are_reached(
     assert int(env["SWITCHBOARD_METRICS_PORT"]) > 0
 
 
+def test_controller_reads_figures_from_the_metrics_service(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    name, controller = only(services, "controller")
+    env = resolved_env(controller)
+    url = urlsplit(env["SWITCHBOARD_METRICS_URL"])
+    _, metrics = only(services, "metrics")
+    metrics_env = resolved_env(metrics)
+    assert url.hostname == "metrics", f"{name}: {url.geturl()} is not the metrics service"
+    assert url.port == int(metrics_env["SWITCHBOARD_METRICS_PORT"]), f"{name}: wrong port"
+    assert env["SWITCHBOARD_METRICS_TOKEN"] == metrics_env["SWITCHBOARD_METRICS_TOKEN"]
+
+
 def test_dockerfile_builds_the_image_compose_expects() -> None:
     instructions = dockerfile_instructions()
     assert instructions[0][0] == "FROM" and instructions[0][1].startswith("python:3.11-slim")
@@ -601,6 +618,7 @@ def test_services_wait_for_healthy_dependencies(services: dict[str, dict[str, An
         "router": {"kafka", "redis"},
         "worker": {"kafka", "redis"},
         "metrics": {"kafka", "clickhouse"},
+        "controller": {"kafka", "metrics"},
     }
     for name, svc in services.items():
         deps = svc.get("depends_on") or {}

@@ -92,6 +92,12 @@ CASES: dict[str, tuple[bytes | None, bool]] = {
     "tokens past UInt32": (variant(tokens_out=2**32), True),
     "attempt past UInt16": (variant(attempt=70_000), True),
     "year 2400": (variant(ts="2400-01-01T00:00:00Z"), True),
+    "in an experiment": (variant(experiment="next", variant="candidate", share_pct=25.0), True),
+    "written before experiments": (variant(experiment=..., variant=..., share_pct=...), True),
+    "unknown variant": (variant(experiment="next", variant="shadowy", share_pct=5.0), True),
+    "share past 100": (variant(experiment="next", variant="baseline", share_pct=100.5), True),
+    "integral share": (variant(experiment="next", variant="baseline", share_pct=5), True),
+    "experiment name too long": (variant(experiment="x" * 101), True),
 }
 
 

@@ -8,6 +8,8 @@ one thread, and readers of an embedded store ask the metrics process (services/m
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.topics import EVENTS_TABLE
+from schemas.control import ControlDecision
+from schemas.topics import DECISIONS_TABLE, EVENTS_TABLE
 from schemas.v1 import AttemptEvent
 from services.common.retry import Transient
 from services.metrics.domain.columns import TABLE_SCHEMA, dedup_token, events_table
@@ -44,11 +47,42 @@ CREATE TABLE IF NOT EXISTS {db}.{table} (
     cost_usd        Float64 COMMENT 'from the litellm price map',
     response_sha256 String,
     tenant_hash     String,
+    experiment      LowCardinality(String) COMMENT 'the tier experiment the request was in, or empty',
+    variant         LowCardinality(String) COMMENT 'baseline | candidate | shadow, or empty',
+    share_pct       Float64 COMMENT 'the candidate share in force when the request was routed',
     INDEX {index}
 ) ENGINE = MergeTree
 PARTITION BY toDate(ts)
 ORDER BY (tier, model, ts)
 TTL toDateTime(ts) + INTERVAL 7 DAY
+SETTINGS non_replicated_deduplication_window = 10000
+"""
+
+# Columns added since the table was first shipped: a table created before them gets them on
+# start (rows stored before read as the default).
+ADDED_COLUMNS = (
+    "experiment LowCardinality(String) DEFAULT '' AFTER tenant_hash",
+    "variant LowCardinality(String) DEFAULT '' AFTER experiment",
+    "share_pct Float64 DEFAULT 0 AFTER variant",
+)
+
+DECISIONS_DDL = """
+CREATE TABLE IF NOT EXISTS {db}.{table} (
+    decided_at  DateTime64(3, 'UTC'),
+    decision_id String,
+    experiment  LowCardinality(String),
+    tier        LowCardinality(String),
+    candidate   LowCardinality(String),
+    action      LowCardinality(String) COMMENT 'start | promote | hold | rollback | complete | pause | resume',
+    share_from  Float64 COMMENT 'candidate share in %, before',
+    share_to    Float64 COMMENT 'and after',
+    reason      String,
+    criteria    Array(String) COMMENT 'each criterion with its verdict',
+    figures     String COMMENT 'JSON: the window figures per variant',
+    by          LowCardinality(String) COMMENT 'controller instance, or operator',
+    config_hash LowCardinality(String)
+) ENGINE = ReplacingMergeTree
+ORDER BY (experiment, decided_at, decision_id)
 SETTINGS non_replicated_deduplication_window = 10000
 """
 
@@ -84,6 +118,8 @@ class EventStore(Protocol):
     async def stored(self, rows: pa.Table) -> set[str]: ...
 
     async def query(self, sql: str) -> tuple[list[str], list[list[Any]]]: ...
+
+    async def insert_decisions(self, decisions: Sequence[ControlDecision]) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -142,6 +178,9 @@ class ClickHouseStore:
         client = self._connect()
         client.command(f"CREATE DATABASE IF NOT EXISTS {self._db}")
         client.command(DDL.format(db=self._db, table=EVENTS_TABLE, index=EVENT_ID_INDEX))
+        for column in ADDED_COLUMNS:
+            client.command(f"ALTER TABLE {self._table} ADD COLUMN IF NOT EXISTS {column}")
+        client.command(DECISIONS_DDL.format(db=self._db, table=DECISIONS_TABLE))
         indexed = client.query(
             "SELECT count() FROM system.data_skipping_indices"
             " WHERE database = {db:String} AND table = {table:String} AND name = {name:String}",
@@ -172,6 +211,34 @@ class ClickHouseStore:
     async def insert(self, events: Sequence[AttemptEvent]) -> None:
         table = events_table(events)
         await self.insert_table(table, dedup_token(table.column("event_id").combine_chunks()))
+
+    def _insert_decisions(self, decisions: Sequence[ControlDecision]) -> None:
+        columns = [
+            "decided_at", "decision_id", "experiment", "tier", "candidate", "action",
+            "share_from", "share_to", "reason", "criteria", "figures", "by", "config_hash",
+        ]  # fmt: skip
+        rows = [
+            [
+                *(getattr(d, c) for c in columns[:9]),
+                list(d.criteria),
+                json.dumps(d.figures, sort_keys=True, default=str),
+                d.by,
+                d.config_hash,
+            ]
+            for d in decisions
+        ]
+        token = hashlib.sha256("\x00".join(sorted(d.decision_id for d in decisions)).encode())
+        self._connect().insert(
+            f"{self._db}.{DECISIONS_TABLE}",
+            rows,
+            column_names=columns,
+            settings={"insert_deduplication_token": token.hexdigest()},
+        )
+
+    async def insert_decisions(self, decisions: Sequence[ControlDecision]) -> None:
+        """The controller's and operators' decisions (de-duplicated by their ids)."""
+        if decisions:
+            await self._store_call("insert", self._insert_decisions, decisions)
 
     def _stored(self, lookups: list[dict[str, Any]]) -> set[str]:
         sql = LOOKUP_SQL.format(table=self._table)

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from schemas.v1 import SCHEMA_VERSION, AttemptEvent, AttemptStatus
+from schemas.v1 import SCHEMA_VERSION, AttemptEvent, AttemptStatus, Variant
 
 # The llm_events columns (services/metrics/adapters/store.py DDL), as Arrow types.
 TABLE_SCHEMA = pa.schema(
@@ -61,6 +61,9 @@ TABLE_SCHEMA = pa.schema(
         ("cost_usd", pa.float64()),
         ("response_sha256", pa.string()),
         ("tenant_hash", pa.string()),
+        ("experiment", pa.string()),
+        ("variant", pa.string()),
+        ("share_pct", pa.float64()),
     ]
 )
 COLUMNS = tuple(TABLE_SCHEMA.names)
@@ -86,6 +89,7 @@ _READ_SCHEMA = pa.schema(
 _READ_OPTIONS = pj.ReadOptions(use_threads=False, block_size=1 << 26)
 _PARSE_OPTIONS = pj.ParseOptions(explicit_schema=_READ_SCHEMA, unexpected_field_behavior="ignore")
 _STATUSES = pa.array(get_args(AttemptStatus))
+_VARIANTS = pa.array(["", *get_args(Variant)])
 # The one timestamp form the fast path takes (AttemptEvent's own output), years 1900 to 2299.
 _TS_FORM = (
     r"^(19|2[0-2])\d\d-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
@@ -269,6 +273,12 @@ def _vouched(raw: pa.Table) -> pa.ChunkedArray:
         pc.equal(raw.column("schema_version"), SCHEMA_VERSION),
         pc.match_substring_regex(raw.column("ts"), _TS_FORM),
         pc.is_in(raw.column("status"), value_set=_STATUSES),
+        pc.is_in(raw.column("variant"), value_set=_VARIANTS),
+        pc.and_(
+            pc.greater_equal(raw.column("share_pct"), 0),
+            pc.less_equal(raw.column("share_pct"), 100),
+        ),
+        pc.less_equal(pc.utf8_length(raw.column("experiment")), 100),
         pc.greater_equal(raw.column("latency_ms"), 0),
         pc.greater_equal(raw.column("cost_usd"), 0),
         pc.fill_null(pc.greater_equal(raw.column("ttft_ms"), 0), True),  # may be null
