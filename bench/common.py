@@ -503,6 +503,15 @@ class TopicCounter:
             await self.poll()
         return True
 
+    async def wait_for_keys(self, keys: set[bytes], timeout_s: float) -> bool:
+        """Poll until every one of ``keys`` was seen; False on timeout."""
+        deadline = time.perf_counter() + timeout_s
+        while not keys <= self.first_seen.keys():
+            if time.perf_counter() > deadline:
+                return False
+            await self.poll()
+        return True
+
     async def stop(self) -> None:
         if self._consumer is not None:
             await self._consumer.stop()

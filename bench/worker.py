@@ -75,18 +75,19 @@ def routed(tier: str, topics: Topics, i: int, canary: bool = False) -> tuple[byt
 async def _burst(
     bootstrap: str, topics: Topics, tier: str, count: int, timeout_s: float, canary: bool = False
 ) -> tuple[float, bool]:
-    """Send ``count`` routed requests; seconds from the first send to the last result."""
+    """Send ``count`` routed requests; seconds from the first send to the last result.
+
+    Done when the result of each of them was read (the results topic also holds earlier
+    bursts' results, which a reader from its start meets first)."""
     counter = TopicCounter(bootstrap, topics.results)
     await counter.start()
     try:
-        await counter.poll()
-        seen_before = len(counter.first_seen)
+        messages = [routed(tier, topics, i, canary) for i in range(count)]
+        keys = {key for key, _ in messages}
         start = time.perf_counter()
-        await produce_all(
-            bootstrap, topics.tier(tier), (routed(tier, topics, i, canary) for i in range(count))
-        )
-        done = await counter.wait_for(seen_before + count, timeout_s)
-        last = max(counter.first_seen.values()) if counter.first_seen else time.perf_counter()
+        await produce_all(bootstrap, topics.tier(tier), messages)
+        done = await counter.wait_for_keys(keys, timeout_s)
+        last = max(counter.first_seen[k] for k in keys if k in counter.first_seen)
         return last - start, done
     finally:
         await counter.stop()
@@ -188,6 +189,7 @@ def run(bench: Bench) -> Section:
         wall, done = asyncio.run(_burst(bootstrap, topics, "bench", calls, 300))
         sample = sampler.stop()
         sim_cpu = sim_sampler.stop().cpu_s
+        # before the held calls, whose results land on the same results topic as every burst's
         canary = _canary_cost(bootstrap, topics, worker, calls)
         rss_hold = asyncio.run(_hold(bench, sim, bootstrap, topics, stack.pid("worker-hold")))
 

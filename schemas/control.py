@@ -6,6 +6,9 @@ Flow::
                                      │                       record of each experiment counts)
                                      └─▶ ControlDecision    (decisions topic ─metrics─▶ ClickHouse
                                                              switchboard.decisions)
+    tier worker, a mirrored request answered ──▶ ShadowRequest   (shadow topic)
+    shadow worker, the candidate called ──▶ ShadowComparison     (shadow comparisons topic
+                                                                  ─metrics─▶ llm_shadow)
 
 Routers read the control topic from its start and apply the newest state of each experiment:
 its share says which requests go to the candidate (services/common/experiments.py).
@@ -19,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from schemas.v1 import MAX_NAME, SCHEMA_VERSION, _Message, utcnow
+from schemas.v1 import MAX_NAME, SCHEMA_VERSION, RoutedRequest, _Message, utcnow
 
 # running: the controller moves the share by the criteria; paused: nobody moves it but an
 # operator; rolled_back: share 0 until an operator promotes again; completed: the last step held
@@ -68,3 +71,55 @@ class ControlDecision(_Message):
     )
     by: str = Field(default="", max_length=200)
     config_hash: str = Field(default="", max_length=100)
+
+
+class BaselineAnswer(_Message):
+    """What the tier's own model answered a mirrored request: the shadow call is compared with it."""
+
+    model: str = Field(max_length=200)
+    latency_ms: float = Field(ge=0, allow_inf_nan=False)
+    tokens_in: int = Field(ge=0)
+    tokens_out: int = Field(ge=0)
+    cost_usd: float = Field(ge=0, allow_inf_nan=False)
+    response_sha256: str = Field(max_length=64)
+    text: str = Field(description="The answer's text, cut at SHADOW_TEXT_CHARS.")
+    answered_at: datetime = Field(default_factory=utcnow)
+
+
+SHADOW_TEXT_CHARS = 32_000  # of each answer, for the similarity measure
+
+
+class ShadowRequest(_Message):
+    """A request the tier answered, to be sent to the shadow candidate too (the shadow topic)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    routed: RoutedRequest
+    baseline: BaselineAnswer
+
+
+ShadowOutcome = Literal["compared", "candidate_failed", "dropped"]
+
+
+class ShadowComparison(_Message):
+    """One mirrored request: the candidate's call beside the baseline's (a row of llm_shadow)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    comparison_id: str = Field(default_factory=lambda: uuid.uuid4().hex, max_length=100)
+    ts: datetime = Field(default_factory=utcnow)
+    experiment: str = Field(min_length=1, max_length=MAX_NAME)
+    tier: str = Field(max_length=100)
+    request_id: str = Field(max_length=200)
+    share_pct: float = Field(ge=0, le=100, allow_inf_nan=False)
+    outcome: ShadowOutcome
+    reason: str = Field(default="", max_length=1000, description="Why dropped, or the error.")
+    baseline_model: str = Field(max_length=200)
+    candidate_model: str = Field(max_length=200)
+    baseline_latency_ms: float = Field(ge=0, allow_inf_nan=False)
+    candidate_latency_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    baseline_tokens_out: int = Field(ge=0)
+    candidate_tokens_out: int | None = Field(default=None, ge=0)
+    baseline_cost_usd: float = Field(ge=0, allow_inf_nan=False)
+    candidate_cost_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    same_response: bool | None = Field(default=None, description="Equal response hashes.")
+    similarity: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    similarity_by: str = Field(default="", max_length=200, description="'text' or the judge.")

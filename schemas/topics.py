@@ -12,6 +12,7 @@ from dataclasses import dataclass
 DEFAULT_PREFIX = "switchboard"
 EVENTS_TABLE = "llm_events"
 DECISIONS_TABLE = "decisions"
+SHADOW_TABLE = "llm_shadow"
 DEFAULT_DATABASE = "switchboard"
 
 _TIER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
@@ -62,6 +63,21 @@ class Topics:
         """Every ControlDecision of the controller and of operators."""
         return f"{self.prefix}.decisions.v1"
 
+    @property
+    def shadow(self) -> str:
+        """Answered requests to mirror to a shadow candidate (ShadowRequest)."""
+        return f"{self.prefix}.shadow.v1"
+
+    @property
+    def shadow_comparisons(self) -> str:
+        """Each mirrored request's comparison (ShadowComparison)."""
+        return f"{self.prefix}.shadow-comparisons.v1"
+
+    @property
+    def shadow_group(self) -> str:
+        """The shadow workers: their own group, so a slow candidate never holds a tier's."""
+        return f"{self.prefix}-shadow"
+
     def tier(self, name: str) -> str:
         """Routed requests for one tier (RoutedRequest)."""
         return f"{self.prefix}.tier.{name}.v1"
@@ -93,9 +109,9 @@ class Topics:
         return f"{self.prefix}-metrics"
 
     @property
-    def decisions_group(self) -> str:
-        """The metrics service's writer of the decisions topic."""
-        return f"{self.prefix}-metrics-decisions"
+    def records_group(self) -> str:
+        """The metrics service's writer of the low-volume topics (decisions, comparisons, ...)."""
+        return f"{self.prefix}-metrics-records"
 
     @property
     def controller_leader(self) -> str:

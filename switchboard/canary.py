@@ -69,7 +69,7 @@ async def _states(bootstrap: str, topic: str) -> dict[str, ExperimentState]:
 
 def _state_line(experiment: Experiment, state: ExperimentState | None) -> list[Any]:
     spec = experiment.spec
-    steps = " → ".join(f"{s:g}" for s in spec.steps)
+    steps = " → ".join(f"{s:g}" for s in spec.steps) if spec.mode == "canary" else "(shadow)"
     if state is None or state.candidate != experiment.candidate:
         return [experiment.name, spec.tier, experiment.candidate, spec.start_share, "not started",
                 steps, "", "the controller has not published a state yet", ""]  # fmt: skip

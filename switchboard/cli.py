@@ -4,6 +4,7 @@ switchboard up                       broker, Redis, simulator, router, workers, 
 switchboard router | metrics         one service (settings from SWITCHBOARD_* variables)
 switchboard worker --tier NAME       one tier's worker
 switchboard controller               the canary controller (one active instance at a time)
+switchboard shadow                   the shadow worker: mirrored requests to shadow candidates
 switchboard canary status [NAME]     experiments: share in force, status, recent decisions
 switchboard canary promote|rollback|pause|resume NAME
 switchboard simulator                the provider simulator (not a model)
@@ -49,6 +50,13 @@ def _run_service(name: str, tier: str | None = None) -> int:
             cs = ControllerSettings()
             setup_logging(cs.log_level, "controller")
             run_service(run_controller(cs))
+        elif name == "shadow":
+            from services.shadow.app import run as run_shadow
+            from services.shadow.config import ShadowSettings
+
+            ss = ShadowSettings()
+            setup_logging(ss.log_level, "shadow")
+            run_service(run_shadow(ss))
         elif name == "metrics":
             from services.metrics.app import run as run_metrics
             from services.metrics.config import MetricsSettings
@@ -88,9 +96,14 @@ def _check_config(path: str | None) -> int:
     for name, experiment in config.experiments.items():
         spec = experiment.spec
         steps = " -> ".join(f"{s:g}%" for s in spec.steps)
+        share = (
+            f"starting at {spec.start_share:g}% ({steps})"
+            if spec.mode == "canary"
+            else f"mirroring {spec.start_share:g}%"
+        )
         print(
             f"  experiment {name}: {spec.mode} of {experiment.candidate} in tier {spec.tier}, "
-            f"starting at {spec.start_share:g}% ({steps}), sticky by {spec.sticky}"
+            f"{share}, sticky by {spec.sticky}"
         )
     return 0
 
@@ -108,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker.add_argument("--tier", help="tier to serve (or SWITCHBOARD_TIER)")
     sub.add_parser("metrics", help="run the metrics writer")
     sub.add_parser("controller", help="run the canary controller")
+    sub.add_parser("shadow", help="run the shadow worker")
     canary = sub.add_parser("canary", help="see and steer experiments")
     canary.add_argument("action", choices=["status", "promote", "rollback", "pause", "resume"])
     canary.add_argument("name", nargs="?", help="the experiment (all, for status)")
@@ -130,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from switchboard.canary import canary_command
 
         return canary_command(args.action, args.name)
-    if args.command in ("router", "metrics", "controller"):
+    if args.command in ("router", "metrics", "controller", "shadow"):
         return _run_service(args.command)
     if args.command == "worker":
         return _run_service("worker", args.tier)

@@ -157,7 +157,7 @@ class Stack:
 
     def start(self) -> None:
         p = self.plan
-        for name in ("broker", "redis", "simulator", "metrics", "controller"):
+        for name in ("broker", "redis", "simulator", "metrics", "controller", "shadow"):
             p.ports[name] = free_port()
         for tier in self.config.tier_names:
             p.ports[f"worker-{tier}"] = free_port()
@@ -201,6 +201,11 @@ class Stack:
                 SWITCHBOARD_METRICS_URL=f"http://127.0.0.1:{p.ports['metrics']}",
             )
         )
+        if any(e.spec.mode == "shadow" for e in self.config.experiments.values()):
+            say("starting the shadow worker (the config runs a shadow experiment)")
+            services.append(
+                self._start("shadow", ["shadow"], SWITCHBOARD_SHADOW_PORT=str(p.ports["shadow"]))
+            )
         say("starting the router")
         services.append(
             self._start(

@@ -168,4 +168,12 @@ class LiveExperiments:
         share = share_in_force(experiment, self.states.get(experiment.name))
         if share <= 0:
             return None
-        return experiments.tag(experiment.name, request, experiment.spec.sticky, share)
+        tag = experiments.tag(experiment.name, request, experiment.spec.sticky, share)
+        if experiment.spec.mode == "shadow":
+            # the tier answers every request; the share on the candidate's side is mirrored
+            return (
+                tag.model_copy(update={"variant": "baseline"})
+                if tag.variant == "candidate"
+                else None
+            )
+        return tag

@@ -130,6 +130,9 @@ class RuleSpec(_Strict):
     tier: str
 
 
+SHADOW_SHARE = 10.0  # % of a tier mirrored by a shadow experiment that names no share
+
+
 class ExperimentSpec(_Strict):
     """A candidate model tried on a share of one tier's traffic, moved step by step by the
     controller while its criteria hold, and rolled back when a rollback condition is met
@@ -140,7 +143,8 @@ class ExperimentSpec(_Strict):
     mode: Literal["canary", "shadow"] = Field(
         default="canary",
         description="canary: the candidate answers its share of the requests (the tier's models "
-        "remain its fallback).",
+        "remain its fallback). shadow: the tier answers every request, and its share is also "
+        "sent to the candidate, off the client's path, and compared.",
     )
     steps: tuple[float, ...] = Field(
         default=(1, 5, 25, 50, 100),
@@ -149,8 +153,8 @@ class ExperimentSpec(_Strict):
     )
     share: float | None = Field(
         default=None,
-        description="The share to start at: one of `steps` (default the first); 0 starts it "
-        "stopped, for an operator's promote.",
+        description="Canary: the share to start at, one of `steps` (default the first); 0 "
+        "starts it stopped, for an operator's promote. Shadow: the share mirrored.",
     )
     sticky: Sticky = Field(
         default="tenant",
@@ -158,9 +162,10 @@ class ExperimentSpec(_Strict):
         "`user`), conversation (tag `conversation_id`), or request.",
     )
     criteria: tuple[str, ...] = Field(
-        min_length=1,
+        default=(),
         description="Conditions over the window's figures (services/common/experiments.py "
-        "FIGURES; `baseline.` for the tier's models); all must hold to promote.",
+        "FIGURES; `baseline.` for the tier's models); all must hold to promote. A canary "
+        "needs at least one.",
     )
     rollback_when: tuple[str, ...] = Field(
         default=(),
@@ -183,6 +188,25 @@ class ExperimentSpec(_Strict):
         "promotion needs the pessimistic bound to pass, a rollback the optimistic one to fail.",
     )
 
+    max_in_flight: int = Field(
+        default=16,
+        ge=1,
+        le=10_000,
+        description="Shadow: candidate calls at once per shadow worker; a mirrored request "
+        "arriving while they are all busy is dropped and counted.",
+    )
+    max_lag_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Shadow: a mirrored request that waited longer than this for the shadow "
+        "worker is dropped and counted (the candidate fell behind).",
+    )
+    judge: ModelSpec | None = Field(
+        default=None,
+        description="Shadow: a model that scores how alike the two answers are (0..1); "
+        "default: a text similarity measure.",
+    )
+
     @field_validator("steps")
     @classmethod
     def _rising(cls, steps: tuple[float, ...]) -> tuple[float, ...]:
@@ -194,15 +218,19 @@ class ExperimentSpec(_Strict):
 
     @model_validator(mode="after")
     def _start(self) -> ExperimentSpec:
-        if self.mode == "shadow":
-            raise ValueError("mode: shadow is not supported yet; use canary")
-        if self.share is not None and self.share != 0 and self.share not in self.steps:
+        if self.mode == "canary" and not self.criteria:
+            raise ValueError("criteria: a canary needs at least one criterion to promote by")
+        if self.share is not None and not 0 <= self.share <= 100:
+            raise ValueError(f"share: {self.share} is not a share in % (0 to 100)")
+        if self.mode == "canary" and self.share not in (None, 0, *self.steps):
             raise ValueError(f"share: {self.share} is not one of the steps {list(self.steps)}")
         return self
 
     @property
     def start_share(self) -> float:
-        return self.steps[0] if self.share is None else self.share
+        if self.share is not None:
+            return self.share
+        return self.steps[0] if self.mode == "canary" else SHADOW_SHARE
 
 
 class RoutingConfig(_Strict):

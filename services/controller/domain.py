@@ -220,8 +220,11 @@ class NotAllowed(ValueError):
 
 
 def operate(experiment: Experiment, state: ExperimentState, action: Action) -> Verdict:
-    """An operator's ``switchboard canary promote|rollback|pause|resume``."""
+    """An operator's ``switchboard canary promote|rollback|pause|resume``. A shadow experiment
+    is only stopped (rollback) and started again (promote, to its config's share)."""
     steps = experiment.spec.steps
+    if experiment.spec.mode == "shadow":
+        return _operate_shadow(experiment, state, action)
     if action == "promote":
         verdict = _promotion(steps, state, [], {})
         if verdict.action != "promote":
@@ -244,6 +247,20 @@ def operate(experiment: Experiment, state: ExperimentState, action: Action) -> V
             )
         return Verdict("resume", state.share_pct, state.step, "running", "operator: resume")
     raise NotAllowed(f"unknown action {action!r}")
+
+
+def _operate_shadow(experiment: Experiment, state: ExperimentState, action: Action) -> Verdict:
+    share = experiment.spec.start_share
+    if action == "rollback":
+        return Verdict("rollback", 0.0, -1, "rolled_back", "operator: stop mirroring")
+    if action == "promote":
+        if state.share_pct == share and state.status == "running":
+            raise NotAllowed(f"{experiment.name} mirrors {_fmt(share)} % already")
+        reason = f"operator: mirror {_fmt(share)} % again"
+        return Verdict("promote", share, -1, "running", reason)
+    raise NotAllowed(
+        f"{experiment.name} is a shadow: `rollback` stops its mirroring, `promote` starts it"
+    )
 
 
 def next_state(state: ExperimentState, verdict: Verdict, by: str, now: datetime) -> ExperimentState:

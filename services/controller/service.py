@@ -115,6 +115,8 @@ class Controller:
         if last is not None and time.monotonic() - last < experiment.spec.interval_s:
             return
         self._judged[experiment.name] = time.monotonic()
+        if experiment.spec.mode != "canary":
+            return  # a shadow has nothing to promote: its comparisons are for people to read
         if state.status == "rolled_back" or state.share_pct <= 0:
             return  # an operator promotes it next (a paused one is still watched for breaches)
         window = await self.figures.window(

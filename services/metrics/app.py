@@ -32,7 +32,7 @@ from services.common.runtime import (
 )
 from services.metrics.adapters.store import ClickHouseStore, EventStore
 from services.metrics.config import MetricsSettings
-from services.metrics.handlers import BatchHandler, DecisionHandler
+from services.metrics.handlers import BatchHandler, RecordsHandler
 
 log = logging.getLogger("switchboard.metrics")
 MAX_SQL_BYTES = 100_000
@@ -100,17 +100,19 @@ class MetricsApp:
             on_assign=self.handler.assigned,
             on_poison=self.handler.poisoned,
         )
-        self.decisions = DecisionHandler(self.store, self.publisher, topics, name)
-        self.decision_consumer = BatchConsumer(
+        # the low-volume topics (decisions, shadow comparisons): one consumer for all of them
+        self.records = RecordsHandler(self.store, self.publisher, topics, name)
+        self.records_consumer = BatchConsumer(
             bootstrap=settings.kafka_bootstrap,
-            topics=[topics.decisions],
-            group_id=topics.decisions_group,
-            handler=self.decisions,
+            topics=list(self.records.tables),
+            group_id=topics.records_group,
+            handler=self.records,
             max_records=500,
             fetch_max_wait_ms=settings.fetch_wait_batch_ms * 5,  # a few a minute
-            client_id=f"{name}-decisions",
+            client_id=f"{name}-records",
+            linger_ms=settings.insert_linger_ms,
             session_timeout_ms=settings.kafka_session_timeout_ms,
-            on_poison=self.decisions.poisoned,
+            on_poison=self.records.poisoned,
         )
         self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
         self._phase = "starting"
@@ -132,14 +134,14 @@ class MetricsApp:
         await self.store.migrate()
         await ensure_topics(
             self.settings.kafka_bootstrap,
-            [topics.events, topics.dead_letter, topics.decisions],
+            [topics.events, topics.dead_letter, *self.records.tables],
             self.settings.partitions,
         )
         if self.fences is not None:
             await self.fences.start()
         await self.publisher.start()
         # each start takes seconds on the embedded broker (the group coordinator's answer)
-        await asyncio.gather(self.consumer.start(), self.decision_consumer.start())
+        await asyncio.gather(self.consumer.start(), self.records_consumer.start())
 
     async def _start_query_server(self) -> None:
         token = (
@@ -186,7 +188,7 @@ class MetricsApp:
 
     async def stop(self) -> None:
         self._phase = "shutting down"
-        await self.decision_consumer.stop()
+        await self.records_consumer.stop()
         await self.consumer.stop()
         await self._stop_http()
         await self.publisher.stop()

@@ -11,12 +11,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from aiokafka import ConsumerRecord, TopicPartition
 
-from schemas.control import ControlDecision
 from schemas.topics import Topics
 from services.common.deadletter import from_record
 from services.common.kafka import BatchPublisher, Outgoing
 from services.metrics.adapters.store import EventStore
 from services.metrics.domain.columns import Decoded, decode, dedup_token
+from services.metrics.domain.records import dedup_token as records_token
+from services.metrics.domain.records import record_tables
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,8 @@ class BatchHandler:
         return table.filter(pc.invert(known))
 
 
-class DecisionHandler:
-    """A batch of ControlDecision records → rows of switchboard.decisions.
+class RecordsHandler:
+    """Batches of the low-volume record topics (decisions, shadow comparisons) → their tables.
 
     A record that does not parse fails its batch; the consumer splits the batch until that
     record is alone and hands it to ``poisoned``, which dead-letters it."""
@@ -159,14 +160,22 @@ class DecisionHandler:
         self.store = store
         self.publisher = publisher
         self.topics = topics
+        self.tables = record_tables(topics)
         self.name = name
         self.inserted = 0
         self.dead_letters = 0
 
     async def __call__(self, records: Sequence[ConsumerRecord]) -> None:
-        decisions = [ControlDecision.model_validate_json(r.value or b"") for r in records]
-        await self.store.insert_decisions(decisions)
-        self.inserted += len(decisions)
+        by_topic: dict[str, list[ConsumerRecord]] = {}
+        for record in records:
+            by_topic.setdefault(record.topic, []).append(record)
+        for topic, batch in by_topic.items():
+            spec = self.tables[topic]
+            parsed = [spec.schema.model_validate_json(r.value or b"") for r in batch]
+            token = records_token([getattr(p, spec.key) for p in parsed])
+            rows = [spec.row(p) for p in parsed]
+            await self.store.insert_rows(spec.table, spec.columns, rows, token)
+            self.inserted += len(rows)
 
     async def poisoned(self, record: ConsumerRecord, exc: Exception) -> None:
         letter = from_record(record, self.name, exc).model_dump_json().encode()

@@ -102,6 +102,11 @@ class WorkerApp:
             session_timeout_ms=settings.kafka_session_timeout_ms,
             on_poison=self.handler.poisoned,
         )
+        # a shadow experiment in this tier: answered requests of its share go to the shadow topic
+        self._mirrors = any(
+            e.spec.tier == settings.tier and e.spec.mode == "shadow"
+            for e in config.experiments.values()
+        )
         self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
         self._phase = "starting"
 
@@ -127,6 +132,7 @@ class WorkerApp:
                 topics.dead_letter,
                 topics.results,
                 topics.cancel,
+                *([topics.shadow] if self._mirrors else []),
             ],
             self.settings.partitions,
         )

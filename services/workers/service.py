@@ -34,6 +34,7 @@ from typing import Any
 from aiokafka.errors import KafkaTimeoutError, UnknownTopicOrPartitionError
 from pydantic import TypeAdapter
 
+from schemas.control import SHADOW_TEXT_CHARS, BaselineAnswer, ShadowRequest
 from schemas.topics import Topics
 from schemas.v1 import (
     AttemptEvent,
@@ -60,7 +61,6 @@ from services.workers.stream import ChunkStream
 log = logging.getLogger(__name__)
 
 _OUTCOME = TypeAdapter(Outcome)
-_STATUS: dict[str, AttemptStatus] = {"timeout": "timeout", "rate_limited": "rate_limited"}
 # While the owner of a delivery's note is alive: how often to ask Redis whether it still is (or
 # whether the delivery was marked sent), and how often to look for its answer on the topic.
 WAIT_POLL_S = 0.2
@@ -129,6 +129,7 @@ class TierService:
         self.waited = 0  # deliveries that waited for a living owner to send their answer
         self.taken_over = 0  # deliveries whose note was taken from an owner that was gone
         self.refused = 0  # requests no model of the tier can take (a capability, a parameter)
+        self.mirrored = 0  # answered requests handed to a shadow experiment's candidate
         self._exclusive: dict[str, tuple[asyncio.Lock, int]] = {}
         # what each of the tier's models can do and takes, worked out once
         candidates = [e.spec.candidate for e in config.experiments.values() if e.spec.tier == tier]
@@ -161,8 +162,11 @@ class TierService:
         # sent. A redelivery after a crash finds the outcome stored (and then answers from it)
         # only if the event is already on the events topic, so a crash cannot lose the event.
         events: list[asyncio.Task[None]] = []
+        # publishes that must be stored before the delivery is committed, but not before the
+        # caller is answered (a mirror to the shadow candidate)
+        after: list[asyncio.Task[None]] = []
         try:
-            outcome = await self._answer(routed, events, delivery)
+            outcome = await self._answer(routed, events, delivery, after)
             if outcome is None:
                 return  # re-routed to the fallback tier, which answers
             payload = outcome.model_dump_json().encode()
@@ -179,8 +183,8 @@ class TierService:
                     return
                 await self._publish(routed.reply_to, outcome, request_id, delivery)
         finally:
-            if events:
-                await asyncio.gather(*events)
+            if events or after:
+                await asyncio.gather(*events, *after)
 
     @contextlib.asynccontextmanager
     async def _one_sender(self, delivery: str) -> AsyncIterator[None]:
@@ -317,7 +321,11 @@ class TierService:
         return False
 
     async def _answer(
-        self, routed: RoutedRequest, events: list[asyncio.Task[None]], delivery: str
+        self,
+        routed: RoutedRequest,
+        events: list[asyncio.Task[None]],
+        delivery: str,
+        after: list[asyncio.Task[None]] | None = None,
     ) -> Outcome | None:
         request = routed.request
         errors: list[ModelCallError] = []
@@ -390,6 +398,8 @@ class TierService:
                     await stream.abort()
                 raise
             events.append(asyncio.create_task(self._event(routed, attempt, completion, None)))
+            if after is not None and self._mirrored(routed):
+                after.append(asyncio.create_task(self._mirror(routed, attempt, completion)))
             return ChatResult(
                 request_id=routed.request_id,
                 tenant=request.metadata.tenant,
@@ -515,7 +525,33 @@ class TierService:
         experiment = self.config.experiments.get(tag.name)
         if experiment is None or experiment.spec.tier != self.tier:
             return None
-        return experiment.spec.candidate
+        return experiment.spec.candidate if experiment.spec.mode == "canary" else None
+
+    def _mirrored(self, routed: RoutedRequest) -> bool:
+        """Is the request one of the share a shadow experiment of this tier mirrors?"""
+        tag = routed.experiment
+        if tag is None or tag.variant != "baseline":
+            return False
+        experiment = self.config.experiments.get(tag.name)
+        return experiment is not None and experiment.spec.mode == "shadow"
+
+    async def _mirror(
+        self, routed: RoutedRequest, attempt: policy.Attempt, completion: Completion
+    ) -> None:
+        """Hand the answered request to the shadow workers, with what the tier answered."""
+        usage = completion.usage
+        baseline = BaselineAnswer(
+            model=attempt.spec.label,
+            latency_ms=completion.latency_ms,
+            tokens_in=usage.prompt_tokens,
+            tokens_out=usage.completion_tokens,
+            cost_usd=completion.cost_usd,
+            response_sha256=policy.sha256_text(completion.text),
+            text=completion.text[:SHADOW_TEXT_CHARS],
+        )
+        mirror = ShadowRequest(routed=routed, baseline=baseline)
+        await self.publisher.publish(self.topics.shadow, mirror, key=routed.request_id)
+        self.mirrored += 1
 
     def _lacks(
         self, spec: ModelSpec, wanted: capabilities.Needs, asked: dict[str, object]
@@ -606,7 +642,7 @@ class TierService:
             rule=routed.rule,
             config_hash=routed.config_hash,
             attempt=attempt.index,
-            status=status or ("ok" if error is None else _STATUS.get(error.code, "error")),
+            status=status or ("ok" if error is None else policy.status_of(error)),
             error_code="client_left" if status == "cancelled" else (error.code if error else ""),
             tokens_in=usage.prompt_tokens if usage else 0,
             tokens_out=usage.completion_tokens if usage else 0,

@@ -78,6 +78,20 @@ def test_canary_walkthrough_on_the_embedded_stack(tmp_path: Path) -> None:
                     "metadata": {"tenant": f"tenant-{i}"},
                 }
                 assert http.post("/v1/chat/completions", json=body).status_code == 200
+            # and through the fast tier, whose shadow mirrors about 20 % to the candidate
+            for i in range(60):
+                body = {"model": "fast", "messages": [{"role": "user", "content": f"Ticket {i}"}]}
+                answer = http.post("/v1/chat/completions", json=body)
+                assert answer.status_code == 200 and answer.json()["model"] != "sim-balanced-next"
+        compared = rows_of(
+            data_dir,
+            "SELECT outcome, baseline_model, candidate_model, similarity, similarity_by"
+            " FROM switchboard.llm_shadow WHERE experiment = 'fast-shadow'",
+            1,
+        )
+        for row in compared:
+            assert (row["outcome"], row["candidate_model"]) == ("compared", "sim-balanced-next")
+            assert 0 <= row["similarity"] <= 1 and row["similarity_by"] == "text"
         rows = rows_of(
             data_dir,
             "SELECT variant, share_pct, model, count() AS n FROM switchboard.llm_events"

@@ -29,6 +29,7 @@ from services.controller.config import ControllerSettings
 from services.metrics import app as metrics_app
 from services.metrics.config import MetricsSettings
 from services.router.config import RouterSettings
+from services.shadow.config import ShadowSettings
 from services.workers import app as worker_app
 from services.workers.config import WorkerSettings
 from switchboard import cli
@@ -44,6 +45,7 @@ SETTINGS_BY_COMMAND: dict[str, type[BaseSettings]] = {
     "worker": WorkerSettings,
     "metrics": MetricsSettings,
     "controller": ControllerSettings,
+    "shadow": ShadowSettings,
 }
 # `switchboard <command>` → the settings fields of the host and port its /health and /ready answer on.
 HEALTH_ADDRESS_FIELDS = {
@@ -51,6 +53,7 @@ HEALTH_ADDRESS_FIELDS = {
     "worker": ("worker_host", "worker_port"),
     "metrics": ("metrics_host", "metrics_port"),
     "controller": ("controller_host", "controller_port"),
+    "shadow": ("shadow_host", "shadow_port"),
 }
 # The longest a service's /ready takes to answer before it says "not ready" (its own probe bound):
 # a Docker timeout shorter than that would turn a clear reason into a bare timeout.
@@ -59,6 +62,7 @@ READY_PROBE_S = {
     "worker": worker_app.PROBE_TIMEOUT_S,
     "metrics": metrics_app.STORE_PROBE_S,
     "controller": 0.0,  # the controller reads its own flags
+    "shadow": 0.0,  # the shadow worker reads its consumer's flags
 }
 # Values for the variables compose requires (`${VAR:?message}`), when a test must resolve them.
 REQUIRED_STANDINS = {"SWITCHBOARD_API_KEY": "test-api-key", "CLICKHOUSE_PASSWORD": "test-password"}
@@ -619,6 +623,7 @@ def test_services_wait_for_healthy_dependencies(services: dict[str, dict[str, An
         "worker": {"kafka", "redis"},
         "metrics": {"kafka", "clickhouse"},
         "controller": {"kafka", "metrics"},
+        "shadow": {"kafka"},
     }
     for name, svc in services.items():
         deps = svc.get("depends_on") or {}

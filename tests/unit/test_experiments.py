@@ -71,7 +71,14 @@ def test_experiment_compiles(tmp_path: Path) -> None:
         (("steps: [5, 25, 100]", "steps: [25, 5]"), "experiments.next.steps", "must rise"),
         (("steps: [5, 25, 100]", "steps: [0, 5]"), "experiments.next.steps", "above 0"),
         (("    steps:", "    share: 7\n    steps:"), "experiments.next", "not one of the steps"),
-        (("    steps:", "    mode: shadow\n    steps:"), "experiments.next", "shadow"),
+        (
+            (
+                'criteria: ["error_rate <= baseline.error_rate + 0.01", "p95_latency_ms < 300"]',
+                "criteria: []",
+            ),
+            "experiments.next",
+            "a canary needs at least one criterion",
+        ),
         (
             ('"p95_latency_ms < 300"', '"p96_latency_ms < 300"'),
             "experiments.next.criteria[1]",

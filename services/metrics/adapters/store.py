@@ -8,8 +8,6 @@ one thread, and readers of an embedded store ask the metrics process (services/m
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.control import ControlDecision
-from schemas.topics import DECISIONS_TABLE, EVENTS_TABLE
+from schemas.topics import DECISIONS_TABLE, EVENTS_TABLE, SHADOW_TABLE
 from schemas.v1 import AttemptEvent
 from services.common.retry import Transient
 from services.metrics.domain.columns import TABLE_SCHEMA, dedup_token, events_table
@@ -86,6 +83,36 @@ ORDER BY (experiment, decided_at, decision_id)
 SETTINGS non_replicated_deduplication_window = 10000
 """
 
+SHADOW_DDL = """
+CREATE TABLE IF NOT EXISTS {db}.{table} (
+    ts                   DateTime64(3, 'UTC') COMMENT 'when the comparison was made',
+    comparison_id        String,
+    experiment           LowCardinality(String),
+    tier                 LowCardinality(String),
+    request_id           String,
+    share_pct            Float64 COMMENT 'share of the tier mirrored when it was routed',
+    outcome              LowCardinality(String) COMMENT 'compared | candidate_failed | dropped',
+    reason               String COMMENT 'why dropped, or the candidate error',
+    baseline_model       LowCardinality(String),
+    candidate_model      LowCardinality(String),
+    baseline_latency_ms  Float64,
+    candidate_latency_ms Nullable(Float64),
+    baseline_tokens_out  UInt32,
+    candidate_tokens_out Nullable(UInt32),
+    baseline_cost_usd    Float64,
+    candidate_cost_usd   Nullable(Float64),
+    same_response        Nullable(Bool) COMMENT 'equal response hashes',
+    similarity           Nullable(Float64) COMMENT '0..1',
+    similarity_by        LowCardinality(String) COMMENT 'text, or the judge model'
+) ENGINE = ReplacingMergeTree
+PARTITION BY toDate(ts)
+ORDER BY (experiment, ts, comparison_id)
+TTL toDateTime(ts) + INTERVAL 7 DAY
+SETTINGS non_replicated_deduplication_window = 10000
+"""
+# Tables of the low-volume record topics (services/metrics/domain/records.py), by name.
+RECORD_TABLES = {DECISIONS_TABLE: DECISIONS_DDL, SHADOW_TABLE: SHADOW_DDL}
+
 # What ``stored`` looks rows up by: one bloom filter a granule (8192 rows), so a lookup of a few
 # ids reads the granules that may hold them instead of the whole event_id column (with thousands
 # of ids nearly every granule may; then the bound on ts below is what narrows the read).
@@ -119,7 +146,9 @@ class EventStore(Protocol):
 
     async def query(self, sql: str) -> tuple[list[str], list[list[Any]]]: ...
 
-    async def insert_decisions(self, decisions: Sequence[ControlDecision]) -> None: ...
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: list[list[Any]], token: str
+    ) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -180,7 +209,8 @@ class ClickHouseStore:
         client.command(DDL.format(db=self._db, table=EVENTS_TABLE, index=EVENT_ID_INDEX))
         for column in ADDED_COLUMNS:
             client.command(f"ALTER TABLE {self._table} ADD COLUMN IF NOT EXISTS {column}")
-        client.command(DECISIONS_DDL.format(db=self._db, table=DECISIONS_TABLE))
+        for table, ddl in RECORD_TABLES.items():
+            client.command(ddl.format(db=self._db, table=table))
         indexed = client.query(
             "SELECT count() FROM system.data_skipping_indices"
             " WHERE database = {db:String} AND table = {table:String} AND name = {name:String}",
@@ -212,33 +242,25 @@ class ClickHouseStore:
         table = events_table(events)
         await self.insert_table(table, dedup_token(table.column("event_id").combine_chunks()))
 
-    def _insert_decisions(self, decisions: Sequence[ControlDecision]) -> None:
-        columns = [
-            "decided_at", "decision_id", "experiment", "tier", "candidate", "action",
-            "share_from", "share_to", "reason", "criteria", "figures", "by", "config_hash",
-        ]  # fmt: skip
-        rows = [
-            [
-                *(getattr(d, c) for c in columns[:9]),
-                list(d.criteria),
-                json.dumps(d.figures, sort_keys=True, default=str),
-                d.by,
-                d.config_hash,
-            ]
-            for d in decisions
-        ]
-        token = hashlib.sha256("\x00".join(sorted(d.decision_id for d in decisions)).encode())
+    def _insert_rows(
+        self, table: str, columns: Sequence[str], rows: list[list[Any]], token: str
+    ) -> None:
         self._connect().insert(
-            f"{self._db}.{DECISIONS_TABLE}",
+            f"{self._db}.{table}",
             rows,
-            column_names=columns,
-            settings={"insert_deduplication_token": token.hexdigest()},
+            column_names=list(columns),
+            settings={"insert_deduplication_token": token},
         )
 
-    async def insert_decisions(self, decisions: Sequence[ControlDecision]) -> None:
-        """The controller's and operators' decisions (de-duplicated by their ids)."""
-        if decisions:
-            await self._store_call("insert", self._insert_decisions, decisions)
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: list[list[Any]], token: str
+    ) -> None:
+        """Rows of one of the record tables (``RECORD_TABLES``); ``token`` de-duplicates a
+        repeated insert."""
+        if table not in RECORD_TABLES:
+            raise ValueError(f"{table!r} is not a record table")
+        if rows:
+            await self._store_call("insert", self._insert_rows, table, columns, rows, token)
 
     def _stored(self, lookups: list[dict[str, Any]]) -> set[str]:
         sql = LOOKUP_SQL.format(table=self._table)

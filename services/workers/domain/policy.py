@@ -7,7 +7,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
+from schemas.v1 import AttemptStatus
 from services.common.routing_config import ModelSpec, TierSpec
+from services.workers.errors import ModelCallError
+
+_STATUS: dict[str, AttemptStatus] = {"timeout": "timeout", "rate_limited": "rate_limited"}
 
 
 @dataclass(frozen=True)
@@ -57,3 +61,8 @@ def tenant_hash(tenant: str | None) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def status_of(error: ModelCallError) -> AttemptStatus:
+    """The row status of a failed call: timeout, rate_limited, or error."""
+    return _STATUS.get(error.code, "error")
