@@ -9,6 +9,8 @@ Flow::
     tier worker, a mirrored request answered ──▶ ShadowRequest   (shadow topic)
     shadow worker, the candidate called ──▶ ShadowComparison     (shadow comparisons topic
                                                                   ─metrics─▶ llm_shadow)
+    POST /v1/feedback, a judge, a verifier ──▶ Feedback          (feedback topic ─metrics─▶
+                                                                  llm_feedback, once checked)
 
 Routers read the control topic from its start and apply the newest state of each experiment:
 its share says which requests go to the candidate (services/common/experiments.py).
@@ -20,7 +22,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 
 from schemas.v1 import MAX_NAME, SCHEMA_VERSION, RoutedRequest, _Message, utcnow
 
@@ -123,3 +125,36 @@ class ShadowComparison(_Message):
     same_response: bool | None = Field(default=None, description="Equal response hashes.")
     similarity: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     similarity_by: str = Field(default="", max_length=200, description="'text' or the judge.")
+
+
+class Feedback(_Message):
+    """A score or label for one answered request (POST /v1/feedback, or the feedback topic):
+    what ``accuracy`` and ``accuracy_delta`` are made of. A row of llm_feedback once the metrics
+    service has checked that the request exists and is the tenant's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    feedback_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=100)
+    request_id: str = Field(min_length=1, max_length=200)
+    tenant: str | None = Field(
+        default=None, max_length=200, description="The tenant the request was made for, if any."
+    )
+    score: float | None = Field(
+        default=None, ge=0, le=1, allow_inf_nan=False, description="0 (wrong) to 1 (right)."
+    )
+    label: str | None = Field(default=None, min_length=1, max_length=100)
+    comment: str = Field(default="", max_length=2000)
+    source: str = Field(
+        default="api",
+        min_length=1,
+        max_length=100,
+        description="Who scored: api, a person's tool, or e.g. judge:<model> / verifier:<name>.",
+    )
+    at: datetime = Field(default_factory=utcnow)
+
+    @model_validator(mode="after")
+    def _says_something(self) -> Feedback:
+        if self.score is None and self.label is None:
+            raise ValueError("send a score (0 to 1), a label, or both")
+        return self

@@ -13,6 +13,7 @@ DEFAULT_PREFIX = "switchboard"
 EVENTS_TABLE = "llm_events"
 DECISIONS_TABLE = "decisions"
 SHADOW_TABLE = "llm_shadow"
+FEEDBACK_TABLE = "llm_feedback"
 DEFAULT_DATABASE = "switchboard"
 
 _TIER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
@@ -77,6 +78,11 @@ class Topics:
     def shadow_group(self) -> str:
         """The shadow workers: their own group, so a slow candidate never holds a tier's."""
         return f"{self.prefix}-shadow"
+
+    @property
+    def feedback(self) -> str:
+        """Scores and labels of answered requests (Feedback), from the router or any producer."""
+        return f"{self.prefix}.feedback.v1"
 
     def tier(self, name: str) -> str:
         """Routed requests for one tier (RoutedRequest)."""

@@ -129,6 +129,8 @@ class Stack:
             SWITCHBOARD_SIMULATOR_PORT=str(p.ports["simulator"]),
             SWITCHBOARD_METRICS_PORT=str(p.ports["metrics"]),
             SWITCHBOARD_METRICS_TOKEN=self.metrics_token,
+            # where the controller reads figures and the router checks feedback's requests
+            SWITCHBOARD_METRICS_URL=f"http://127.0.0.1:{p.ports['metrics']}",
             SWITCHBOARD_REPLY_GENERATION_SIZE=REPLY_GENERATION_SIZE,
             SWITCHBOARD_EMBEDDED_BROKER="true",
         )
@@ -198,7 +200,6 @@ class Stack:
                 "controller",
                 ["controller"],
                 SWITCHBOARD_CONTROLLER_PORT=str(p.ports["controller"]),
-                SWITCHBOARD_METRICS_URL=f"http://127.0.0.1:{p.ports['metrics']}",
             )
         )
         if any(e.spec.mode == "shadow" for e in self.config.experiments.values()):

@@ -38,10 +38,13 @@ _CANDIDATE_FIGURES: dict[str, type] = {
     "p95_ttft_ms": float,  # streamed answers only
     "tokens": int,  # prompt + completion tokens of answered calls
     "cost_per_1k": float,  # USD per 1,000 tokens
+    "feedback": int,  # scores given (llm_feedback) for the variant's requests
+    "accuracy": float,  # their mean, 0..1
 }
 FIGURES: dict[str, type] = {
     **_CANDIDATE_FIGURES,
     **{f"baseline.{name}": typ for name, typ in _CANDIDATE_FIGURES.items()},
+    "accuracy_delta": float,  # the candidate's accuracy minus the baseline's
 }
 BOUNDED = ("error_rate", "p50_latency_ms", "p95_latency_ms", "p99_latency_ms", "p95_ttft_ms")
 

@@ -5,8 +5,8 @@ share took effect. Each side's figures come from its own rows: the candidate's a
 the candidate model by requests assigned to it, the baseline's those of requests left on the
 tier's models.
 
-The statistical guard: the candidate's error rate and latency quantiles are each replaced by a
-confidence bound before a condition reads them. A promotion reads the pessimistic bound (the
+The statistical guard: the candidate's error rate, latency quantiles and accuracy_delta are each
+replaced by a confidence bound before a condition reads them. A promotion reads the pessimistic bound (the
 upper one: the criteria must hold even if the candidate is as bad as the data allows), a rollback
 reads the optimistic one (the lower one: it happens only when the candidate is bad even at its
 best). Too few samples give no bound at all, and a condition on a missing figure is false: so
@@ -15,7 +15,9 @@ missing or thin data never promotes, and never rolls back on noise.
 * error rate: the Wilson score interval, one-sided at ``confidence``;
 * a latency quantile q over n samples: the order statistic at rank
   ``n·q ± z·√(n·q·(1-q))`` (distribution-free: the count of samples under the true quantile is
-  binomial), none when that rank falls outside 1..n.
+  binomial), none when that rank falls outside 1..n;
+* accuracy_delta: the difference of the mean scores ∓ z standard errors of it (Welch), none
+  under two scores on either side.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class SideData:
     cost_usd: float = 0.0
     latencies_ms: Sequence[float] = ()  # answered calls (a sample, when there are many)
     ttfts_ms: Sequence[float] = ()  # answered streamed calls
+    feedback: int = 0  # scores given for the side's requests
+    score_mean: float | None = None
+    score_var: float | None = None  # sample variance (None under two scores)
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,8 @@ def point_figures(data: SideData) -> dict[str, Any]:
         "p95_ttft_ms": quantile(sorted(data.ttfts_ms), 0.95),
         "tokens": data.tokens,
         "cost_per_1k": data.cost_usd * 1000 / data.tokens if data.tokens and answered else None,
+        "feedback": data.feedback,
+        "accuracy": data.score_mean if data.feedback else None,
     }
 
 
@@ -108,6 +115,22 @@ def bounded_figures(data: SideData, z: float, bound: Bound) -> dict[str, Any]:
         out[name] = quantile_bound(latencies, q, z, bound)
     out["p95_ttft_ms"] = quantile_bound(sorted(data.ttfts_ms), 0.95, z, bound)
     return out
+
+
+def accuracy_delta(window: Window, z: float, bound: Bound | None) -> float | None:
+    """The candidate's mean score minus the baseline's; with ``bound``, less (pessimistic,
+    "upper" as for error rates) or more (optimistic) by z standard errors of the difference.
+    None without scores on both sides, or, bounded, under two scores on either."""
+    c, b = window.candidate, window.baseline
+    if not c.feedback or not b.feedback or c.score_mean is None or b.score_mean is None:
+        return None
+    delta = c.score_mean - b.score_mean
+    if bound is None:
+        return delta
+    if c.score_var is None or b.score_var is None or c.feedback < 2 or b.feedback < 2:
+        return None
+    se = math.sqrt(c.score_var / c.feedback + b.score_var / b.feedback)
+    return delta - z * se if bound == "upper" else delta + z * se
 
 
 def features(candidate: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
@@ -147,6 +170,9 @@ def judge(experiment: Experiment, state: ExperimentState, window: Window) -> Ver
         "candidate_lower": bounded_figures(window.candidate, z, "lower"),
         "baseline": base,
     }
+    figures["candidate"]["accuracy_delta"] = accuracy_delta(window, z, None)
+    for side, bound in (("candidate_upper", "upper"), ("candidate_lower", "lower")):
+        figures[side]["accuracy_delta"] = accuracy_delta(window, z, bound)  # type: ignore[arg-type]
     hold = state.share_pct, state.step, state.status
     breaches = _checked(experiment.rollback_when, features(figures["candidate_lower"], base))
     broken = [source for source, held in breaches if held]

@@ -1,4 +1,7 @@
-"""A batch of event records → rows in ClickHouse; unreadable records become dead letters."""
+"""Batches of records → rows in ClickHouse; unreadable (or refused) records become dead letters.
+
+``BatchHandler``: the events topic → llm_events. ``RecordsHandler``: the low-volume topics
+(decisions, shadow comparisons, feedback) → their tables."""
 
 from __future__ import annotations
 
@@ -6,18 +9,22 @@ import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from aiokafka import ConsumerRecord, TopicPartition
 
+from schemas.control import Feedback
 from schemas.topics import Topics
 from services.common.deadletter import from_record
 from services.common.kafka import BatchPublisher, Outgoing
-from services.metrics.adapters.store import EventStore
+from services.common.retry import Transient
+from services.common.sql import literal
+from services.metrics.adapters.store import EventStore, StoreUnavailable
 from services.metrics.domain.columns import Decoded, decode, dedup_token
+from services.metrics.domain.records import NotYet, feedback_refusals, record_tables
 from services.metrics.domain.records import dedup_token as records_token
-from services.metrics.domain.records import record_tables
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +171,7 @@ class RecordsHandler:
         self.name = name
         self.inserted = 0
         self.dead_letters = 0
+        self.refused = 0  # feedback for unknown requests or another tenant's
 
     async def __call__(self, records: Sequence[ConsumerRecord]) -> None:
         by_topic: dict[str, list[ConsumerRecord]] = {}
@@ -172,12 +180,55 @@ class RecordsHandler:
         for topic, batch in by_topic.items():
             spec = self.tables[topic]
             parsed = [spec.schema.model_validate_json(r.value or b"") for r in batch]
+            refused: list[tuple[ConsumerRecord, str]] = []
+            if spec.checked:
+                reasons = await self._feedback_refusals(parsed)  # type: ignore[arg-type]
+                refused = [(r, why) for r, why in zip(batch, reasons, strict=True) if why]
+                parsed = [p for p, why in zip(parsed, reasons, strict=True) if not why]
             token = records_token([getattr(p, spec.key) for p in parsed])
             rows = [spec.row(p) for p in parsed]
             await self.store.insert_rows(spec.table, spec.columns, rows, token)
             self.inserted += len(rows)
+            if refused:  # once the rows are in: a retried batch refuses them again, no more
+                letters = [
+                    Outgoing(self.topics.dead_letter, _refusal(r, why, self.name))
+                    for r, why in refused
+                ]
+                await self.publisher.publish_all(letters)
+                self.refused += len(letters)
+
+    async def _feedback_refusals(self, feedback: list[Feedback]) -> list[str | None]:
+        ids = sorted({f.request_id for f in feedback})
+        sql = (
+            f"SELECT request_id, any(tenant_hash) FROM {self.store.table}"
+            f" WHERE request_id IN ({', '.join(literal(i) for i in ids)}) GROUP BY request_id"
+        )
+        try:
+            _, rows = await self.store.query(sql)
+        except Exception as exc:
+            raise StoreUnavailable(
+                f"ClickHouse lookup of feedback's requests failed: {exc}"
+            ) from exc
+        try:
+            return feedback_refusals(feedback, {r[0]: r[1] for r in rows}, datetime.now(UTC))
+        except NotYet as exc:
+            raise FeedbackTooEarly(
+                f"feedback for request {exc} came before its row; trying again"
+            ) from exc
 
     async def poisoned(self, record: ConsumerRecord, exc: Exception) -> None:
         letter = from_record(record, self.name, exc).model_dump_json().encode()
         await self.publisher.publish_all([Outgoing(self.topics.dead_letter, letter)])
         self.dead_letters += 1
+
+
+class FeedbackTooEarly(Transient):
+    """Feedback whose request's row is not written yet (rows follow answers by about a second)."""
+
+
+def _refusal(record: ConsumerRecord, reason: str, consumer: str) -> bytes:
+    return from_record(record, consumer, Refused(reason)).model_dump_json().encode()
+
+
+class Refused(ValueError):
+    """A record that is well formed and still not stored: its reason says why."""

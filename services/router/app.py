@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from schemas.topics import EVENTS_TABLE
 from services.common import fences
 from services.common.consumer import BatchConsumer
 from services.common.control import ControlReader, LiveExperiments, ensure_control_topic
@@ -22,8 +23,9 @@ from services.common.routing_config import load_config
 from services.common.runtime import serve_until_signal, start_http, stop_http
 from services.router.config import RouterSettings
 from services.router.errors import ApiError
+from services.router.feedback import Owners, feedback_api
 from services.router.handlers import IngressHandler, ReplyHandler
-from services.router.http import HttpContext, api, install_error_handlers
+from services.router.http import HttpContext, api, install_error_handlers, key_dependency
 from services.router.replies import ReplyReader, ReplyTopics
 from services.router.service import PendingReplies, Router
 from services.router.watch import BrokerWatch
@@ -43,6 +45,11 @@ def create_app(settings: RouterSettings) -> FastAPI:
     publisher = BrokerPublisher(broker, holds)
     control = ControlReader(settings.kafka_bootstrap, topics.control, f"{name}-control")
     live = LiveExperiments(config, control.states)
+    owners = None
+    if settings.metrics_url:
+        token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+        table = f"{settings.clickhouse_database}.{EVENTS_TABLE}"
+        owners = Owners(settings.metrics_url, token, table)
     router = Router(config, topics, publisher, settings.max_image_bytes, live)
     replies = PendingReplies()
     batch_publisher = KafkaBatchPublisher(
@@ -69,6 +76,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
             topics.dead_letter,
             topics.events,
             topics.cancel,
+            topics.feedback,
         ]
         await ensure_topics(settings.kafka_bootstrap, shared, settings.partitions)
         await ensure_control_topic(settings.kafka_bootstrap, topics.control)
@@ -127,6 +135,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
             )
             await reader.stop()
             await control.stop()
+            if owners is not None:
+                await owners.close()
             await broker.stop()
             if holds is not None:
                 await holds.stop()
@@ -141,6 +151,11 @@ def create_app(settings: RouterSettings) -> FastAPI:
         router, replies, reply_topics, key, settings.reply_grace_s, settings.max_waiting
     )
     app.include_router(api(ctx))
+    app.include_router(
+        feedback_api(
+            key_dependency(ctx), owners, publisher, topics.feedback, settings.feedback_wait_s
+        )
+    )
     install_error_handlers(app, settings.max_body_bytes)
     app.state.ctx = ctx
     app.state.ingress = ingress

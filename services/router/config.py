@@ -6,6 +6,7 @@ import uuid
 
 from pydantic import Field, SecretStr
 
+from schemas.topics import DEFAULT_DATABASE
 from services.common.settings import CommonSettings
 from services.router.domain.images import MAX_IMAGE_BYTES
 
@@ -59,6 +60,29 @@ class RouterSettings(CommonSettings):
         description=(
             "HTTP requests that may wait for their answers at once; past it a request gets 503 "
             "with Retry-After instead of joining a queue that only grows."
+        ),
+    )
+    metrics_url: str | None = Field(
+        default=None,
+        description=(
+            "The metrics service's query endpoint, where POST /v1/feedback checks that a request "
+            "exists and is the caller's tenant's (`switchboard up` sets it). Unset: feedback "
+            "answers 503."
+        ),
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None, description="Bearer token of the metrics query endpoint."
+    )
+    clickhouse_database: str = Field(
+        default=DEFAULT_DATABASE, description="Database of llm_events (for the feedback check)."
+    )
+    feedback_wait_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=60,
+        description=(
+            "How long POST /v1/feedback waits for its request's rows before answering 404 (rows "
+            "follow an answer by about a second)."
         ),
     )
     reply_grace_s: float = Field(

@@ -510,13 +510,18 @@ def model_list(config: LoadedConfig) -> list[dict[str, Any]]:
     return data
 
 
-def api(ctx: HttpContext) -> APIRouter:
-    routes = APIRouter()
-
+def key_dependency(ctx: HttpContext) -> Callable[[Request], Awaitable[None]]:
     async def require_key(request: Request) -> None:
         # A dependency, so it runs before the body is validated: a caller without the key
         # learns nothing about what a valid request looks like.
         _check_key(ctx, request)
+
+    return require_key
+
+
+def api(ctx: HttpContext) -> APIRouter:
+    routes = APIRouter()
+    require_key = key_dependency(ctx)
 
     @routes.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(body: ChatCompletionBody, request: Request) -> Response:

@@ -387,11 +387,13 @@ def test_router_and_metrics_listen_where_they_are_reached(
     assert int(env["SWITCHBOARD_METRICS_PORT"]) > 0
 
 
-def test_controller_reads_figures_from_the_metrics_service(
-    services: dict[str, dict[str, Any]],
+@pytest.mark.parametrize("command", ["controller", "router"])
+def test_the_metrics_query_endpoint_is_reached_where_it_listens(
+    services: dict[str, dict[str, Any]], command: str
 ) -> None:
-    name, controller = only(services, "controller")
-    env = resolved_env(controller)
+    """The controller reads figures there; the router checks feedback's requests there."""
+    name, service = only(services, command)
+    env = resolved_env(service)
     url = urlsplit(env["SWITCHBOARD_METRICS_URL"])
     _, metrics = only(services, "metrics")
     metrics_env = resolved_env(metrics)

@@ -11,8 +11,9 @@ import pytest
 
 from schemas.control import ExperimentState
 from services.common.routing_config import Experiment, load_config
+from services.common.sql import literal
 from services.controller import domain
-from services.controller.adapters.figures import literal, window_from_rows, window_sql
+from services.controller.adapters.figures import window_from_rows, window_sql
 from services.controller.domain import SideData, Window
 
 CONFIG = """
@@ -210,3 +211,37 @@ def test_window_from_rows() -> None:
     window = window_from_rows(columns, rows)
     assert window.candidate.requests == 3 and window.candidate.latencies_ms == [1.0, 2.0, 3.0]
     assert window.baseline == SideData()
+
+
+def scored(side_: SideData, n: int, mean: float, var: float | None) -> SideData:
+    from dataclasses import replace
+
+    return replace(side_, feedback=n, score_mean=mean, score_var=var)
+
+
+def test_accuracy_delta_and_its_bounds() -> None:
+    z = domain.z_of(0.95)
+    window = Window(scored(side(100), 40, 0.9, 0.04), scored(side(100), 60, 0.8, 0.05))
+    point = domain.accuracy_delta(window, z, None)
+    pessimistic = domain.accuracy_delta(window, z, "upper")
+    optimistic = domain.accuracy_delta(window, z, "lower")
+    assert point == pytest.approx(0.1)
+    assert pessimistic is not None and optimistic is not None
+    assert pessimistic < 0.1 < optimistic
+    one_score = Window(scored(side(100), 1, 1.0, None), scored(side(100), 60, 0.8, 0.05))
+    assert domain.accuracy_delta(one_score, z, None) == pytest.approx(0.2)
+    assert domain.accuracy_delta(one_score, z, "upper") is None  # no spread: no bound
+    assert domain.accuracy_delta(Window(side(10), side(10)), z, None) is None
+
+
+def test_a_criterion_on_accuracy_needs_the_scores(tmp_path: Path) -> None:
+    path = tmp_path / "routing.yaml"
+    path.write_text(CONFIG.replace("      - error_rate <= baseline.error_rate + 0.05\n",
+                                   "      - accuracy_delta >= -0.02\n"))  # fmt: skip
+    experiment = load_config(path).experiments["next"]
+    unscored = domain.judge(experiment, state(), Window(side(200), side(2000)))
+    assert unscored.action == "hold" and "accuracy_delta >= -0.02" in unscored.reason
+    good = Window(scored(side(200), 80, 0.9, 0.02), scored(side(2000), 300, 0.85, 0.03))
+    assert domain.judge(experiment, state(), good).action == "promote"
+    worse = Window(scored(side(200), 80, 0.7, 0.02), scored(side(2000), 300, 0.85, 0.03))
+    assert domain.judge(experiment, state(), worse).action == "hold"

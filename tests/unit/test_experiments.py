@@ -200,3 +200,28 @@ def test_live_tags_only_the_experiment_tier(tmp_path: Path) -> None:
     assert tag is not None and tag.variant == "candidate" and tag.share_pct == 100
     states["next"] = state(config, share_pct=0.0, step=-1, status="rolled_back")
     assert live.tag("balanced", chat("acme")) is None
+
+
+def test_feedback_is_refused_for_another_tenant_or_an_unknown_request() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from schemas.control import Feedback
+    from services.common.sql import tenant_hash
+    from services.metrics.domain.records import NotYet, feedback_refusals
+
+    now = datetime.now(UTC)
+    old = now - timedelta(minutes=5)
+    known = {"r1": tenant_hash("acme"), "r2": ""}
+    batch = [
+        Feedback(request_id="r1", tenant="acme", score=1),
+        Feedback(request_id="r1", tenant="globex", score=1),
+        Feedback(request_id="r2", score=0.5),
+        Feedback(request_id="r2", tenant="acme", score=0.5),
+        Feedback(request_id="gone", score=0.5, at=old),
+    ]
+    reasons = feedback_refusals(batch, known, now)
+    assert reasons[0] is None and reasons[2] is None
+    assert "not made for this tenant" in (reasons[1] or "") and reasons[3]
+    assert "no request 'gone'" in (reasons[4] or "")
+    with pytest.raises(NotYet):  # a moment after its answer, the request's row may be on its way
+        feedback_refusals([Feedback(request_id="new", score=1)], known, now)

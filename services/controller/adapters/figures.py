@@ -3,12 +3,14 @@ store its metrics service owns, and as good as any to a ClickHouse server)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import httpx
 
-from schemas.topics import EVENTS_TABLE
+from schemas.topics import EVENTS_TABLE, FEEDBACK_TABLE
+from services.common.sql import literal
 from services.controller.domain import SideData, Window
 
 # latencies sampled per side: plenty for a p99 and its bound, and a bounded answer
@@ -24,11 +26,6 @@ class Figures(Protocol):
     async def window(
         self, experiment: str, candidate: str, share_pct: float, since: datetime
     ) -> Window: ...
-
-
-def literal(text: str) -> str:
-    """A ClickHouse string literal."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def window_sql(
@@ -53,6 +50,42 @@ WHERE experiment = {literal(experiment)}
   AND (variant = 'baseline' OR (variant = 'candidate' AND model = {literal(candidate)}))
 GROUP BY side
 """
+
+
+def feedback_sql(
+    database: str, experiment: str, candidate: str, share_pct: float, since: datetime
+) -> str:
+    """Scores per side for the window's requests (feedback may come after the window)."""
+    at = since.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return f"""
+SELECT if(e.variant = 'candidate', 'candidate', 'baseline') AS side,
+       count() AS feedback, avg(f.score) AS score_mean, varSamp(f.score) AS score_var
+FROM {database}.{FEEDBACK_TABLE} AS f
+INNER JOIN (
+    SELECT DISTINCT request_id, variant FROM {database}.{EVENTS_TABLE}
+    WHERE experiment = {literal(experiment)}
+      AND share_pct = {float(share_pct)!r}
+      AND ts >= toDateTime64({literal(at)}, 3, 'UTC')
+      AND (variant = 'baseline' OR (variant = 'candidate' AND model = {literal(candidate)}))
+) AS e ON f.request_id = e.request_id
+WHERE f.score IS NOT NULL
+GROUP BY side
+"""
+
+
+def with_feedback(window: Window, columns: list[str], rows: list[list[Any]]) -> Window:
+    sides = {"candidate": window.candidate, "baseline": window.baseline}
+    for row in rows:
+        r = dict(zip(columns, row, strict=True))
+        n = int(r["feedback"])
+        variance = r["score_var"]
+        sides[r["side"]] = replace(
+            sides[r["side"]],
+            feedback=n,
+            score_mean=float(r["score_mean"]),
+            score_var=float(variance) if n >= 2 and variance is not None else None,
+        )
+    return Window(sides["candidate"], sides["baseline"])
 
 
 def window_from_rows(columns: list[str], rows: list[list[Any]]) -> Window:
@@ -80,7 +113,11 @@ class EndpointFigures:
     async def window(
         self, experiment: str, candidate: str, share_pct: float, since: datetime
     ) -> Window:
-        sql = window_sql(self._database, experiment, candidate, share_pct, since)
+        args = (self._database, experiment, candidate, share_pct, since)
+        window = window_from_rows(*await self._query(window_sql(*args)))
+        return with_feedback(window, *await self._query(feedback_sql(*args)))
+
+    async def _query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
         try:
             resp = await self._client.post("/query", json={"sql": sql})
         except httpx.HTTPError as exc:
@@ -90,7 +127,7 @@ class EndpointFigures:
                 f"metrics query endpoint answered {resp.status_code}: {resp.text[:500]}"
             )
         body = resp.json()
-        return window_from_rows(body["columns"], body["rows"])
+        return body["columns"], body["rows"]
 
     async def close(self) -> None:
         await self._client.aclose()

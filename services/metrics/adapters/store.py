@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.topics import DECISIONS_TABLE, EVENTS_TABLE, SHADOW_TABLE
+from schemas.topics import DECISIONS_TABLE, EVENTS_TABLE, FEEDBACK_TABLE, SHADOW_TABLE
 from schemas.v1 import AttemptEvent
 from services.common.retry import Transient
 from services.metrics.domain.columns import TABLE_SCHEMA, dedup_token, events_table
@@ -110,8 +110,28 @@ ORDER BY (experiment, ts, comparison_id)
 TTL toDateTime(ts) + INTERVAL 7 DAY
 SETTINGS non_replicated_deduplication_window = 10000
 """
+FEEDBACK_DDL = """
+CREATE TABLE IF NOT EXISTS {db}.{table} (
+    ts          DateTime64(3, 'UTC') COMMENT 'when the feedback was given',
+    feedback_id String,
+    request_id  String,
+    tenant_hash String COMMENT 'as in llm_events: the request was checked to be this tenant''s',
+    score       Nullable(Float64) COMMENT '0 (wrong) to 1 (right)',
+    label       LowCardinality(String),
+    comment     String,
+    source      LowCardinality(String) COMMENT 'api, or the judge / verifier that scored'
+) ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(ts)
+ORDER BY (request_id, ts, feedback_id)
+TTL toDateTime(ts) + INTERVAL 90 DAY
+SETTINGS non_replicated_deduplication_window = 10000
+"""
 # Tables of the low-volume record topics (services/metrics/domain/records.py), by name.
-RECORD_TABLES = {DECISIONS_TABLE: DECISIONS_DDL, SHADOW_TABLE: SHADOW_DDL}
+RECORD_TABLES = {
+    DECISIONS_TABLE: DECISIONS_DDL,
+    SHADOW_TABLE: SHADOW_DDL,
+    FEEDBACK_TABLE: FEEDBACK_DDL,
+}
 
 # What ``stored`` looks rows up by: one bloom filter a granule (8192 rows), so a lookup of a few
 # ids reads the granules that may hold them instead of the whole event_id column (with thousands
@@ -136,6 +156,9 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class EventStore(Protocol):
+    @property
+    def table(self) -> str: ...
+
     async def migrate(self) -> None: ...
 
     async def insert(self, events: Sequence[AttemptEvent]) -> None: ...

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
 
-from schemas.control import ControlDecision, ShadowComparison
-from schemas.topics import DECISIONS_TABLE, SHADOW_TABLE, Topics
+from schemas.control import ControlDecision, Feedback, ShadowComparison
+from schemas.topics import DECISIONS_TABLE, FEEDBACK_TABLE, SHADOW_TABLE, Topics
+from services.common.sql import tenant_hash
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class RecordTable:
     columns: tuple[str, ...]
     key: str  # the field that identifies a record: a record read twice is one row
     row: Callable[[Any], list[Any]]
+    checked: bool = False  # feedback: its request must exist and be the same tenant's
 
 
 def _decision_row(d: ControlDecision) -> list[Any]:
@@ -42,6 +45,44 @@ def _shadow_row(c: ShadowComparison) -> list[Any]:
     return [getattr(c, name) for name in _SHADOW_COLUMNS]
 
 
+_FEEDBACK_COLUMNS = (
+    "ts", "feedback_id", "request_id", "tenant_hash", "score", "label", "comment", "source",
+)  # fmt: skip
+
+
+def _feedback_row(f: Feedback) -> list[Any]:
+    return [f.at, f.feedback_id, f.request_id, tenant_hash(f.tenant), f.score,
+            f.label or "", f.comment, f.source]  # fmt: skip
+
+
+# How long feedback may wait for its request's row (events are written about a second after the
+# answer) before an unknown request id is refused.
+UNKNOWN_AFTER_S = 30.0
+
+
+class NotYet(Exception):
+    """Feedback for a request whose row may not be written yet: try the batch again."""
+
+
+def feedback_refusals(
+    feedback: Sequence[Feedback], tenants: Mapping[str, str], now: datetime
+) -> list[str | None]:
+    """Per record, why it is refused, or None. ``tenants`` is each known request id's
+    tenant hash (llm_events). Raises ``NotYet`` while a recent one's request is unknown."""
+    out: list[str | None] = []
+    for f in feedback:
+        known = tenants.get(f.request_id)
+        if known is None:
+            if (now - f.at).total_seconds() < UNKNOWN_AFTER_S:
+                raise NotYet(f.request_id)
+            out.append(f"request_id: no request {f.request_id!r} was answered (in the last 7 days)")
+        elif known != tenant_hash(f.tenant):
+            out.append(f"tenant: request {f.request_id!r} was not made for this tenant")
+        else:
+            out.append(None)
+    return out
+
+
 def record_tables(topics: Topics) -> dict[str, RecordTable]:
     """Topic → what its records are and where they go."""
     return {
@@ -50,6 +91,9 @@ def record_tables(topics: Topics) -> dict[str, RecordTable]:
         ),
         topics.shadow_comparisons: RecordTable(
             ShadowComparison, SHADOW_TABLE, _SHADOW_COLUMNS, "comparison_id", _shadow_row
+        ),
+        topics.feedback: RecordTable(
+            Feedback, FEEDBACK_TABLE, _FEEDBACK_COLUMNS, "feedback_id", _feedback_row, checked=True
         ),
     }
 

@@ -9,6 +9,7 @@ from datetime import datetime
 
 from schemas.v1 import AttemptStatus
 from services.common.routing_config import ModelSpec, TierSpec
+from services.common.sql import tenant_hash as tenant_hash  # the rows' form, shared
 from services.workers.errors import ModelCallError
 
 _STATUS: dict[str, AttemptStatus] = {"timeout": "timeout", "rate_limited": "rate_limited"}
@@ -53,10 +54,6 @@ def remaining_s(deadline_at: datetime | None, now: datetime) -> float | None:
 
 def backoff_s(tier: TierSpec, retry: int) -> float:
     return tier.retry_backoff_s * (2 ** max(retry - 1, 0))
-
-
-def tenant_hash(tenant: str | None) -> str:
-    return hashlib.sha256(tenant.encode()).hexdigest()[:16] if tenant else ""
 
 
 def sha256_text(text: str) -> str:
