@@ -9,6 +9,8 @@ Flow::
     tier worker, a mirrored request answered ──▶ ShadowRequest   (shadow topic)
     shadow worker, the candidate called ──▶ ShadowComparison     (shadow comparisons topic
                                                                   ─metrics─▶ llm_shadow)
+    `switchboard config apply FILE` ──▶ ConfigUpdate             (config topic, compacted: every
+                                                                  service applies the newest)
     POST /v1/feedback, a judge, a verifier ──▶ Feedback          (feedback topic ─metrics─▶
                                                                   llm_feedback, once checked)
 
@@ -158,3 +160,19 @@ class Feedback(_Message):
         if self.score is None and self.label is None:
             raise ValueError("send a score (0 to 1), a label, or both")
         return self
+
+
+MAX_CONFIG_BYTES = 1_000_000
+
+
+class ConfigUpdate(_Message):
+    """A routing config applied to the fleet (``switchboard config apply FILE``): the config
+    topic, one partition, compacted; every router, worker, controller and shadow worker applies
+    the newest record, each validating it first with its own environment."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    text: str = Field(max_length=MAX_CONFIG_BYTES, description="The file's text, as written.")
+    config_hash: str = Field(max_length=100, description="Its hash, as `check-config` prints it.")
+    source: str = Field(default="", max_length=1000, description="The file it was read from.")
+    by: str = Field(default="", max_length=200)
+    at: datetime = Field(default_factory=utcnow)

@@ -80,6 +80,11 @@ class Topics:
         return f"{self.prefix}-shadow"
 
     @property
+    def config(self) -> str:
+        """The routing config applied to the fleet (ConfigUpdate; one partition, compacted)."""
+        return f"{self.prefix}.config.v1"
+
+    @property
     def feedback(self) -> str:
         """Scores and labels of answered requests (Feedback), from the router or any producer."""
         return f"{self.prefix}.feedback.v1"

@@ -601,6 +601,11 @@ class AttemptEvent(_Message):
     cost_usd: NonNegative = 0.0
     response_sha256: str = ""
     tenant_hash: str = ""
+    worker_config_hash: str = Field(
+        default="",
+        max_length=100,
+        description="The config the worker made the attempt on (config_hash is the router's).",
+    )
     experiment: str = Field(default="", max_length=MAX_NAME, description="'' outside experiments.")
     variant: Variant | Literal[""] = ""
     share_pct: float = Field(

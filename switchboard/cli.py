@@ -11,6 +11,7 @@ switchboard simulator                the provider simulator (not a model)
 switchboard sql "<query>"            read-only SQL on the metrics store, printed as a table
 switchboard report [--hours H]       the decision matrix per tier and model
 switchboard check-config [PATH]      validate a routing config and print its hash
+switchboard config apply FILE        validate a routing config, then apply it to the running fleet
 """
 
 from __future__ import annotations
@@ -132,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = sub.add_parser("report", help="decision matrix per tier and model")
     report.add_argument("--hours", type=float, default=24.0, help="look back this many hours")
     report.add_argument("--format", choices=["table", "json"], default="table")
+    config = sub.add_parser("config", help="apply a routing config to the running fleet")
+    config.add_argument("action", choices=["apply"])
+    config.add_argument("path")
     check = sub.add_parser("check-config", help="validate a routing config")
     check.add_argument("path", nargs="?")
     args = parser.parse_args(argv)
@@ -140,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from switchboard.up import up
 
         return up()
+    if args.command == "config":
+        from switchboard.config_cmd import apply_command
+
+        return apply_command(args.path)
     if args.command == "canary":
         from switchboard.canary import canary_command
 

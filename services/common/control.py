@@ -112,6 +112,9 @@ class ControlReader:
     async def _check_caught_up(self, consumer: AIOKafkaConsumer) -> None:
         if self._caught_up.is_set():
             return
+        if not any(self._ends.values()):  # an empty topic: read to its end already
+            self._caught_up.set()
+            return
         for tp, end in self._ends.items():
             if await consumer.position(tp) < end:
                 return

@@ -397,6 +397,13 @@ def load_config(path: str | Path) -> LoadedConfig:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from exc
+    return load_config_text(text, path)
+
+
+def load_config_text(text: str, path: str | Path) -> LoadedConfig:
+    """A config from its text; ``path`` names where it came from in errors (a file, or e.g.
+    ``control topic (applied by ...)``)."""
+    path = Path(path)
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -74,6 +74,13 @@ class CommonSettings(BaseSettings):
             "on the embedded broker, which has none; set false for any other broker without them."
         ),
     )
+    reload_on_sighup: bool = Field(
+        default=True,
+        description=(
+            "SIGHUP makes the service read its config file again and apply it if it is valid "
+            "(services/common/config_watch.py)."
+        ),
+    )
     log_level: str = Field(default="INFO", description="Python log level.")
 
     @property

@@ -14,9 +14,10 @@ import os
 from starlette.applications import Starlette
 
 from services.common import fences
+from services.common.config_watch import ConfigWatch
 from services.common.control import ControlReader, ensure_control_topic
 from services.common.kafka import ProducerPublisher, ensure_topics
-from services.common.routing_config import load_config
+from services.common.routing_config import LoadedConfig, load_config
 from services.common.runtime import health_routes, serve_until_signal, start_http, stop_http
 from services.controller.adapters.figures import EndpointFigures
 from services.controller.adapters.leader import Leadership
@@ -54,8 +55,17 @@ class ControllerApp:
             self.config, topics, self.publisher, self.figures, self.reader.states,
             self.reader.apply, self.name,
         )  # fmt: skip
+        self.config_watch = ConfigWatch(
+            settings.kafka_bootstrap, topics.config, f"{self.name}-config", self.config,
+            self._apply,
+        )  # fmt: skip
         self._loop: asyncio.Task[None] | None = None
         self._ready = False
+
+    def _apply(self, config: LoadedConfig) -> None:
+        """Judge the next intervals by ``config``: its experiments, criteria and steps."""
+        self.config = config
+        self.controller.config = config
 
     async def not_ready(self) -> str | None:
         if not self._ready:
@@ -74,6 +84,7 @@ class ControllerApp:
             await self.fences.start()
         await self.publisher.start()
         await self.reader.start()
+        await self.config_watch.start(self.settings.reload_on_sighup)
         await self.leadership.start()
         self._loop = asyncio.create_task(self._run(), name="controller")
         self._ready = True
@@ -95,6 +106,7 @@ class ControllerApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop
         await self.leadership.stop()
+        await self.config_watch.stop()
         await self.reader.stop()
         await self.publisher.stop()
         if self.fences is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from fastapi import FastAPI
 
 from schemas.topics import EVENTS_TABLE
 from services.common import fences
+from services.common.config_watch import ConfigWatch
 from services.common.consumer import BatchConsumer
 from services.common.control import ControlReader, LiveExperiments, ensure_control_topic
 from services.common.kafka import (
@@ -19,7 +21,7 @@ from services.common.kafka import (
     ensure_topics,
     make_broker,
 )
-from services.common.routing_config import load_config
+from services.common.routing_config import LoadedConfig, load_config
 from services.common.runtime import serve_until_signal, start_http, stop_http
 from services.router.config import RouterSettings
 from services.router.errors import ApiError
@@ -51,6 +53,24 @@ def create_app(settings: RouterSettings) -> FastAPI:
         table = f"{settings.clickhouse_database}.{EVENTS_TABLE}"
         owners = Owners(settings.metrics_url, token, table)
     router = Router(config, topics, publisher, settings.max_image_bytes, live)
+    pending: set[asyncio.Task[None]] = set()
+
+    def apply(new: LoadedConfig) -> None:
+        router.apply_config(new)
+        # a tier the new config adds gets its topic (its workers must be started to serve it)
+        task = asyncio.get_running_loop().create_task(
+            ensure_topics(
+                settings.kafka_bootstrap,
+                [topics.tier(t) for t in new.tier_names],
+                settings.partitions,
+            )
+        )
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    config_watch = ConfigWatch(
+        settings.kafka_bootstrap, topics.config, f"{name}-config", config, apply
+    )
     replies = PendingReplies()
     batch_publisher = KafkaBatchPublisher(
         settings.kafka_bootstrap, f"{name}-ingress", holds, settings.idempotent_producer
@@ -96,8 +116,10 @@ def create_app(settings: RouterSettings) -> FastAPI:
         if holds is not None:
             await holds.start()
         await broker.start()
-        await control.start()  # the shares in force, before the first request is routed
-        await reader.start()
+        # the shares and the config in force, before the first request is routed
+        await asyncio.gather(
+            control.start(), config_watch.start(settings.reload_on_sighup), reader.start()
+        )
         await batch_publisher.start()
         # The ingress is a batch consumer: a fetched batch is routed, published in one go, and
         # committed once all of it is stored (FastStream's one-message-at-a-time subscriber pays
@@ -134,6 +156,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
                 )
             )
             await reader.stop()
+            await config_watch.stop()
             await control.stop()
             if owners is not None:
                 await owners.close()
@@ -163,6 +186,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
     app.state.reply_reader = reader
     app.state.on_reply = on_reply
     app.state.pid = os.getpid()
+    app.state.config_watch = config_watch
     return app
 
 

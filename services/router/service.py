@@ -70,7 +70,7 @@ class Router:
         self.max_image_bytes = max_image_bytes
         # the shares of the experiments in force (the control topic's); none: the config's
         self.live = live or LiveExperiments(config, {})
-        self._tier_capabilities: dict[str, TierCapabilities] = {}
+        self._tier_capabilities: dict[tuple[str, str], TierCapabilities] = {}
 
     def route(
         self,
@@ -95,10 +95,11 @@ class Router:
         ``outcome_key``, ``fingerprint``). Raises ``UnknownModel``, ``BadImage`` or
         ``MissingCapability`` for a request no tier can take.
         """
+        config = self.config  # one config for the whole decision, whatever comes in meanwhile
         check_images(request, self.max_image_bytes)
-        decision = classify(request, self.config)
-        tier = self.config.tier(decision.tier)
-        self._capabilities(decision.tier, tier).check(request, decision.pinned)
+        decision = classify(request, config)
+        tier = config.tier(decision.tier)
+        self._capabilities(config.hash, decision.tier, tier).check(request, decision.pinned)
         now = datetime.now(UTC)
         budget_s: float | None = None
         if request.metadata.deadline_ms:
@@ -109,7 +110,7 @@ class Router:
             request=request,
             tier=decision.tier,
             rule=decision.rule,
-            config_hash=self.config.hash,
+            config_hash=config.hash,
             pinned=decision.pinned,
             routed_at=now,
             deadline_at=None if budget_s is None else now + timedelta(seconds=budget_s),
@@ -119,10 +120,16 @@ class Router:
             experiment=None if decision.pinned else self.live.tag(decision.tier, request),
         )
 
-    def _capabilities(self, name: str, tier: TierSpec) -> TierCapabilities:
-        known = self._tier_capabilities.get(name)
+    def apply_config(self, config: LoadedConfig) -> None:
+        """Route the next requests with ``config`` (each request reads it once)."""
+        self.config = config
+        self.live.config = config
+        self._tier_capabilities = {}
+
+    def _capabilities(self, config_hash: str, name: str, tier: TierSpec) -> TierCapabilities:
+        known = self._tier_capabilities.get((config_hash, name))
         if known is None:
-            known = self._tier_capabilities[name] = TierCapabilities(name, tier)
+            known = self._tier_capabilities[(config_hash, name)] = TierCapabilities(name, tier)
         return known
 
     async def publish(self, routed: RoutedRequest) -> None:

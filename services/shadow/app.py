@@ -16,10 +16,11 @@ from starlette.applications import Starlette
 
 from schemas.control import ShadowRequest
 from services.common import fences
+from services.common.config_watch import ConfigWatch
 from services.common.consumer import ConcurrentConsumer, consumer_not_ready
 from services.common.deadletter import from_record
 from services.common.kafka import BrokerPublisher, ensure_topics, make_broker
-from services.common.routing_config import load_config
+from services.common.routing_config import LoadedConfig, load_config
 from services.common.runtime import (
     HttpServer,
     health_routes,
@@ -47,6 +48,9 @@ class ShadowApp:
         self.client = LiteLLMClient(max_connections=settings.shadow_concurrency)
         self.service = ShadowService(self.config, topics, self.publisher, self.client)
         self.dead_letters = 0
+        self.config_watch = ConfigWatch(
+            settings.kafka_bootstrap, topics.config, f"{name}-config", self.config, self._apply
+        )
         self.consumer = ConcurrentConsumer(
             bootstrap=settings.kafka_bootstrap,
             topics=[topics.shadow],
@@ -61,6 +65,10 @@ class ShadowApp:
         )
         self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
         self._phase = "starting"
+
+    def _apply(self, config: LoadedConfig) -> None:
+        self.config = config
+        self.service.config = config
 
     async def handle(self, record: ConsumerRecord) -> None:
         try:
@@ -93,6 +101,7 @@ class ShadowApp:
         if self.fences is not None:
             await self.fences.start()
         await self.broker.start()
+        await self.config_watch.start(self.settings.reload_on_sighup)
         await self.consumer.start()
         self._phase = "running"
 
@@ -102,6 +111,7 @@ class ShadowApp:
     async def stop(self) -> None:
         self._phase = "shutting down"
         await self.consumer.stop()
+        await self.config_watch.stop()
         await self.broker.stop()
         await self.client.aclose()
         if self.fences is not None:

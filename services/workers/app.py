@@ -14,6 +14,7 @@ import os
 from starlette.applications import Starlette
 
 from services.common import fences
+from services.common.config_watch import ConfigWatch
 from services.common.consumer import ConcurrentConsumer, consumer_not_ready
 from services.common.kafka import (
     BrokerPublisher,
@@ -86,6 +87,10 @@ class WorkerApp:
             cancels=self.cancels,
             chunk_publisher=self.chunks,
         )
+        self.config_watch = ConfigWatch(
+            settings.kafka_bootstrap, topics.config, f"{name}-config", config,
+            self.service.apply_config,
+        )  # fmt: skip
         self.handler = RecordHandler(self.service, publisher, topics, name)
         wait = (
             settings.fetch_wait_interactive_ms if tier.interactive else settings.fetch_wait_batch_ms
@@ -136,8 +141,12 @@ class WorkerApp:
             ],
             self.settings.partitions,
         )
-        await self.cancels.start()
-        await self.outcomes.start()
+        # independent starts, each a few broker or Redis round trips: at once
+        await asyncio.gather(
+            self.cancels.start(),
+            self.config_watch.start(self.settings.reload_on_sighup),
+            self.outcomes.start(),
+        )
         if self.fences is not None:
             await self.fences.start()
         await self.broker.start()
@@ -205,6 +214,7 @@ class WorkerApp:
         await self.outcomes.close()
         await self.sent.close()
         await self.cancels.stop()
+        await self.config_watch.stop()
         await self.client.aclose()
         await self._stop_http()
 

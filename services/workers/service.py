@@ -47,9 +47,10 @@ from schemas.v1 import (
     StreamMark,
 )
 from services.common import capabilities
+from services.common.config_watch import Refused as ConfigRefused
 from services.common.deadletter import dead_letter
 from services.common.kafka import Publisher
-from services.common.routing_config import LoadedConfig, ModelSpec
+from services.common.routing_config import LoadedConfig, ModelSpec, TierSpec
 from services.workers.adapters.llm import Completion, ModelClient, supported_parameters
 from services.workers.adapters.outcomes import OutcomeStore, Sending, Stored
 from services.workers.adapters.sent import DELIVERY_HEADER, SentCheck
@@ -111,8 +112,7 @@ class TierService:
         chunk_publisher: Publisher | None = None,
     ) -> None:
         self.tier = tier
-        self.spec = config.tier(tier)
-        self.config = config
+        self._setup = _Setup.of(config, tier)
         self.topics = topics
         self.publisher = publisher
         self.client = client
@@ -131,12 +131,21 @@ class TierService:
         self.refused = 0  # requests no model of the tier can take (a capability, a parameter)
         self.mirrored = 0  # answered requests handed to a shadow experiment's candidate
         self._exclusive: dict[str, tuple[asyncio.Lock, int]] = {}
-        # what each of the tier's models can do and takes, worked out once
-        candidates = [e.spec.candidate for e in config.experiments.values() if e.spec.tier == tier]
-        self._abilities = {
-            spec: (capabilities.of(spec), supported_parameters(spec))
-            for spec in [*self.spec.models, *candidates]
-        }
+
+    @property
+    def config(self) -> LoadedConfig:
+        return self._setup.config
+
+    @property
+    def spec(self) -> TierSpec:
+        return self._setup.spec
+
+    def apply_config(self, config: LoadedConfig) -> None:
+        """Serve the next requests on ``config`` (those in flight finish on the one they began
+        with). Raises ``Refused`` for a config without this worker's tier."""
+        if self.tier not in config.spec.tiers:
+            raise ConfigRefused(f"it has no tier {self.tier!r}, which this worker serves")
+        self._setup = _Setup.of(config, self.tier)
 
     async def process(self, routed: RoutedRequest, delivery: str) -> None:
         """Answer ``routed``, which arrived as ``delivery`` (``topic:partition:offset``)."""
@@ -327,13 +336,14 @@ class TierService:
         delivery: str,
         after: list[asyncio.Task[None]] | None = None,
     ) -> Outcome | None:
+        setup = self._setup  # the config this request is answered on, whatever comes in meanwhile
         request = routed.request
         errors: list[ModelCallError] = []
         wanted = capabilities.needs(request)
         asked = request.model_parameters()
         unable: dict[str, list[Gap]] = {}  # model → what it lacks, for models skipped
-        models = policy.pinned_models(self.spec, routed.pinned)
-        candidate = self._candidate(routed)
+        models = policy.pinned_models(setup.spec, routed.pinned)
+        candidate = self._candidate(routed, setup)
         if candidate is not None:  # the tier's models remain its fallback
             models = [candidate, *(m for m in models if m.label != candidate.label)]
         if not models:  # pinned by a router whose config had the model in this tier
@@ -345,8 +355,8 @@ class TierService:
                 0,
                 param="model",
             )
-        for attempt in policy.attempts(self.spec, models):
-            lacks = self._lacks(attempt.spec, wanted, asked)
+        for attempt in policy.attempts(setup.spec, models):
+            lacks = self._lacks(attempt.spec, wanted, asked, setup)
             if lacks:  # in-tier fallback goes only to models that can take the request
                 unable[attempt.spec.label] = lacks
                 continue
@@ -362,8 +372,8 @@ class TierService:
             if attempt.retry and errors and not errors[-1].transient:
                 continue  # a permanent error: this model will not change its mind
             if attempt.retry:
-                await asyncio.sleep(policy.backoff_s(self.spec, attempt.retry))
-            timeout = policy.attempt_timeout(self.spec, attempt.spec, left)
+                await asyncio.sleep(policy.backoff_s(setup.spec, attempt.retry))
+            timeout = policy.attempt_timeout(setup.spec, attempt.spec, left)
             stream = self._chunks(routed, attempt, delivery) if request.stream else None
             started = time.perf_counter()
             try:
@@ -377,7 +387,9 @@ class TierService:
                 await stream.abort()
                 self.cancelled += 1
                 left_ms = (time.perf_counter() - started) * 1000
-                await self._event(routed, attempt, None, None, left_ms, status="cancelled")
+                await self._event(
+                    routed, attempt, None, None, left_ms, status="cancelled", setup=setup
+                )
                 return self._error(
                     routed,
                     "cancelled",
@@ -390,15 +402,17 @@ class TierService:
                 errors.append(exc)
                 failed_ms = (time.perf_counter() - started) * 1000
                 if stream is not None and stream.started:
-                    return await self._cut_off(routed, attempt, stream, exc, failed_ms)
-                await self._event(routed, attempt, None, exc, failed_ms)
+                    return await self._cut_off(routed, attempt, stream, exc, failed_ms, setup)
+                await self._event(routed, attempt, None, exc, failed_ms, setup=setup)
                 continue
             except BaseException:
                 if stream is not None:
                     await stream.abort()
                 raise
-            events.append(asyncio.create_task(self._event(routed, attempt, completion, None)))
-            if after is not None and self._mirrored(routed):
+            events.append(
+                asyncio.create_task(self._event(routed, attempt, completion, None, setup=setup))
+            )
+            if after is not None and self._mirrored(routed, setup):
                 after.append(asyncio.create_task(self._mirror(routed, attempt, completion)))
             return ChatResult(
                 request_id=routed.request_id,
@@ -417,7 +431,7 @@ class TierService:
             )
         if not errors and unable:
             return await self._refuse(routed, unable, delivery)
-        fallback = self.config.spec.fallback
+        fallback = setup.config.spec.fallback
         if (
             fallback
             and fallback != self.tier
@@ -500,12 +514,13 @@ class TierService:
         stream: ChunkStream,
         exc: ModelCallError,
         failed_ms: float,
+        setup: _Setup,
     ) -> ChatError:
         """A streamed answer broke after chunks went out: the client has part of one model's
         answer, so no other model may take over. What the model sent before it broke goes out,
         then an error that says the answer was cut off (retryable: a resend is tried afresh)."""
         await stream.close()
-        await self._event(routed, attempt, None, exc, failed_ms, status="cut_off")
+        await self._event(routed, attempt, None, exc, failed_ms, status="cut_off", setup=setup)
         return self._error(
             routed,
             "stream_cut_off",
@@ -516,23 +531,23 @@ class TierService:
             stream=stream.mark,
         )
 
-    def _candidate(self, routed: RoutedRequest) -> ModelSpec | None:
+    def _candidate(self, routed: RoutedRequest, setup: _Setup) -> ModelSpec | None:
         """The experiment's candidate, for a request assigned to it (none: the worker's config
         has no such experiment in this tier, and the tier's models answer)."""
         tag = routed.experiment
         if tag is None or tag.variant != "candidate":
             return None
-        experiment = self.config.experiments.get(tag.name)
+        experiment = setup.config.experiments.get(tag.name)
         if experiment is None or experiment.spec.tier != self.tier:
             return None
         return experiment.spec.candidate if experiment.spec.mode == "canary" else None
 
-    def _mirrored(self, routed: RoutedRequest) -> bool:
+    def _mirrored(self, routed: RoutedRequest, setup: _Setup) -> bool:
         """Is the request one of the share a shadow experiment of this tier mirrors?"""
         tag = routed.experiment
         if tag is None or tag.variant != "baseline":
             return False
-        experiment = self.config.experiments.get(tag.name)
+        experiment = setup.config.experiments.get(tag.name)
         return experiment is not None and experiment.spec.mode == "shadow"
 
     async def _mirror(
@@ -554,9 +569,9 @@ class TierService:
         self.mirrored += 1
 
     def _lacks(
-        self, spec: ModelSpec, wanted: capabilities.Needs, asked: dict[str, object]
+        self, spec: ModelSpec, wanted: capabilities.Needs, asked: dict[str, object], setup: _Setup
     ) -> list[Gap]:
-        able, takes = self._abilities[spec]
+        able, takes = setup.abilities[spec]
         gaps = [Gap(c, capabilities.ASKED_BY.get(c, "messages")) for c in able.lacks(wanted)]
         gaps += [Gap(f"parameter {name!r}", name) for name in asked if name not in takes]
         return gaps
@@ -631,8 +646,10 @@ class TierService:
         error: ModelCallError | None,
         failed_ms: float = 0.0,
         status: AttemptStatus | None = None,
+        setup: _Setup | None = None,
     ) -> None:
-        """Publish the attempt's row; ``status`` overrides the one its outcome implies."""
+        """Publish the attempt's row; ``status`` overrides the one its outcome implies.
+        ``setup``: the config the attempt was made on (default: the one in force)."""
         usage = completion.usage if completion else None
         event = AttemptEvent(
             request_id=routed.request_id,
@@ -651,9 +668,30 @@ class TierService:
             cost_usd=completion.cost_usd if completion else 0.0,
             response_sha256=policy.sha256_text(completion.text) if completion else "",
             tenant_hash=policy.tenant_hash(routed.request.metadata.tenant),
+            worker_config_hash=(setup or self._setup).config.hash,
             **_experiment_columns(routed),
         )
         await self.publisher.publish(self.topics.events, event, key=routed.request_id)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What a worker answers with: the config, its tier, and what each model can do and takes
+    (worked out once per config)."""
+
+    config: LoadedConfig
+    spec: TierSpec
+    abilities: dict[ModelSpec, tuple[capabilities.Capabilities, frozenset[str]]]
+
+    @classmethod
+    def of(cls, config: LoadedConfig, tier: str) -> _Setup:
+        spec = config.tier(tier)
+        candidates = [e.spec.candidate for e in config.experiments.values() if e.spec.tier == tier]
+        abilities = {
+            model: (capabilities.of(model), supported_parameters(model))
+            for model in [*spec.models, *candidates]
+        }
+        return cls(config, spec, abilities)
 
 
 def _experiment_columns(routed: RoutedRequest) -> dict[str, Any]:

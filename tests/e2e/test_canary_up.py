@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.common.routing_config import load_config
 from switchboard.embedded import free_port
 from tests.e2e.test_up import ROOT, Up, sql
 
@@ -49,7 +51,10 @@ def rows_of(data_dir: Path, query: str, at_least: int, timeout_s: float = 60) ->
 
 def test_canary_walkthrough_on_the_embedded_stack(tmp_path: Path) -> None:
     data_dir = tmp_path / "sb"
-    up = Up(data_dir, free_port(), SWITCHBOARD_CONFIG="config/examples/canary.yaml")
+    config = tmp_path / "canary.yaml"  # a copy: the test changes it, as an operator would
+    shipped = (ROOT / "config" / "examples" / "canary.yaml").read_text()
+    config.write_text(shipped)
+    up = Up(data_dir, free_port(), SWITCHBOARD_CONFIG=str(config))
     try:
         base_url = up.wait_for_line(r"switchboard ready (http://\S+)", 240).group(1)
         key = up.wait_for_line(r"API key \(generated.*\): (sk-sb-\S+)", 5).group(1)
@@ -119,6 +124,30 @@ def test_canary_walkthrough_on_the_embedded_stack(tmp_path: Path) -> None:
         )
         assert (decided[0]["action"], decided[0]["share_to"]) == ("promote", 25)
         assert "recent decisions" in status.stdout and "promote" in status.stdout
+
+        # live config: `config apply` reaches the running fleet; a bad file is refused by name
+        applied = tmp_path / "applied.yaml"
+        applied.write_text(shipped.replace("min_samples: 20", "min_samples: 30"))
+        done = switchboard(data_dir, "config", "apply", str(applied))
+        assert done.returncode == 0, done.stderr
+        new_hash = load_config(applied).hash
+        assert f"the router serves {new_hash}" in done.stdout
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(shipped.replace("min_samples: 20", "min_samples: -1"))
+        refused = switchboard(data_dir, "config", "apply", str(bad))
+        assert refused.returncode == 2 and "min_samples" in refused.stderr
+        # SIGHUP: the router reads its own file again
+        config.write_text(shipped.replace("min_samples: 20", "min_samples: 40"))
+        state = json.loads((data_dir / "run" / "stack.json").read_text())
+        os.kill(state["pids"]["router"], signal.SIGHUP)
+        file_hash = load_config(config).hash
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            health = httpx.get(f"{base_url}/health", timeout=10).json()
+            if health["config_hash"] == file_hash:
+                break
+            time.sleep(0.2)
+        assert health["config_hash"] == file_hash
     finally:
         code = up.stop()
     assert code == 0

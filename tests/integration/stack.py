@@ -57,6 +57,7 @@ def common(bootstrap: str, redis_url: str, prefix: str, config: Path) -> dict[st
         "topic_prefix": prefix,
         "config": config,
         "partitions": 2,
+        "reload_on_sighup": False,  # the test process's signals are pytest's
     }
 
 

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS {db}.{table} (
     cost_usd        Float64 COMMENT 'from the litellm price map',
     response_sha256 String,
     tenant_hash     String,
+    worker_config_hash LowCardinality(String) COMMENT 'the config the worker used (config_hash: the router''s)',
     experiment      LowCardinality(String) COMMENT 'the tier experiment the request was in, or empty',
     variant         LowCardinality(String) COMMENT 'baseline | candidate | shadow, or empty',
     share_pct       Float64 COMMENT 'the candidate share in force when the request was routed',
@@ -58,7 +59,8 @@ SETTINGS non_replicated_deduplication_window = 10000
 # Columns added since the table was first shipped: a table created before them gets them on
 # start (rows stored before read as the default).
 ADDED_COLUMNS = (
-    "experiment LowCardinality(String) DEFAULT '' AFTER tenant_hash",
+    "worker_config_hash LowCardinality(String) DEFAULT '' AFTER tenant_hash",
+    "experiment LowCardinality(String) DEFAULT '' AFTER worker_config_hash",
     "variant LowCardinality(String) DEFAULT '' AFTER experiment",
     "share_pct Float64 DEFAULT 0 AFTER variant",
 )

@@ -61,6 +61,7 @@ TABLE_SCHEMA = pa.schema(
         ("cost_usd", pa.float64()),
         ("response_sha256", pa.string()),
         ("tenant_hash", pa.string()),
+        ("worker_config_hash", pa.string()),
         ("experiment", pa.string()),
         ("variant", pa.string()),
         ("share_pct", pa.float64()),
