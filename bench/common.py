@@ -381,6 +381,7 @@ def start_stack(
     redis_url: str,
     tiers: Sequence[str] = ("bench",),
     metrics: bool = True,
+    metrics_port: int = 0,
     router: bool = True,
     worker_env: dict[str, str] | None = None,
     timeout_s: float = 120.0,
@@ -416,7 +417,7 @@ def start_stack(
             ["metrics"],
             env(
                 SWITCHBOARD_DATA_DIR=str(bench.work_dir / f"data-{prefix}"),
-                SWITCHBOARD_METRICS_PORT="0",
+                SWITCHBOARD_METRICS_PORT=str(metrics_port),
             ),
         )
     for tier in tiers:
@@ -433,7 +434,16 @@ def start_stack(
         children["router"] = bench.service(
             f"router-{prefix}",
             ["router"],
-            env(SWITCHBOARD_PORT=str(port), SWITCHBOARD_API_KEY=API_KEY),
+            env(
+                SWITCHBOARD_PORT=str(port),
+                SWITCHBOARD_API_KEY=API_KEY,
+                # POST /v1/feedback asks the metrics service's query endpoint, if there is one
+                **(
+                    {"SWITCHBOARD_METRICS_URL": f"http://127.0.0.1:{metrics_port}"}
+                    if metrics and metrics_port
+                    else {}
+                ),
+            ),
         )
         wait("router", "router")
         base_url = f"http://127.0.0.1:{port}"

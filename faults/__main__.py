@@ -7,14 +7,24 @@ the command exits non-zero when any count is not 0 or a scenario could not run.
 
     python -m faults                 # every scenario
     python -m faults --only poison   # some (comma-separated keys)
+    python -m faults --lanes         # `make test`: two lanes at once, then the soak
+
+``--lanes`` runs the crash scenario (minutes of steady traffic, the longest) and the shutdown one
+in one process and the other short scenarios one after another in another, at once, then the
+soak alone (it measures
+latency growth, which a neighbour's load would blur). Each scenario still starts and stops its
+own processes, on its own ports, with its own scratch directory; the tally is the sum.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -49,11 +59,74 @@ SCENARIOS: dict[str, Callable[[Bench], Tally]] = {
 }
 
 
+ALONE_LAST = ("soak",)  # timing-sensitive: run with nothing beside it
+_TALLY = re.compile(
+    r"^faults: (\d+) scenarios, lost=(\d+), duplicated=(\d+), stuck=(\d+), leaked=(\d+)"
+)
+
+
+def _lanes(keep: bool) -> int:
+    """crash ‖ the short scenarios, then the soak; the sum of their tallies."""
+    beside_crash = ["crash", "shutdown"]  # the two lanes take about as long
+    rest = [k for k in SCENARIOS if k not in beside_crash and k not in ALONE_LAST]
+    lanes = [beside_crash, rest]
+    extra = ["--keep"] if keep else []
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "faults", "--only", ",".join(lane), *extra],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for lane in lanes
+    ]
+    followed = [_follow(proc) for proc in procs]
+    code = max(proc.wait() for proc in procs)
+    last = subprocess.Popen(
+        [sys.executable, "-m", "faults", "--only", ",".join(ALONE_LAST), *extra],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    followed.append(_follow(last))
+    code = max(code, last.wait())
+    for _, pump in followed:
+        pump.join()  # every line read, the tally line included
+    tallies = [found for found, _ in followed]
+    counts = [sum(t[i] for t in tallies) for i in range(5)]
+    print(
+        f"faults: {counts[0]} scenarios, lost={counts[1]}, duplicated={counts[2]}, "
+        f"stuck={counts[3]}, leaked={counts[4]}",
+        flush=True,
+    )
+    return 1 if code or any(counts[1:]) or counts[0] != len(SCENARIOS) else 0
+
+
+def _follow(proc: subprocess.Popen[str]) -> tuple[list[int], threading.Thread]:
+    """Pass a lane's lines on as they come (in a thread: lanes run at once); its tally, filled
+    in once the thread has read the lane's last line."""
+    found: list[int] = [0, 0, 0, 0, 0]
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            if m := _TALLY.match(line):
+                found[:] = [int(g) for g in m.groups()]
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return found, thread
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m faults", description=__doc__)
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     parser.add_argument("--keep", action="store_true", help="keep the scratch dir and logs")
+    parser.add_argument(
+        "--lanes", action="store_true", help="crash beside the short scenarios, then the soak"
+    )
     args = parser.parse_args(argv)
+    if args.lanes:
+        return _lanes(args.keep)
     chosen = list(SCENARIOS) if not args.only else [k.strip() for k in args.only.split(",")]
     runnable = SCENARIOS
     unknown = [k for k in chosen if k not in runnable]

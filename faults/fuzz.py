@@ -28,6 +28,7 @@ from schemathesis.core.result import Ok
 from bench.common import Bench, RunningStack, routing_config, start_stack
 from faults.common import Tally
 from services.router.domain.images import MAX_IMAGE_BYTES
+from switchboard.embedded import free_port
 
 MODEL = "faults-fuzz"
 PROFILE = {"ttft_s": 0.005, "tokens_per_s": 20000.0, "output_tokens": 8, "jitter": 0.0}
@@ -191,7 +192,16 @@ def run(bench: Bench) -> Tally:
     bootstrap = bench.broker()
     redis_url = bench.redis()
     config = routing_config(bench.work_dir / "fuzz.yaml", sim_url, MODEL)
-    stack = start_stack(bench, config, bootstrap=bootstrap, redis_url=redis_url, metrics=False)
+    # the metrics service answers POST /v1/feedback's question (was the request answered, and
+    # for whom); fuzzed request ids are unknown, and answered 404 at once (no wait for rows)
+    stack = start_stack(
+        bench,
+        config,
+        bootstrap=bootstrap,
+        redis_url=redis_url,
+        metrics_port=free_port(),
+        extra_env={"SWITCHBOARD_FEEDBACK_WAIT_S": "0"},
+    )
     judge = Judge()
     operations = _fuzz(stack, judge)
     failures = _limits(stack, judge)

@@ -11,6 +11,8 @@ Flow::
                                                                   ─metrics─▶ llm_shadow)
     `switchboard config apply FILE` ──▶ ConfigUpdate             (config topic, compacted: every
                                                                   service applies the newest)
+    router (input) / worker (output), capture on ──▶ CapturedPayload  (payloads topic ─metrics─▶
+                                                                  llm_payloads; redacted first)
     POST /v1/feedback, a judge, a verifier ──▶ Feedback          (feedback topic ─metrics─▶
                                                                   llm_feedback, once checked)
 
@@ -176,3 +178,26 @@ class ConfigUpdate(_Message):
     source: str = Field(default="", max_length=1000, description="The file it was read from.")
     by: str = Field(default="", max_length=200)
     at: datetime = Field(default_factory=utcnow)
+
+
+PayloadKind = Literal["input", "output"]
+
+
+class CapturedPayload(_Message):
+    """A captured request or answer, redacted where it was captured (a row of llm_payloads).
+
+    ``input`` (written by the router): the request as a replay re-sends it, messages redacted;
+    ``output`` (written by the worker that answered): the answer's text, redacted."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    payload_id: str = Field(default_factory=lambda: uuid.uuid4().hex, max_length=100)
+    ts: datetime = Field(default_factory=utcnow)
+    request_id: str = Field(min_length=1, max_length=200)
+    tenant_hash: str = Field(default="", max_length=64)
+    tier: str = Field(max_length=100)
+    rule: str = Field(default="", max_length=200)
+    config_hash: str = Field(default="", max_length=100)
+    model: str = Field(default="", max_length=200, description="output: the model that answered")
+    kind: PayloadKind
+    text: str = Field(description="input: the request JSON; output: the answer text")
+    redactions: dict[str, int] = Field(default_factory=dict, description="Replaced, by kind.")

@@ -14,6 +14,9 @@ EVENTS_TABLE = "llm_events"
 DECISIONS_TABLE = "decisions"
 SHADOW_TABLE = "llm_shadow"
 FEEDBACK_TABLE = "llm_feedback"
+PAYLOADS_TABLE = "llm_payloads"
+# what a query of llm_payloads carries to the metrics query endpoint (`switchboard sql --payloads`)
+PAYLOADS_HEADER = "x-switchboard-payloads"
 DEFAULT_DATABASE = "switchboard"
 
 _TIER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
@@ -83,6 +86,11 @@ class Topics:
     def config(self) -> str:
         """The routing config applied to the fleet (ConfigUpdate; one partition, compacted)."""
         return f"{self.prefix}.config.v1"
+
+    @property
+    def payloads(self) -> str:
+        """Captured requests and answers, redacted (CapturedPayload)."""
+        return f"{self.prefix}.payloads.v1"
 
     @property
     def feedback(self) -> str:

@@ -460,6 +460,10 @@ class RoutedRequest(_Message):
         description="Hash of the request's content. A stored outcome of another fingerprint "
         "under the same key is not served: the key was reused for a different request.",
     )
+    capture: bool = Field(
+        default=False,
+        description="The config captures this request: its answer is kept too, redacted.",
+    )
     experiment: ExperimentTag | None = Field(
         default=None,
         description="The tier's experiment this request is assigned in (None: none runs, or the "

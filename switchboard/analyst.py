@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from schemas.topics import EVENTS_TABLE
+from schemas.topics import EVENTS_TABLE, PAYLOADS_HEADER, PAYLOADS_TABLE
 from services.metrics.config import MetricsSettings
 from services.metrics.domain.report import decision_matrix_sql
 
@@ -35,16 +35,21 @@ def stack_file(data_dir: Path) -> Path:
     return data_dir / "run" / STACK_FILE
 
 
-def _via_endpoint(state: dict[str, Any], sql: str) -> tuple[list[str], list[list[Any]]] | None:
+def _via_endpoint(
+    state: dict[str, Any], sql: str, payloads: bool = False
+) -> tuple[list[str], list[list[Any]]] | None:
     url, token = state.get("metrics_url"), state.get("metrics_token")
     if not url:
         return None
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    if payloads:
+        headers[PAYLOADS_HEADER] = "read"
     try:
         resp = httpx.post(
             f"{url}/query",
             json={"sql": sql},
             timeout=120,
-            headers={"authorization": f"Bearer {token}"} if token else {},
+            headers=headers,
         )
     except httpx.TransportError:
         return None  # stale state file: the stack is gone
@@ -63,7 +68,9 @@ def _direct(settings: MetricsSettings, sql: str) -> tuple[list[str], list[list[A
     from services.metrics.adapters.store import ClickHouseStore
 
     async def go() -> tuple[list[str], list[list[Any]]]:
-        store = ClickHouseStore(settings.store_url, settings.clickhouse_database)
+        store = ClickHouseStore(
+            settings.store_url, settings.clickhouse_database, settings.payload_retention_days
+        )
         try:
             await store.migrate()
             return await store.query(sql)
@@ -79,14 +86,21 @@ def _direct(settings: MetricsSettings, sql: str) -> tuple[list[str], list[list[A
 
 
 def run_query(
-    sql: str, settings: MetricsSettings | None = None
+    sql: str, settings: MetricsSettings | None = None, payloads: bool = False
 ) -> tuple[list[str], list[list[Any]]]:
+    """``sql``'s answer. A query of llm_payloads (captured prompts and answers) is refused
+    unless ``payloads`` says the caller means it (``switchboard sql --payloads``)."""
     settings = settings or MetricsSettings()
+    if PAYLOADS_TABLE in sql.lower() and not payloads:
+        raise QueryFailed(
+            f"{PAYLOADS_TABLE} holds captured prompts and answers (redacted); "
+            "add --payloads to query it"
+        )
     url = settings.clickhouse_url or ""
     if not url.startswith(("http://", "https://")):
         path = stack_file(settings.data_dir)
         if path.exists():
-            answer = _via_endpoint(json.loads(path.read_text()), sql)
+            answer = _via_endpoint(json.loads(path.read_text()), sql, payloads)
             if answer is not None:
                 return answer
     return _direct(settings, sql)
@@ -129,9 +143,9 @@ def _print(columns: list[str], rows: list[list[Any]], fmt: str) -> None:
         print(format_table(columns, rows))
 
 
-def sql_command(sql: str, fmt: str = "table") -> int:
+def sql_command(sql: str, fmt: str = "table", payloads: bool = False) -> int:
     try:
-        columns, rows = run_query(sql)
+        columns, rows = run_query(sql, payloads=payloads)
     except QueryFailed as exc:
         print(f"sql: {exc}", file=sys.stderr)
         return 1

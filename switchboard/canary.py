@@ -24,6 +24,7 @@ from aiokafka.errors import KafkaError
 from schemas.control import Action, ExperimentState
 from schemas.topics import DECISIONS_TABLE
 from services.common import fences
+from services.common.config_watch import in_force, newest_applied
 from services.common.control import ControlReader, share_in_force
 from services.common.kafka import ProducerPublisher
 from services.common.routing_config import ConfigError, Experiment, LoadedConfig, load_config
@@ -134,6 +135,14 @@ def canary_command(action: str, name: str | None) -> int:
     except ConfigError as exc:
         print(f"canary: {exc}", file=sys.stderr)
         return 2
+    try:  # the fleet serves what `switchboard config apply` gave it last, if newer than the file
+        applied = asyncio.run(
+            newest_applied(where.bootstrap, settings.topics.config, "switchboard-canary")
+        )
+    except (OSError, KafkaError) as exc:
+        print(f"canary: cannot reach Kafka at {where.bootstrap}: {exc}", file=sys.stderr)
+        return 1
+    config = in_force(config, applied)
     if not config.experiments:
         print(
             f"canary: {config.path} runs no experiment (see docs/experiments.md)", file=sys.stderr

@@ -130,6 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sql = sub.add_parser("sql", help="run a read-only query on the metrics store")
     sql.add_argument("query")
     sql.add_argument("--format", choices=["table", "json"], default="table")
+    sql.add_argument(
+        "--payloads",
+        action="store_true",
+        help="allow a query of llm_payloads (captured prompts and answers, redacted)",
+    )
     report = sub.add_parser("report", help="decision matrix per tier and model")
     report.add_argument("--hours", type=float, default=24.0, help="look back this many hours")
     report.add_argument("--format", choices=["table", "json"], default="table")
@@ -163,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from switchboard.analyst import report_command, sql_command
 
     if args.command == "sql":
-        return sql_command(args.query, args.format)
+        return sql_command(args.query, args.format, args.payloads)
     return report_command(args.hours, args.format)
 
 

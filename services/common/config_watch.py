@@ -81,7 +81,7 @@ class ConfigWatch:
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
-            newest = await self._read_to(consumer, ends)
+            newest = await _newest(consumer, ends)
         except BaseException:
             await close_consumer(consumer)
             raise
@@ -101,20 +101,6 @@ class ConfigWatch:
             return datetime.fromtimestamp(self._file.stat().st_mtime, UTC)
         except OSError:
             return datetime.min.replace(tzinfo=UTC)
-
-    async def _read_to(
-        self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]
-    ) -> ConfigUpdate | None:
-        """Read the topic up to ``ends``; the newest readable record."""
-        newest: ConfigUpdate | None = None
-        if not any(ends.values()):
-            return None  # nothing was ever applied: no fetch to wait for
-        async with asyncio.timeout(30):
-            while not await _at(consumer, ends):
-                for records in (await consumer.getmany(timeout_ms=500)).values():
-                    for record in records:
-                        newest = _parse(record.value) or newest
-        return newest
 
     async def _follow(self, consumer: AIOKafkaConsumer) -> None:
         while True:
@@ -178,6 +164,59 @@ class ConfigWatch:
         if self._consumer is not None:
             await close_consumer(self._consumer)
             self._consumer = None
+
+
+async def newest_applied(bootstrap: str, topic: str, client_id: str) -> ConfigUpdate | None:
+    """The config last applied to the fleet (the config topic's newest record), if any."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=_FETCH_WAIT_MS,
+        max_partition_fetch_bytes=8 << 20,
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in await partitions_of(consumer, topic)]
+        if not tps:
+            return None
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        return await _newest(consumer, await consumer.end_offsets(tps))
+    finally:
+        await close_consumer(consumer)
+
+
+async def _newest(
+    consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]
+) -> ConfigUpdate | None:
+    """Read the assigned partitions up to ``ends``; the newest readable record."""
+    newest: ConfigUpdate | None = None
+    if not any(ends.values()):
+        return None  # nothing was ever applied: no fetch to wait for
+    async with asyncio.timeout(30):
+        while not await _at(consumer, ends):
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    newest = _parse(record.value) or newest
+    return newest
+
+
+def in_force(file_config: LoadedConfig, applied: ConfigUpdate | None) -> LoadedConfig:
+    """What a process that starts now serves: the applied config if it is newer than the file
+    (and loads here), else the file's (the rule ``ConfigWatch.start`` follows)."""
+    if applied is None:
+        return file_config
+    try:
+        changed = datetime.fromtimestamp(Path(file_config.path).stat().st_mtime, UTC)
+    except OSError:
+        changed = datetime.min.replace(tzinfo=UTC)
+    if applied.at <= changed:
+        return file_config
+    try:
+        return load_config_text(applied.text, f"the applied config (from {applied.source or '?'})")
+    except ConfigError:
+        return file_config
 
 
 async def _at(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:

@@ -128,6 +128,19 @@ class RuleSpec(_Strict):
     name: str = Field(min_length=1)
     when: str = Field(min_length=1, description="A condition in the rule language.")
     tier: str
+    capture: bool = Field(
+        default=False,
+        description="Keep the inputs and outputs of the requests this rule routes, redacted "
+        "(llm_payloads).",
+    )
+
+
+class CaptureSpec(_Strict):
+    """Whose requests are kept, redacted, in llm_payloads (besides rules with `capture`)."""
+
+    tenants: tuple[str, ...] = Field(
+        default=(), description="Tenants (metadata.tenant) whose every request is captured."
+    )
 
 
 SHADOW_SHARE = 10.0  # % of a tier mirrored by a shadow experiment that names no share
@@ -240,6 +253,11 @@ class RoutingConfig(_Strict):
     experiments: dict[str, ExperimentSpec] = Field(
         default_factory=dict, description="Canaries by name, at most one per tier."
     )
+    capture: CaptureSpec = Field(
+        default_factory=CaptureSpec,
+        description="Opt-in capture of inputs and outputs, redacted; off unless named here or "
+        "on a rule.",
+    )
     default: str
     fallback: str | None = Field(
         default=None,
@@ -351,6 +369,14 @@ class LoadedConfig:
         self.pins = spec.pins()
         self.experiments = {e.name: e for e in experiments}
         self.experiment_of_tier = {e.spec.tier: e for e in experiments}
+        self._capture_rules = frozenset(r.name for r, _ in rules if r.capture)
+        self._capture_tenants = frozenset(spec.capture.tenants)
+
+    def captures(self, tenant: str | None, rule: str) -> bool:
+        """Does this request's input and output go to llm_payloads? Off unless opted in."""
+        return rule in self._capture_rules or (
+            tenant is not None and tenant in self._capture_tenants
+        )
 
     def tier(self, name: str) -> TierSpec:
         return self.spec.tiers[name]

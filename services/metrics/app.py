@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from schemas.topics import PAYLOADS_HEADER, PAYLOADS_TABLE
 from services.common import fences
 from services.common.consumer import BatchConsumer, consumer_not_ready
 from services.common.kafka import KafkaBatchPublisher, ensure_topics
@@ -63,6 +64,18 @@ def query_app(
             return JSONResponse(
                 {"error": {"message": 'send {"sql": "<query>"}', "param": "sql"}}, 400
             )
+        if PAYLOADS_TABLE in sql.lower() and request.headers.get(PAYLOADS_HEADER) != "read":
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": f"{PAYLOADS_TABLE} holds captured prompts and answers "
+                        "(redacted); ask for it explicitly: `switchboard sql --payloads`, or "
+                        f"the header {PAYLOADS_HEADER}: read",
+                        "code": "payloads_need_a_flag",
+                    }
+                },
+                403,
+            )
         try:
             columns, rows = await store.query(sql)
         except Exception as exc:
@@ -78,7 +91,9 @@ class MetricsApp:
         self.settings = settings
         name = f"metrics-{os.getpid()}"
         topics = settings.topics
-        self.store = ClickHouseStore(settings.store_url, settings.clickhouse_database)
+        self.store = ClickHouseStore(
+            settings.store_url, settings.clickhouse_database, settings.payload_retention_days
+        )
         self.fences = fences.for_process(settings.run_dir, settings.embedded_broker, name)
         self.publisher = KafkaBatchPublisher(
             settings.kafka_bootstrap, name, self.fences, settings.idempotent_producer

@@ -41,6 +41,12 @@ class MetricsSettings(CommonSettings):
             "written once a second rather than on every poll. Rows are queryable that much later."
         ),
     )
+    payload_retention_days: int = Field(
+        default=7,
+        ge=1,
+        le=3650,
+        description="How long captured inputs and outputs (llm_payloads) are kept.",
+    )
     metrics_host: str = Field(
         default="127.0.0.1", description="Bind address of the query endpoint."
     )

@@ -97,6 +97,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
             topics.events,
             topics.cancel,
             topics.feedback,
+            topics.payloads,
         ]
         await ensure_topics(settings.kafka_bootstrap, shared, settings.partitions)
         await ensure_control_topic(settings.kafka_bootstrap, topics.control)

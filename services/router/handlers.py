@@ -86,6 +86,8 @@ class IngressHandler:
                 content_hash=payload_fingerprint(payload or b"") if own_id else None,
             )
             out.append(self.router.encode(routed, payload))
+            if (kept := self.router.captured(routed)) is not None:
+                out.append(kept)
             return True
         except Exception as exc:  # routing is pure computation: whatever fails is this record's
             out.extend(self._refusal(record, exc))

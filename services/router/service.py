@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from schemas.control import CapturedPayload
 from schemas.topics import Topics
 from schemas.v1 import CancelRequest, ChatRequest, Outcome, RoutedRequest, StreamChunk
 from services.common.capabilities import TierCapabilities
+from services.common.capture import input_record
 from services.common.control import LiveExperiments
 from services.common.kafka import Outgoing, Publisher
 from services.common.routing_config import LoadedConfig, TierSpec
 from services.router.domain.classify import classify
 from services.router.domain.images import MAX_IMAGE_BYTES, check_images
 
+log = logging.getLogger(__name__)
 _ENVELOPE = set(RoutedRequest.model_fields) - {"request"}  # every field but the request
 
 
@@ -71,6 +75,7 @@ class Router:
         # the shares of the experiments in force (the control topic's); none: the config's
         self.live = live or LiveExperiments(config, {})
         self._tier_capabilities: dict[tuple[str, str], TierCapabilities] = {}
+        self.capture_failures = 0  # captured inputs that could not be made (logged)
 
     def route(
         self,
@@ -118,6 +123,7 @@ class Router:
             outcome_key=outcome_key(scope or request.metadata.tenant, request.request_id),
             fingerprint=content_hash,
             experiment=None if decision.pinned else self.live.tag(decision.tier, request),
+            capture=config.captures(request.metadata.tenant, decision.rule),
         )
 
     def apply_config(self, config: LoadedConfig) -> None:
@@ -133,7 +139,36 @@ class Router:
         return known
 
     async def publish(self, routed: RoutedRequest) -> None:
-        await self.publisher.publish(self.topics.tier(routed.tier), routed, key=routed.request_id)
+        send = self.publisher.publish(self.topics.tier(routed.tier), routed, key=routed.request_id)
+        if not routed.capture:
+            await send
+            return
+        kept = self._input_record(routed)
+        if kept is None:
+            await send
+            return
+        await asyncio.gather(
+            send, self.publisher.publish(self.topics.payloads, kept, key=routed.request_id)
+        )
+
+    def _input_record(self, routed: RoutedRequest) -> CapturedPayload | None:
+        """The captured input, redacted here: no captured text leaves the router unredacted.
+        None (logged, counted) if it cannot be made: capture never costs a request its answer."""
+        try:
+            return input_record(routed.request, routed.tier, routed.rule, routed.config_hash)
+        except Exception:
+            self.capture_failures += 1
+            log.exception("capture of request %s failed; the request goes on", routed.request_id)
+            return None
+
+    def captured(self, routed: RoutedRequest) -> Outgoing | None:
+        """The captured input of ``routed`` as a message for a batch publish, if it is captured."""
+        kept = self._input_record(routed) if routed.capture else None
+        if kept is None:
+            return None
+        return Outgoing(
+            self.topics.payloads, kept.model_dump_json().encode(), routed.request_id.encode()
+        )
 
     async def cancel(self, request_id: str) -> None:
         """Tell the workers the client of streamed ``request_id`` left (services/workers/cancels.py)."""

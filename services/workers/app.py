@@ -107,11 +107,6 @@ class WorkerApp:
             session_timeout_ms=settings.kafka_session_timeout_ms,
             on_poison=self.handler.poisoned,
         )
-        # a shadow experiment in this tier: answered requests of its share go to the shadow topic
-        self._mirrors = any(
-            e.spec.tier == settings.tier and e.spec.mode == "shadow"
-            for e in config.experiments.values()
-        )
         self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
         self._phase = "starting"
 
@@ -137,7 +132,9 @@ class WorkerApp:
                 topics.dead_letter,
                 topics.results,
                 topics.cancel,
-                *([topics.shadow] if self._mirrors else []),
+                # a shadow or capture may come with a live config: their topics exist already
+                topics.shadow,
+                topics.payloads,
             ],
             self.settings.partitions,
         )

@@ -47,6 +47,7 @@ from schemas.v1 import (
     StreamMark,
 )
 from services.common import capabilities
+from services.common.capture import output_record
 from services.common.config_watch import Refused as ConfigRefused
 from services.common.deadletter import dead_letter
 from services.common.kafka import Publisher
@@ -414,6 +415,8 @@ class TierService:
             )
             if after is not None and self._mirrored(routed, setup):
                 after.append(asyncio.create_task(self._mirror(routed, attempt, completion)))
+            if after is not None and routed.capture:
+                after.append(asyncio.create_task(self._keep(routed, attempt, completion)))
             return ChatResult(
                 request_id=routed.request_id,
                 tenant=request.metadata.tenant,
@@ -567,6 +570,20 @@ class TierService:
         mirror = ShadowRequest(routed=routed, baseline=baseline)
         await self.publisher.publish(self.topics.shadow, mirror, key=routed.request_id)
         self.mirrored += 1
+
+    async def _keep(
+        self, routed: RoutedRequest, attempt: policy.Attempt, completion: Completion
+    ) -> None:
+        """The captured request's answer, redacted here, beside its input (llm_payloads)."""
+        try:
+            kept = output_record(
+                routed.request, self.tier, routed.rule, routed.config_hash,
+                attempt.spec.label, completion.text,
+            )  # fmt: skip
+        except Exception:
+            log.exception("capture of the answer to %s failed", routed.request_id)
+            return
+        await self.publisher.publish(self.topics.payloads, kept, key=routed.request_id)
 
     def _lacks(
         self, spec: ModelSpec, wanted: capabilities.Needs, asked: dict[str, object], setup: _Setup

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from services.common.routing_config import load_config
 from switchboard.embedded import free_port
+from tests.e2e.canary_walkthrough import walk_through_a_canary
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -345,6 +346,9 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
     assert json.loads(lines[-1].removeprefix("data: "))["error"]["code"] == "stream_cut_off"
     # a hundred concurrent streams from AsyncOpenAI
     assert asyncio.run(concurrent_streams(base_url, key, 100)) == 100
+
+    # the README's canary walkthrough, on this stack
+    walk_through_a_canary(base_url, key, data_dir)
 
     assert up.stop() == 0
     time.sleep(0)  # children were waited for by the supervisor before it exited

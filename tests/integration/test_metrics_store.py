@@ -219,3 +219,17 @@ async def test_a_table_created_before_the_experiment_columns_gets_them_on_migrat
     )
     assert ["old", "", "", 0.0] in found  # a row stored before reads as outside any experiment
     assert len(found) == 4
+
+
+async def test_a_refused_write_through_the_query_path_does_not_stop_inserts(
+    store: ClickHouseStore,
+) -> None:
+    """chDB keeps `readonly` on its session after a query fails under it: a `switchboard sql
+    "DROP TABLE ..."` (refused) used to leave every later insert failing."""
+    await store.migrate()
+    with pytest.raises(Exception, match="readonly"):
+        await store.query(f"DROP TABLE {store.table}")
+    table = rows(2, NOW, start=9_000_000)
+    await store.insert_table(table, "after-a-refused-drop")
+    found = await store.stored(table)
+    assert found == {uuid.UUID(int=9_000_000 + i).hex for i in range(2)}

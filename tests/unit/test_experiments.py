@@ -225,3 +225,20 @@ def test_feedback_is_refused_for_another_tenant_or_an_unknown_request() -> None:
     assert "no request 'gone'" in (reasons[4] or "")
     with pytest.raises(NotYet):  # a moment after its answer, the request's row may be on its way
         feedback_refusals([Feedback(request_id="new", score=1)], known, now)
+
+
+@pytest.mark.parametrize(
+    ("config", "simulated"),
+    [
+        ("config/examples/canary.yaml", True),  # its models are the simulator's
+        ("config/simulated.yaml", True),
+        ("config/switchboard.yaml", False),
+    ],
+)
+def test_make_up_starts_the_simulator_for_a_config_that_uses_it(
+    config: str, simulated: bool
+) -> None:
+    from switchboard.up import plan_from_env
+
+    plan = plan_from_env({"SWITCHBOARD_CONFIG": str(ROOT / config)})
+    assert plan.simulated is simulated

@@ -8,6 +8,7 @@ one thread, and readers of an embedded store ask the metrics process (services/m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.topics import DECISIONS_TABLE, EVENTS_TABLE, FEEDBACK_TABLE, SHADOW_TABLE
+from schemas.topics import (
+    DECISIONS_TABLE,
+    EVENTS_TABLE,
+    FEEDBACK_TABLE,
+    PAYLOADS_TABLE,
+    SHADOW_TABLE,
+)
 from schemas.v1 import AttemptEvent
 from services.common.retry import Transient
 from services.metrics.domain.columns import TABLE_SCHEMA, dedup_token, events_table
@@ -128,11 +135,32 @@ ORDER BY (request_id, ts, feedback_id)
 TTL toDateTime(ts) + INTERVAL 90 DAY
 SETTINGS non_replicated_deduplication_window = 10000
 """
+PAYLOADS_DDL = """
+CREATE TABLE IF NOT EXISTS {db}.{table} (
+    ts          DateTime64(3, 'UTC') COMMENT 'when it was captured',
+    payload_id  String,
+    request_id  String,
+    tenant_hash String,
+    tier        LowCardinality(String),
+    rule        LowCardinality(String),
+    config_hash LowCardinality(String),
+    model       LowCardinality(String) COMMENT 'output: the model that answered',
+    kind        LowCardinality(String) COMMENT 'input | output',
+    text        String CODEC(ZSTD(3)) COMMENT 'redacted where captured: input JSON or answer text',
+    redactions  Map(String, UInt32) COMMENT 'what was replaced, by kind'
+) ENGINE = ReplacingMergeTree
+PARTITION BY toDate(ts)
+ORDER BY (request_id, kind, payload_id)
+TTL toDateTime(ts) + INTERVAL {days} DAY
+SETTINGS non_replicated_deduplication_window = 10000
+"""
+PAYLOADS_TTL = "toDateTime(ts) + toIntervalDay({days})"  # as ClickHouse shows the TTL back
 # Tables of the low-volume record topics (services/metrics/domain/records.py), by name.
 RECORD_TABLES = {
     DECISIONS_TABLE: DECISIONS_DDL,
     SHADOW_TABLE: SHADOW_DDL,
     FEEDBACK_TABLE: FEEDBACK_DDL,
+    PAYLOADS_TABLE: PAYLOADS_DDL,
 }
 
 # What ``stored`` looks rows up by: one bloom filter a granule (8192 rows), so a lookup of a few
@@ -207,9 +235,10 @@ class StoreUnavailable(Transient):
 
 
 class ClickHouseStore:
-    def __init__(self, url: str, database: str) -> None:
+    def __init__(self, url: str, database: str, payload_days: int = 7) -> None:
         if not _IDENT.match(database):
             raise ValueError(f"clickhouse_database: {database!r} is not a plain identifier")
+        self._payload_days = int(payload_days)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
         self._url = url
         self._db = database
@@ -235,7 +264,18 @@ class ClickHouseStore:
         for column in ADDED_COLUMNS:
             client.command(f"ALTER TABLE {self._table} ADD COLUMN IF NOT EXISTS {column}")
         for table, ddl in RECORD_TABLES.items():
-            client.command(ddl.format(db=self._db, table=table))
+            client.command(ddl.format(db=self._db, table=table, days=self._payload_days))
+        # the payloads' own retention: a table created with another one gets this one
+        created = client.query(
+            "SELECT create_table_query FROM system.tables"
+            " WHERE database = {db:String} AND name = {t:String}",
+            parameters={"db": self._db, "t": PAYLOADS_TABLE},
+        ).result_rows[0][0]
+        if PAYLOADS_TTL.format(days=self._payload_days) not in created:
+            client.command(
+                f"ALTER TABLE {self._db}.{PAYLOADS_TABLE} MODIFY TTL toDateTime(ts) + "
+                f"INTERVAL {self._payload_days} DAY"
+            )
         indexed = client.query(
             "SELECT count() FROM system.data_skipping_indices"
             " WHERE database = {db:String} AND table = {table:String} AND name = {name:String}",
@@ -322,8 +362,20 @@ class ClickHouseStore:
         return list(await self._run(self._plan, next(_lookups(rows))))
 
     def _query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
-        result = self._connect().query(sql, settings={"readonly": 1})
+        try:
+            result = self._connect().query(sql, settings={"readonly": 1})
+        except Exception:
+            # chDB keeps `readonly` on its session once a query fails under it (a refused DROP):
+            # every insert after it would fail too. A new client is a new session.
+            self._reconnect()
+            raise
         return list(result.column_names), [list(r) for r in result.result_rows]
+
+    def _reconnect(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
 
     async def query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
         """Read-only: the engine refuses writes and DDL (``readonly=1``)."""

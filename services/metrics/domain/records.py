@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from schemas.control import ControlDecision, Feedback, ShadowComparison
-from schemas.topics import DECISIONS_TABLE, FEEDBACK_TABLE, SHADOW_TABLE, Topics
+from schemas.control import CapturedPayload, ControlDecision, Feedback, ShadowComparison
+from schemas.topics import DECISIONS_TABLE, FEEDBACK_TABLE, PAYLOADS_TABLE, SHADOW_TABLE, Topics
 from services.common.sql import tenant_hash
 
 
@@ -55,6 +55,16 @@ def _feedback_row(f: Feedback) -> list[Any]:
             f.label or "", f.comment, f.source]  # fmt: skip
 
 
+_PAYLOAD_COLUMNS = (
+    "ts", "payload_id", "request_id", "tenant_hash", "tier", "rule", "config_hash", "model",
+    "kind", "text", "redactions",
+)  # fmt: skip
+
+
+def _payload_row(p: CapturedPayload) -> list[Any]:
+    return [getattr(p, name) for name in _PAYLOAD_COLUMNS]
+
+
 # How long feedback may wait for its request's row (events are written about a second after the
 # answer) before an unknown request id is refused.
 UNKNOWN_AFTER_S = 30.0
@@ -91,6 +101,9 @@ def record_tables(topics: Topics) -> dict[str, RecordTable]:
         ),
         topics.shadow_comparisons: RecordTable(
             ShadowComparison, SHADOW_TABLE, _SHADOW_COLUMNS, "comparison_id", _shadow_row
+        ),
+        topics.payloads: RecordTable(
+            CapturedPayload, PAYLOADS_TABLE, _PAYLOAD_COLUMNS, "payload_id", _payload_row
         ),
         topics.feedback: RecordTable(
             Feedback, FEEDBACK_TABLE, _FEEDBACK_COLUMNS, "feedback_id", _feedback_row, checked=True
