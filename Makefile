@@ -2,8 +2,7 @@
 # `make bench` runs the benchmark suite (bench/README.md) and writes bench/results/.
 # `make faults` runs the fault and abuse scenarios (docs/reliability.md); `make test` ends with it.
 # Both run them in two lanes at once, then the soak alone (`python -m faults --lanes`).
-# `make test` runs pytest on two workers (pytest-xdist), then the load-sensitive tests alone, then
-# the fault lanes with the benchmark's quick run beside them (README "Layout" says why).
+# `make test` runs pytest on two workers (pytest-xdist); README "Layout" says why.
 # `make soak` runs the 30-minute soak (bench/README.md) and writes bench/results/soak-<date>.*.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -26,9 +25,9 @@ up: setup
 	$(VENV)/bin/switchboard up
 
 test: setup
-	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 -m 'not serial and not bench_quick'
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 -m 'not serial'
 	$(PY) -m pytest -m serial
-	$(PY) -m faults --lanes --beside "$(PY) -m pytest -m bench_quick --durations=2"
+	$(PY) -m faults --lanes
 
 faults: setup
 	$(PY) -m faults --lanes

@@ -7,8 +7,7 @@ the command exits non-zero when any count is not 0 or a scenario could not run.
 
     python -m faults                 # every scenario
     python -m faults --only poison   # some (comma-separated keys)
-    python -m faults --lanes         # two lanes at once, then the soak
-    python -m faults --lanes --beside "CMD"   # `make test`: CMD runs beside the two lanes
+    python -m faults --lanes         # `make test`: two lanes at once, then the soak
 
 ``--lanes`` runs the crash scenario (minutes of steady traffic, the longest) and the shutdown one
 in one process and the other short scenarios one after another in another, at once, then the
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -67,8 +65,8 @@ _TALLY = re.compile(
 )
 
 
-def _lanes(keep: bool, beside: list[str] | None = None) -> int:
-    """crash ‖ the short scenarios (‖ ``beside``), then the soak; the sum of their tallies."""
+def _lanes(keep: bool) -> int:
+    """crash ‖ the short scenarios, then the soak; the sum of their tallies."""
     beside_crash = ["crash", "shutdown"]  # the two lanes take about as long
     rest = [k for k in SCENARIOS if k not in beside_crash and k not in ALONE_LAST]
     lanes = [beside_crash, rest]
@@ -82,10 +80,7 @@ def _lanes(keep: bool, beside: list[str] | None = None) -> int:
         for lane in lanes
     ]
     followed = [_follow(proc) for proc in procs]
-    other = subprocess.Popen(beside) if beside else None  # its output goes straight through
     code = max(proc.wait() for proc in procs)
-    if other is not None:
-        code = max(code, other.wait())
     last = subprocess.Popen(
         [sys.executable, "-m", "faults", "--only", ",".join(ALONE_LAST), *extra],
         stdout=subprocess.PIPE,
@@ -129,14 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lanes", action="store_true", help="crash beside the short scenarios, then the soak"
     )
-    parser.add_argument(
-        "--beside",
-        help="with --lanes: a command run beside the two lanes (not beside the soak); its exit "
-        "code counts",
-    )
     args = parser.parse_args(argv)
     if args.lanes:
-        return _lanes(args.keep, shlex.split(args.beside) if args.beside else None)
+        return _lanes(args.keep)
     chosen = list(SCENARIOS) if not args.only else [k.strip() for k in args.only.split(",")]
     runnable = SCENARIOS
     unknown = [k for k in chosen if k not in runnable]

@@ -92,7 +92,6 @@ def figures(latest: dict[str, Any], required: dict[str, list[str]]) -> None:
 # Two tests in one xdist group: `make test` (--dist loadgroup) runs them one after the other on
 # one worker while the other worker runs the rest. Run at once on a 2-core machine, the two
 # halves slowed everything (pytest 394 s instead of 325 s) and a keeper test timed out.
-@pytest.mark.bench_quick
 @pytest.mark.xdist_group("bench")
 @pytest.mark.timeout(660)  # the run's own limit below; the suite's default is 300 s
 def test_quick_sync_scenarios_write_every_figure(tmp_path: Path) -> None:
@@ -117,7 +116,6 @@ def test_quick_sync_scenarios_write_every_figure(tmp_path: Path) -> None:
     assert not light["peers"] and "litellm" not in light["rates"]["20"]
 
 
-@pytest.mark.bench_quick
 @pytest.mark.xdist_group("bench")
 @pytest.mark.timeout(660)
 def test_quick_other_scenarios_write_every_figure(tmp_path: Path) -> None:
