@@ -25,11 +25,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
 from schemas.control import ConfigUpdate
-from services.common.consumer import close_consumer
+from services.common.consumer import close_consumer, follow
 from services.common.control import ensure_control_topic
 from services.common.kafka import partitions_of
 from services.common.routing_config import ConfigError, LoadedConfig, load_config_text
@@ -86,12 +86,11 @@ class ConfigWatch:
             await close_consumer(consumer)
             raise
         if newest is not None and newest.at > self._file_changed_at():
-            self.offer(
-                newest.text,
-                f"{self._topic} (applied by {newest.by or '?'} from {newest.source or '?'})",
-            )
+            self.offer(newest.text, self._origin(newest))
         self._consumer = consumer
-        self._task = asyncio.create_task(self._follow(consumer), name="config-watch")
+        self._task = asyncio.create_task(
+            follow(consumer, self._record, "the config topic"), name="config-watch"
+        )
         if sighup:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_file)
             self._hup = True
@@ -102,22 +101,13 @@ class ConfigWatch:
         except OSError:
             return datetime.min.replace(tzinfo=UTC)
 
-    async def _follow(self, consumer: AIOKafkaConsumer) -> None:
-        while True:
-            try:
-                batches = await consumer.getmany(timeout_ms=1000)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the broker went away: the consumer reconnects by itself
-                log.warning("reading the config topic failed; trying again", exc_info=True)
-                await asyncio.sleep(1)
-                continue
-            for records in batches.values():
-                for record in records:
-                    update = _parse(record.value)
-                    if update is not None:
-                        origin = f"{self._topic} (applied by {update.by or '?'} from {update.source or '?'})"
-                        self.offer(update.text, origin)
+    def _record(self, record: ConsumerRecord) -> None:
+        update = _parse(record.value)
+        if update is not None:
+            self.offer(update.text, self._origin(update))
+
+    def _origin(self, update: ConfigUpdate) -> str:
+        return f"{self._topic} (applied by {update.by or '?'} from {update.source or '?'})"
 
     def reload_file(self) -> None:
         """SIGHUP: the config file again."""

@@ -100,6 +100,31 @@ async def close_consumer(consumer: AIOKafkaConsumer) -> None:
         log.warning("the Kafka consumer stopped with a fetch cut short (Kafka unreachable?)")
 
 
+async def follow(
+    consumer: AIOKafkaConsumer,
+    handle: Callable[[ConsumerRecord], None],
+    what: str,
+    after_poll: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Hand every record a group-less reader fetches to ``handle``, for ever (cancel to stop).
+    A failed fetch (the broker away) is logged and tried again: the consumer reconnects by
+    itself. ``after_poll`` runs after every fetch, records or not."""
+    while True:
+        try:
+            batches = await consumer.getmany(timeout_ms=1000)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("reading %s failed; trying again", what, exc_info=True)
+            await asyncio.sleep(1)
+            continue
+        for records in batches.values():
+            for record in records:
+                handle(record)
+        if after_poll is not None:
+            await after_poll()
+
+
 class _Poison:
     """Hands records no handler can take to ``on_poison``, and counts them."""
 

@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from pydantic import ValidationError
@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from schemas.control import ExperimentState
 from schemas.v1 import ChatRequest, ExperimentTag
 from services.common import experiments
-from services.common.consumer import close_consumer
+from services.common.consumer import close_consumer, follow
 from services.common.kafka import Publisher, partitions_of
 from services.common.routing_config import Experiment, LoadedConfig
 
@@ -121,24 +121,17 @@ class ControlReader:
         self._caught_up.set()
 
     async def _read(self, consumer: AIOKafkaConsumer) -> None:
-        while True:
-            try:
-                batches = await consumer.getmany(timeout_ms=1000)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the broker went away: the consumer reconnects by itself
-                log.warning("reading the control topic failed; trying again", exc_info=True)
-                await asyncio.sleep(1)
-                continue
-            for records in batches.values():
-                for record in records:
-                    try:
-                        state = ExperimentState.model_validate_json(record.value or b"")
-                    except ValidationError:
-                        log.warning("control topic: unreadable record at %s", record.offset)
-                        continue  # every router reads this topic: none of them dead-letters
-                    self.apply(state)
-            await self._check_caught_up(consumer)
+        await follow(
+            consumer, self._record, "the control topic", lambda: self._check_caught_up(consumer)
+        )
+
+    def _record(self, record: ConsumerRecord) -> None:
+        try:
+            state = ExperimentState.model_validate_json(record.value or b"")
+        except ValidationError:
+            log.warning("control topic: unreadable record at %s", record.offset)
+            return  # every router reads this topic: none of them dead-letters
+        self.apply(state)
 
     def apply(self, state: ExperimentState) -> None:
         known = self.states.get(state.experiment)

@@ -15,11 +15,11 @@ import contextlib
 import logging
 from collections import OrderedDict
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
 from schemas.v1 import CancelRequest
-from services.common.consumer import close_consumer
+from services.common.consumer import close_consumer, follow
 from services.common.kafka import partitions_of
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class Cancels:
             await close_consumer(consumer)
             raise
         self._consumer = consumer
-        self._task = asyncio.create_task(self._read(consumer), name="cancels")
+        self._task = asyncio.create_task(follow(consumer, self._record, "cancels"), name="cancels")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -66,23 +66,12 @@ class Cancels:
             await close_consumer(self._consumer)
             self._consumer = None
 
-    async def _read(self, consumer: AIOKafkaConsumer) -> None:
-        while True:
-            try:
-                batches = await consumer.getmany(timeout_ms=1000)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the broker went away: the consumer reconnects by itself
-                log.warning("reading cancels failed; trying again", exc_info=True)
-                await asyncio.sleep(1)
-                continue
-            for records in batches.values():
-                for record in records:
-                    try:
-                        cancel = CancelRequest.model_validate_json(record.value or b"")
-                    except ValidationError:
-                        continue  # not ours to dead-letter: every worker reads this topic
-                    self.cancel(cancel.request_id)
+    def _record(self, record: ConsumerRecord) -> None:
+        try:
+            cancel = CancelRequest.model_validate_json(record.value or b"")
+        except ValidationError:
+            return  # not ours to dead-letter: every worker reads this topic
+        self.cancel(cancel.request_id)
 
     def cancel(self, request_id: str) -> None:
         self._recent[request_id] = None
