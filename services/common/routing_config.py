@@ -146,6 +146,12 @@ class CaptureSpec(_Strict):
 SHADOW_SHARE = 10.0  # % of a tier mirrored by a shadow experiment that names no share
 
 
+_CANARY_ONLY = frozenset(
+    {"steps", "criteria", "rollback_when", "min_samples", "interval_s", "confidence"}
+)
+_SHADOW_ONLY = frozenset({"max_in_flight", "max_lag_s", "judge"})
+
+
 class ExperimentSpec(_Strict):
     """A candidate model tried on a share of one tier's traffic, moved step by step by the
     controller while its criteria hold, and rolled back when a rollback condition is met
@@ -231,6 +237,10 @@ class ExperimentSpec(_Strict):
 
     @model_validator(mode="after")
     def _start(self) -> ExperimentSpec:
+        # a key the mode does not use is refused by name rather than ignored
+        unused = _CANARY_ONLY if self.mode == "shadow" else _SHADOW_ONLY
+        if given := sorted(unused & self.model_fields_set):
+            raise ValueError(f"{given[0]}: not used by a {self.mode} experiment")
         if self.mode == "canary" and not self.criteria:
             raise ValueError("criteria: a canary needs at least one criterion to promote by")
         if self.share is not None and not 0 <= self.share <= 100:

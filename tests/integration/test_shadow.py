@@ -32,7 +32,6 @@ experiments:
     tier: fast
     mode: shadow
     share: 100
-    steps: [100]
     sticky: request
     max_in_flight: 2
     candidate: {{model: openai/{candidate}, name: {candidate}, api_base: "{sim}/v1",

@@ -90,6 +90,7 @@ def test_experiment_compiles(tmp_path: Path) -> None:
             "unknown field 'tags.x'",
         ),
         (("    steps:", "    sticky: cookie\n    steps:"), "experiments.next.sticky", "Input"),
+        (("    steps:", "    max_in_flight: 4\n    steps:"), "experiments.next", "max_in_flight"),
         (("  next:", "  Next:"), "experiments.Next", "name must match"),
         (("    steps:", "    bogus: 1\n    steps:"), "experiments.next.bogus", "unknown key"),
     ],
