@@ -7,6 +7,7 @@ Flow::
                                      └─▶ ControlDecision    (decisions topic ─metrics─▶ ClickHouse
                                                              switchboard.decisions)
     tier worker, a mirrored request answered ──▶ ShadowRequest   (shadow topic)
+    `switchboard replay`, a captured input ──▶ ShadowRequest     (shadow topic, with its Replay)
     shadow worker, the candidate called ──▶ ShadowComparison     (shadow comparisons topic
                                                                   ─metrics─▶ llm_shadow)
     `switchboard config apply FILE` ──▶ ConfigUpdate             (config topic, compacted: every
@@ -79,6 +80,9 @@ class ControlDecision(_Message):
     config_hash: str = Field(default="", max_length=100)
 
 
+BaselineStatus = Literal["ok", "error", "unknown"]
+
+
 class BaselineAnswer(_Message):
     """What the tier's own model answered a mirrored request: the shadow call is compared with it."""
 
@@ -90,6 +94,43 @@ class BaselineAnswer(_Message):
     response_sha256: str = Field(max_length=64)
     text: str = Field(description="The answer's text, cut at SHADOW_TEXT_CHARS.")
     answered_at: datetime = Field(default_factory=utcnow)
+    status: BaselineStatus = Field(
+        default="ok",
+        description="A replay's baseline may have failed (error), or have left no event "
+        "(unknown); a live mirror's always answered.",
+    )
+
+
+REPLAY_PREFIX = "replay-"  # the experiment column of a replay's comparisons: replay-<run>
+MAX_RUN = MAX_NAME - len(REPLAY_PREFIX)
+AgainstKind = Literal["model", "tier", "config"]
+
+
+class Replay(_Message):
+    """What makes a mirrored request a replay (``switchboard replay``): which run it belongs to
+    and what it is replayed against. The shadow worker resolves the candidate with its own
+    config and environment, as it does a live shadow's."""
+
+    run: str = Field(min_length=1, max_length=MAX_RUN, pattern=r"^[A-Za-z0-9._-]+$")
+    kind: AgainstKind
+    against: str = Field(
+        min_length=1, max_length=1000, description="A model label, a tier, or the config's path."
+    )
+    config_text: str | None = Field(
+        default=None,
+        max_length=1_000_000,
+        description="kind config: the file's text; each request goes where that config "
+        "routes it, to its tier's first model (or the model it pins).",
+    )
+    tenant_hash: str = Field(default="", max_length=64, description="The original's.")
+    source: Literal["captured", "kafka"] = Field(
+        description="Where the input came from: llm_payloads (redacted) or a tier topic."
+    )
+    sent_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def experiment(self) -> str:
+        return REPLAY_PREFIX + self.run
 
 
 SHADOW_TEXT_CHARS = 32_000  # of each answer, for the similarity measure
@@ -101,6 +142,7 @@ class ShadowRequest(_Message):
     schema_version: Literal[1] = SCHEMA_VERSION
     routed: RoutedRequest
     baseline: BaselineAnswer
+    replay: Replay | None = Field(default=None, description="Set by `switchboard replay`.")
 
 
 ShadowOutcome = Literal["compared", "candidate_failed", "dropped"]
@@ -122,6 +164,8 @@ class ShadowComparison(_Message):
     candidate_model: str = Field(max_length=200)
     baseline_latency_ms: float = Field(ge=0, allow_inf_nan=False)
     candidate_latency_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    baseline_tokens_in: int = Field(default=0, ge=0)
+    candidate_tokens_in: int | None = Field(default=None, ge=0)
     baseline_tokens_out: int = Field(ge=0)
     candidate_tokens_out: int | None = Field(default=None, ge=0)
     baseline_cost_usd: float = Field(ge=0, allow_inf_nan=False)
@@ -129,6 +173,13 @@ class ShadowComparison(_Message):
     same_response: bool | None = Field(default=None, description="Equal response hashes.")
     similarity: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     similarity_by: str = Field(default="", max_length=200, description="'text' or the judge.")
+    baseline_status: BaselineStatus = "ok"
+    slices: list[str] = Field(
+        default_factory=list,
+        max_length=10,
+        description="The request's slices (short, long, long conversation, multimodal, noisy "
+        "or truncated): what `switchboard replay report` groups by.",
+    )
 
 
 class Feedback(_Message):

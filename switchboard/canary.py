@@ -39,13 +39,13 @@ RECENT_DECISIONS = 8
 
 
 @dataclass(frozen=True)
-class _Where:
+class Location:
     bootstrap: str
     config: Path
     run_dir: Path | None  # the embedded stack's, for its fences (None: no stack here)
 
 
-def _where(settings: MetricsSettings) -> _Where:
+def locate(settings: MetricsSettings) -> Location:
     """The broker and the routing config: the running `switchboard up`'s, else the settings'
     (``SWITCHBOARD_CONFIG`` wins over the stack's config when it is set)."""
     path = stack_file(settings.data_dir)
@@ -55,8 +55,8 @@ def _where(settings: MetricsSettings) -> _Where:
             config = settings.config
             if "config" not in settings.model_fields_set and state.get("config"):
                 config = Path(state["config"])
-            return _Where(state["kafka_bootstrap"], config, path.parent)
-    return _Where(settings.kafka_bootstrap, settings.config, None)
+            return Location(state["kafka_bootstrap"], config, path.parent)
+    return Location(settings.kafka_bootstrap, settings.config, None)
 
 
 async def _states(bootstrap: str, topic: str) -> dict[str, ExperimentState]:
@@ -129,7 +129,7 @@ async def _act(config: LoadedConfig, experiment: Experiment, action: Action, boo
 
 def canary_command(action: str, name: str | None) -> int:
     settings = MetricsSettings()
-    where = _where(settings)
+    where = locate(settings)
     try:
         config = load_config(where.config)
     except ConfigError as exc:

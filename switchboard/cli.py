@@ -109,6 +109,31 @@ def _check_config(path: str | None) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from switchboard.replay import ReplayArgs, replay_command, report_command
+
+    if args.action == "report":
+        if not args.run_name:
+            parser.error("replay report: name the run (replay prints it when it starts)")
+        return report_command(args.run_name, args.format)
+    if args.run_name:
+        parser.error(f"unexpected {args.run_name!r}: replay report RUN, or replay --against ...")
+    if not args.against:
+        parser.error("replay: --against MODEL|TIER|CONFIG is required")
+    return replay_command(
+        ReplayArgs(
+            against=args.against,
+            since=args.since,
+            until=args.until,
+            request_ids=args.request_ids,
+            rate=args.rate,
+            run=args.run,
+            wait_s=args.wait_s,
+            captured_only=args.captured_only,
+        )
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="switchboard",
@@ -126,6 +151,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     canary = sub.add_parser("canary", help="see and steer experiments")
     canary.add_argument("action", choices=["status", "promote", "rollback", "pause", "resume"])
     canary.add_argument("name", nargs="?", help="the experiment (all, for status)")
+    replay = sub.add_parser(
+        "replay",
+        help="send answered requests again, to a model, tier or config, and compare",
+        description="switchboard replay --since 2h --against MODEL|TIER|CONFIG [--rate N]; "
+        "switchboard replay report RUN (docs/experiments.md, Replay)",
+    )
+    replay.add_argument("action", nargs="?", choices=["report"], help="report RUN: print it again")
+    replay.add_argument("run_name", nargs="?", metavar="RUN", help="the run, for report")
+    replay.add_argument("--against", help="a model label, a tier, or a routing config file")
+    replay.add_argument("--since", help="from: an ISO time (UTC) or an age (90s, 30m, 2h, 1d)")
+    replay.add_argument("--until", help="to (default now): an ISO time or an age")
+    replay.add_argument("--request-ids", metavar="FILE", help="these requests (one id per line)")
+    replay.add_argument("--rate", type=float, default=10.0, help="requests a second (default 10)")
+    replay.add_argument("--run", help="the run's name (default: its start time and 4 hex)")
+    replay.add_argument(
+        "--wait-s", type=float, default=120.0, help="give up after this long with no new result"
+    )
+    replay.add_argument(
+        "--captured-only", action="store_true", help="leave out requests held only on Kafka"
+    )
+    replay.add_argument("--format", choices=["table", "json"], default="table", help="of report")
     sub.add_parser("simulator", help="run the provider simulator")
     sql = sub.add_parser("sql", help="run a read-only query on the metrics store")
     sql.add_argument("query")
@@ -157,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from switchboard.canary import canary_command
 
         return canary_command(args.action, args.name)
+    if args.command == "replay":
+        return _replay(args, replay)
     if args.command in ("router", "metrics", "controller", "shadow"):
         return _run_service(args.command)
     if args.command == "worker":

@@ -202,11 +202,12 @@ class Stack:
                 SWITCHBOARD_CONTROLLER_PORT=str(p.ports["controller"]),
             )
         )
-        if any(e.spec.mode == "shadow" for e in self.config.experiments.values()):
-            say("starting the shadow worker (the config runs a shadow experiment)")
-            services.append(
-                self._start("shadow", ["shadow"], SWITCHBOARD_SHADOW_PORT=str(p.ports["shadow"]))
-            )
+        # always: a shadow experiment may come with `switchboard config apply`, and
+        # `switchboard replay` sends its requests through the shadow lane
+        say("starting the shadow worker (shadow experiments and replays)")
+        services.append(
+            self._start("shadow", ["shadow"], SWITCHBOARD_SHADOW_PORT=str(p.ports["shadow"]))
+        )
         say("starting the router")
         services.append(
             self._start(

@@ -391,6 +391,24 @@ class LoadedConfig:
     def tier(self, name: str) -> TierSpec:
         return self.spec.tiers[name]
 
+    def model_named(self, name: str) -> ModelSpec | None:
+        """A model entry by any name a request may pin it by, or an experiment's candidate by
+        its label or litellm string (a candidate need not be in any tier)."""
+        pin = self.pins.get(name)
+        if pin is not None:
+            return next(m for m in self.tier(pin.tier).models if m.label == pin.label)
+        for experiment in self.experiments.values():
+            if name in (experiment.spec.candidate.label, experiment.spec.candidate.model):
+                return experiment.spec.candidate
+        return None
+
+    @property
+    def model_names(self) -> list[str]:
+        """The labels ``model_named`` knows, tiers' models first."""
+        labels = [m.label for t in self.spec.tiers.values() for m in t.models]
+        labels += [e.candidate for e in self.experiments.values()]
+        return list(dict.fromkeys(labels))
+
     @property
     def tier_names(self) -> list[str]:
         return list(self.spec.tiers)

@@ -4,17 +4,23 @@ The default similarity is rapidfuzz's normalised Indel similarity of the two tex
 edits needed to turn one into the other, over their lengths): cheap (microseconds for answers of
 a few kB), symmetric, 1 for equal texts and near 0 for unrelated ones. A judge model, when the
 experiment names one, is asked for a score instead (``judge_request``, ``judge_score``).
+
+Each comparison also names the request's slices (``slices_of``), which `switchboard replay
+report` groups by: a candidate that holds up on short triage may still fail long conversations.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import string
 from datetime import datetime
 
 from rapidfuzz.distance import Indel
 
 from schemas.control import SHADOW_TEXT_CHARS, BaselineAnswer
-from schemas.v1 import ChatRequest
+from schemas.v1 import ChatRequest, TextPart
+from services.common.capture import IMAGE_MARK
 
 JUDGE_SYSTEM = (
     "You compare two answers to the same request. Score how alike they are in meaning and in "
@@ -74,3 +80,62 @@ def judge_score(text: str) -> float:
 def lag_s(baseline: BaselineAnswer, now: datetime) -> float:
     """How long the mirrored request waited since the tier answered it."""
     return (now - baseline.answered_at).total_seconds()
+
+
+# --- slices ---------------------------------------------------------------------------------------
+
+SHORT = "short"
+LONG = "long"
+LONG_CONVERSATION = "long conversation"
+MULTIMODAL = "multimodal"
+NOISY = "noisy or truncated"
+SLICES = (SHORT, LONG, LONG_CONVERSATION, MULTIMODAL, NOISY)
+SHORT_CHARS = 500  # the messages' text, all of it: at most this is short (~125 tokens)
+LONG_CHARS = 8_000  # at least this is long (~2,000 tokens)
+LONG_CONVERSATION_MESSAGES = 8
+NOISE_SHARE = 0.2  # of the last user text's non-space characters: neither letters, digits nor
+NOISE_RUN = 8  # ASCII punctuation (mojibake, emoji floods, control characters); or one character
+_RUN = re.compile(r"(\S)\1{" + str(NOISE_RUN - 1) + ",}")  # repeated this many times in a row
+_PLAIN = frozenset(string.punctuation)
+
+
+def noisy(text: str) -> bool:
+    """Text a model is likely to stumble on: many odd characters, or one hammered key."""
+    seen = [c for c in text if not c.isspace()]
+    if not seen:
+        return False
+    odd = sum(1 for c in seen if not (c.isalnum() or c in _PLAIN))
+    return odd / len(seen) >= NOISE_SHARE or _RUN.search(text) is not None
+
+
+def _has_images(request: ChatRequest) -> bool:
+    """Image parts, or the mark a captured input keeps in their place."""
+    for message in request.messages:
+        if message.image_count():
+            return True
+        if isinstance(message.content, list) and any(
+            isinstance(p, TextPart) and p.text == IMAGE_MARK for p in message.content
+        ):
+            return True
+    return False
+
+
+def slices_of(request: ChatRequest, baseline_tokens_out: int) -> list[str]:
+    """The slices a request is in: ``short`` or ``long`` by the length of all its messages'
+    text (neither in between), ``long conversation`` from 8 messages, ``multimodal`` with an
+    image, and ``noisy or truncated`` when its last user text is noisy or the baseline's answer
+    used every token the request allowed (it was cut off)."""
+    chars = sum(len(m.text()) for m in request.messages)
+    found = []
+    if chars <= SHORT_CHARS:
+        found.append(SHORT)
+    elif chars >= LONG_CHARS:
+        found.append(LONG)
+    if len(request.messages) >= LONG_CONVERSATION_MESSAGES:
+        found.append(LONG_CONVERSATION)
+    if _has_images(request):
+        found.append(MULTIMODAL)
+    cap = request.token_cap
+    if noisy(request.last_user_text()) or (cap is not None and baseline_tokens_out >= cap):
+        found.append(NOISY)
+    return found

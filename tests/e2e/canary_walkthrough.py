@@ -1,8 +1,8 @@
 """The canary walkthrough as a user runs it, on the stack of tests/e2e/test_up.py (one stack for
 both: each `switchboard up` costs the suite half a minute): `switchboard config apply` of
 config/examples/canary.yaml, traffic, `switchboard canary status|promote`, and the rows and
-decisions in `switchboard sql`. The shadow half of the example runs in
-tests/integration/test_shadow.py (the default stack starts no shadow worker)."""
+decisions in `switchboard sql`, and a replay of the captured tenant's requests against the
+candidate. The shadow half of the example is checked in tests/integration/test_shadow.py."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -36,11 +37,15 @@ def switchboard(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def rows_of(data_dir: Path, query: str, at_least: int, timeout_s: float = 60) -> list[dict]:
+def rows_of(
+    data_dir: Path, query: str, at_least: int, timeout_s: float = 60, payloads: bool = False
+) -> list[dict]:
     """Poll the metrics service's query endpoint (where `switchboard sql` asks, without a
     process start per poll) until ``query`` has ``at_least`` rows."""
     state = json.loads((data_dir / "run" / "stack.json").read_text())
     headers = {"authorization": f"Bearer {state['metrics_token']}"}
+    if payloads:
+        headers["x-switchboard-payloads"] = "read"
     deadline = time.monotonic() + timeout_s
     rows: list[dict] = []
     while time.monotonic() < deadline:
@@ -122,6 +127,33 @@ def walk_through_a_canary(base_url: str, key: str, data_dir: Path) -> None:
     assert decided.returncode == 0, decided.stderr
     (row,) = json.loads(decided.stdout)
     assert (row["action"], float(row["share_to"])) == ("promote", 25)
+
+    # the README's replay: the captured walkthrough tenant's requests, against the candidate
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    with httpx.Client(base_url=base_url, headers=headers, timeout=60) as http:
+        for i in range(12):
+            body = {
+                "model": "fast",
+                "messages": [{"role": "user", "content": f"Where is parcel {i}?"}],
+                "metadata": {"tenant": "walkthrough"},
+            }
+            assert http.post("/v1/chat/completions", json=body).status_code == 200
+    rows_of(
+        data_dir,
+        "SELECT request_id FROM switchboard.llm_payloads WHERE kind = 'output'"
+        f" AND ts >= toDateTime64({since.timestamp():.3f}, 3, 'UTC')",
+        12,
+        payloads=True,
+    )
+    replayed = switchboard(
+        data_dir, "replay", "--since", since.isoformat(), "--against", "sim-balanced-next",
+        "--rate", "50", "--run", "walkthrough", "--wait-s", "60",
+    )  # fmt: skip
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "12 requests (12 captured" in replayed.stdout, replayed.stdout
+    report = replayed.stdout.splitlines()
+    assert any(x.split()[:3] == ["all", "12", "12"] for x in report), replayed.stdout
+    assert any(x.startswith("short ") for x in report), replayed.stdout
 
     # a file that does not load is refused by name, and nothing is sent
     bad = data_dir / "bad.yaml"

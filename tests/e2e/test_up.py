@@ -169,7 +169,8 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
     assert "SIMULATOR" in "\n".join(up.lines)
     state = json.loads((data_dir / "run" / "stack.json").read_text())
     pids = list(state["pids"].values())
-    assert len(pids) == 10  # broker, redis, simulator, metrics, 4 workers, controller, router
+    # broker, redis, simulator, metrics, 4 workers, controller, shadow worker, router
+    assert len(pids) == 11
     client = OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0, timeout=60)
 
     short = client.chat.completions.with_raw_response.create(
@@ -229,6 +230,7 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
         "router",
         "metrics",
         "controller",
+        "shadow",
         *(f"worker-{t}" for t in tiers),
     }
     assert state["ready_urls"]["router"] == f"{base_url}/ready"

@@ -171,3 +171,135 @@ async def test_a_judge_scores_and_its_failure_falls_back_to_text(tmp_path: Path)
     client.answers["judge"] = ModelCallError("boom")
     comparison = await shadow.handle(mirror())
     assert comparison.similarity_by.startswith("text (judge failed")
+
+
+# --- slices --------------------------------------------------------------------------------------
+
+
+def _request(*texts: str, max_tokens: int | None = None, image: bool = False) -> ChatRequest:
+    messages: list[dict[str, Any]] = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)
+    ]
+    if image:
+        messages[-1]["content"] = [
+            {"type": "text", "text": texts[-1]},
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+        ]
+    return ChatRequest(messages=messages, max_tokens=max_tokens)
+
+
+@pytest.mark.parametrize(
+    ("request_", "tokens_out", "slices"),
+    [
+        (_request("Where is my parcel?"), 10, ["short"]),
+        (_request("ok then " * 70), 10, []),  # neither short nor long
+        (_request("a long report. " * 600), 10, ["long"]),
+        (_request(*["turn"] * 8), 10, ["short", "long conversation"]),
+        (_request("what is in it?", image=True), 10, ["short", "multimodal"]),
+        (_request("HELP!!!!!!!!! my order"), 10, ["short", "noisy or truncated"]),
+        (_request("Ã©Ã¨Ã  â€™ order Ã§a"), 10, ["short", "noisy or truncated"]),
+        (_request("Summarise the thread", max_tokens=50), 50, ["short", "noisy or truncated"]),
+        (_request("Summarise the thread", max_tokens=50), 49, ["short"]),
+    ],
+)
+def test_slices(request_: ChatRequest, tokens_out: int, slices: list[str]) -> None:
+    assert domain.slices_of(request_, tokens_out) == slices
+
+
+def test_a_captured_image_counts_as_multimodal() -> None:
+    from services.common.capture import redacted_request
+
+    body, _ = redacted_request(_request("what is in it?", image=True))
+    captured = ChatRequest.model_validate(body)
+    assert captured.messages[0].image_count() == 0
+    assert "multimodal" in domain.slices_of(captured, 1)
+
+
+# --- replays -------------------------------------------------------------------------------------
+
+REPLAY_CONFIG = """
+tiers:
+  fast:
+    timeout_s: 7
+    models: [{model: openai/sim-light, name: sim-light}, {model: openai/sim-balanced, name: sb}]
+  deep:
+    models: [{model: openai/sim-reasoning, name: deep-one}]
+rules:
+  - {name: long, when: "prompt_chars > 100", tier: deep}
+default: fast
+"""
+
+
+def replayed(
+    kind: str, against: str, config_text: str | None = None, prompt: str = "", text: str = "x"
+) -> ShadowRequest:
+    from schemas.control import Replay
+
+    base = mirror()
+    request = base.routed.request
+    if prompt:
+        request = ChatRequest(messages=[{"role": "user", "content": prompt}])
+    routed = base.routed.model_copy(update={"experiment": None, "request": request})
+    baseline = base.baseline.model_copy(update={"text": text})
+    replay = Replay(run="r1", kind=kind, against=against, config_text=config_text,  # type: ignore[arg-type]
+                    tenant_hash="abc", source="captured")  # fmt: skip
+    return ShadowRequest(routed=routed, baseline=baseline, replay=replay)
+
+
+@pytest.mark.parametrize(
+    ("kind", "against", "called"),
+    [("model", "sb", "sb"), ("model", "next", "next"), ("tier", "fast", "sim-light")],
+)
+async def test_a_replay_calls_what_it_is_against(
+    tmp_path: Path, kind: str, against: str, called: str
+) -> None:
+    client = FakeClient({"sb": "a", "next": "b", "sim-light": "c"})
+    shadow, published = service(
+        tmp_path,
+        CONFIG.replace(
+            "[{model: openai/sim-light, name: sim-light}]",
+            "[{model: openai/sim-light, name: sim-light}, {model: openai/sim-balanced, name: sb}]",
+        ),
+        client,
+    )
+    comparison = await shadow.handle(replayed(kind, against))
+    assert client.calls == [called]
+    assert (comparison.experiment, comparison.candidate_model) == ("replay-r1", called)
+    assert comparison.outcome == "compared" and comparison.slices == ["short"]
+    assert comparison.candidate_tokens_in == 10 and comparison.baseline_tokens_in == 10
+    event = published.sent[0][1]
+    assert (event["experiment"], event["variant"], event["tenant_hash"]) == (
+        "replay-r1",
+        "shadow",
+        "abc",
+    )
+
+
+async def test_a_replay_against_a_config_goes_where_that_config_routes(tmp_path: Path) -> None:
+    client = FakeClient({"sim-light": "a", "deep-one": "b"})
+    shadow, _ = service(tmp_path, CONFIG, client)
+    short = await shadow.handle(replayed("config", "new.yaml", REPLAY_CONFIG))
+    deep = await shadow.handle(replayed("config", "new.yaml", REPLAY_CONFIG, "parcel " * 40))
+    assert client.calls == ["sim-light", "deep-one"]
+    assert (short.candidate_model, deep.candidate_model) == ("sim-light", "deep-one")
+
+
+async def test_a_replay_of_an_unknown_model_or_a_bad_config_is_dropped_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    client = FakeClient({})
+    shadow, _ = service(tmp_path, CONFIG, client)
+    gone = await shadow.handle(replayed("model", "nosuch"))
+    assert gone.outcome == "dropped" and "no model 'nosuch'" in gone.reason
+    assert "sim-light" in gone.reason and "next" in gone.reason  # what it has
+    bad = await shadow.handle(replayed("config", "bad.yaml", "tiers: {}\ndefault: x\n"))
+    assert bad.outcome == "dropped" and "bad.yaml" in bad.reason
+    assert client.calls == []
+
+
+async def test_a_replay_without_the_original_text_has_no_similarity(tmp_path: Path) -> None:
+    client = FakeClient({"next": "The parcel left the depot this morning."})
+    shadow, _ = service(tmp_path, CONFIG, client)
+    comparison = await shadow.handle(replayed("model", "next", text=""))
+    assert comparison.outcome == "compared" and comparison.similarity is None
+    assert comparison.same_response is False  # the hash is still compared

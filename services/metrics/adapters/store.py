@@ -71,6 +71,15 @@ ADDED_COLUMNS = (
     "variant LowCardinality(String) DEFAULT '' AFTER experiment",
     "share_pct Float64 DEFAULT 0 AFTER variant",
 )
+# the same, for the record tables
+ADDED_RECORD_COLUMNS = {
+    SHADOW_TABLE: (
+        "baseline_tokens_in UInt32 DEFAULT 0 AFTER candidate_latency_ms",
+        "candidate_tokens_in Nullable(UInt32) AFTER baseline_tokens_in",
+        "baseline_status LowCardinality(String) DEFAULT 'ok' AFTER similarity_by",
+        "slices Array(LowCardinality(String)) AFTER baseline_status",
+    ),
+}
 
 DECISIONS_DDL = """
 CREATE TABLE IF NOT EXISTS {db}.{table} (
@@ -106,13 +115,17 @@ CREATE TABLE IF NOT EXISTS {db}.{table} (
     candidate_model      LowCardinality(String),
     baseline_latency_ms  Float64,
     candidate_latency_ms Nullable(Float64),
+    baseline_tokens_in   UInt32,
+    candidate_tokens_in  Nullable(UInt32),
     baseline_tokens_out  UInt32,
     candidate_tokens_out Nullable(UInt32),
     baseline_cost_usd    Float64,
     candidate_cost_usd   Nullable(Float64),
     same_response        Nullable(Bool) COMMENT 'equal response hashes',
     similarity           Nullable(Float64) COMMENT '0..1',
-    similarity_by        LowCardinality(String) COMMENT 'text, or the judge model'
+    similarity_by        LowCardinality(String) COMMENT 'text, or the judge model',
+    baseline_status      LowCardinality(String) COMMENT 'ok | error | unknown (a replay''s)',
+    slices               Array(LowCardinality(String)) COMMENT 'short, long, multimodal, ...'
 ) ENGINE = ReplacingMergeTree
 PARTITION BY toDate(ts)
 ORDER BY (experiment, ts, comparison_id)
@@ -265,6 +278,8 @@ class ClickHouseStore:
             client.command(f"ALTER TABLE {self._table} ADD COLUMN IF NOT EXISTS {column}")
         for table, ddl in RECORD_TABLES.items():
             client.command(ddl.format(db=self._db, table=table, days=self._payload_days))
+            for column in ADDED_RECORD_COLUMNS.get(table, ()):
+                client.command(f"ALTER TABLE {self._db}.{table} ADD COLUMN IF NOT EXISTS {column}")
         # the payloads' own retention: a table created with another one gets this one
         created = client.query(
             "SELECT create_table_query FROM system.tables"
