@@ -16,8 +16,8 @@ export LITELLM_LOCAL_MODEL_COST_MAP := True
 
 setup: $(STAMP)
 
-# uv (from PyPI, into the venv) installs the same pinned packages as pip would in about 15 s
-# instead of 80 s on a fresh 2-core machine: a minute of every CI run.
+# uv (from PyPI, into the venv) installs the same pinned packages as pip would, in 19 s instead
+# of 80 s in a fresh clone on a 2-core machine: a minute of every CI run.
 UV_VERSION := 0.9.2
 
 $(STAMP): pyproject.toml
