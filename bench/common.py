@@ -386,8 +386,10 @@ def start_stack(
     worker_env: dict[str, str] | None = None,
     timeout_s: float = 120.0,
     extra_env: dict[str, str] | None = None,
+    shadow: bool = False,
 ) -> RunningStack:
-    """Start metrics, one worker per tier and the router; return once each says it is ready.
+    """Start metrics, one worker per tier, the shadow worker (``shadow``) and the router; return
+    once each says it is ready.
 
     The children are adopted by ``bench`` (stopped with its scope). Workers start together, so
     their consumer-group joins overlap.
@@ -424,10 +426,14 @@ def start_stack(
         children[f"worker-{tier}"] = bench.service(
             f"worker-{tier}-{prefix}", ["worker", "--tier", tier], env(**(worker_env or {}))
         )
+    if shadow:
+        children["shadow"] = bench.service(f"shadow-{prefix}", ["shadow"], env())
     if metrics:
         wait("metrics", "metrics")
     for tier in tiers:
         wait(f"worker-{tier}", f"worker-{tier}-")
+    if shadow:
+        wait("shadow", "shadow")
     base_url = ""
     if router:
         port = free_port()

@@ -31,6 +31,11 @@ def _get(data: dict[str, Any], *path: str) -> Any:
     return data
 
 
+def _shadow_spread(shares: list[dict[str, Any]]) -> float:
+    per_mirror = [r["extra_cpu_ms_per_mirror"] for r in shares if r["share_pct"]]
+    return round(max(per_mirror) / min(per_mirror), 2)
+
+
 def _ceiling(cpu_ms: float) -> str:
     if cpu_ms <= 0:
         return "no CPU figure"
@@ -222,6 +227,19 @@ TARGETS = [
             f"{d['worker']['experiments']['cpu_ms_per_call_off']} ms without"
         ),
         " %",
+    ),
+    Target(
+        "shadow CPU per mirrored request, largest ÷ smallest over shares 10/50/100 %",
+        "≤ 1.5 (cost proportional to the share)",
+        lambda d: _shadow_spread(_get(d, "worker", "experiments", "shadow", "shares")),
+        lambda v: v <= 1.5,
+        lambda d: (
+            "extra ms per mirror: "
+            + ", ".join(
+                f"{r['extra_cpu_ms_per_mirror']} at {r['share_pct']} %"
+                for r in d["worker"]["experiments"]["shadow"]["shares"][1:]
+            )
+        ),
     ),
     Target(
         "metrics events/s",

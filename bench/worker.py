@@ -6,6 +6,11 @@ last result on the results topic; its CPU is the kernel's count for the process 
 The baseline is ``bench.bare_litellm``: plain ``litellm.acompletion`` from a bare script, same
 model, same concurrency. A second tier holds its calls 8 s at the simulator, so the worker's RSS
 is read with 1,000 calls in flight.
+
+Experiments: the same worker's CPU per call outside any experiment and in a canary at 50 %
+(alternating bursts); and a shadow's cost at shares 0, 10, 50 and 100 %: a third tier's worker
+and the shadow worker, their CPU per request of the tier over a burst at each share, every
+mirror compared (the candidate is the same simulated model under another label).
 """
 
 from __future__ import annotations
@@ -45,11 +50,16 @@ IN_FLIGHT = 1000
 
 
 EXPERIMENT = "bench-canary"
+SHADOW = "bench-shadow"
+SHADOW_SHARES = (0, 10, 50, 100)
 
 
-def routed(tier: str, topics: Topics, i: int, canary: bool = False) -> tuple[bytes, bytes]:
+def routed(
+    tier: str, topics: Topics, i: int, canary: bool = False, shadow_pct: int | None = None
+) -> tuple[bytes, bytes]:
     """A routed request; with ``canary``, assigned in the tier's experiment at 50 %, every other
-    one to the candidate (the same simulated model under another label)."""
+    one to the candidate (the same simulated model under another label); with ``shadow_pct``,
+    ``shadow_pct`` of every 100 mirrored by the tier's shadow experiment."""
     request = ChatRequest.model_validate(
         {
             "model": "auto",
@@ -61,6 +71,8 @@ def routed(tier: str, topics: Topics, i: int, canary: bool = False) -> tuple[byt
     if canary:
         variant = "candidate" if i % 2 else "baseline"
         tag = ExperimentTag(name=EXPERIMENT, variant=variant, share_pct=50.0)
+    elif shadow_pct is not None and i % 100 < shadow_pct:
+        tag = ExperimentTag(name=SHADOW, variant="baseline", share_pct=float(shadow_pct))
     message = RoutedRequest(
         request=request,
         tier=tier,
@@ -73,16 +85,32 @@ def routed(tier: str, topics: Topics, i: int, canary: bool = False) -> tuple[byt
 
 
 async def _burst(
-    bootstrap: str, topics: Topics, tier: str, count: int, timeout_s: float, canary: bool = False
+    bootstrap: str,
+    topics: Topics,
+    tier: str,
+    count: int,
+    timeout_s: float,
+    canary: bool = False,
 ) -> tuple[float, bool]:
-    """Send ``count`` routed requests; seconds from the first send to the last result.
+    """Send ``count`` routed requests; seconds from the first send to the last result."""
+    messages = [routed(tier, topics, i, canary) for i in range(count)]
+    return await _send(bootstrap, topics, tier, messages, timeout_s)
+
+
+async def _send(
+    bootstrap: str,
+    topics: Topics,
+    tier: str,
+    messages: list[tuple[bytes, bytes]],
+    timeout_s: float,
+) -> tuple[float, bool]:
+    """Send the messages; seconds from the first send to the last result.
 
     Done when the result of each of them was read (the results topic also holds earlier
     bursts' results, which a reader from its start meets first)."""
     counter = TopicCounter(bootstrap, topics.results)
     await counter.start()
     try:
-        messages = [routed(tier, topics, i, canary) for i in range(count)]
         keys = {key for key, _ in messages}
         start = time.perf_counter()
         await produce_all(bootstrap, topics.tier(tier), messages)
@@ -91,6 +119,75 @@ async def _burst(
         return last - start, done
     finally:
         await counter.stop()
+
+
+class Comparisons(TopicCounter):
+    """The shadow comparisons topic: each key's outcome too."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        super().__init__(bootstrap, topic)
+        self.outcomes: dict[bytes, str] = {}
+        self.reasons: dict[bytes, str] = {}
+
+    async def poll(self) -> None:
+        batches = await self._consumer.getmany(timeout_ms=100, max_records=50_000)
+        now = time.perf_counter()
+        for records in batches.values():
+            for r in records:
+                self.records += 1
+                if r.key is not None and r.key not in self.first_seen:
+                    self.first_seen[r.key] = now
+                    comparison = json.loads(r.value)
+                    self.outcomes[r.key] = comparison["outcome"]
+                    self.reasons[r.key] = comparison["reason"]
+
+
+def _shadow_cost(
+    bootstrap: str, topics: Topics, worker: int, shadow: int, calls: int
+) -> dict[str, Any]:
+    """At each share: CPU of the mirror tier's worker and of the shadow worker per request of
+    the tier, from the burst's first send until its last result and its last comparison."""
+
+    async def one(share: int) -> dict[str, Any]:
+        comparisons = Comparisons(bootstrap, topics.shadow_comparisons)
+        await comparisons.start()
+        try:
+            messages = [routed("mirror", topics, i, shadow_pct=share) for i in range(calls)]
+            mirrored = {key for i, (key, _) in enumerate(messages) if i % 100 < share}
+            worker_cpu = ProcSampler([worker]).start()
+            shadow_cpu = ProcSampler([shadow]).start()
+            _, done = await _send(bootstrap, topics, "mirror", messages, 300)
+            seen = await comparisons.wait_for_keys(mirrored, 300)
+            w, sh = worker_cpu.stop().cpu_s, shadow_cpu.stop().cpu_s
+            if not (done and seen):
+                raise RuntimeError(f"a shadow-cost burst at {share} % was not answered in full")
+            outcomes: dict[str, int] = {}
+            reasons: dict[str, int] = {}  # of those not compared, by their first 100 characters
+            for key in mirrored:
+                outcome = comparisons.outcomes[key]
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                if outcome != "compared":
+                    reason = comparisons.reasons[key][:100]
+                    reasons[reason] = reasons.get(reason, 0) + 1
+            return {
+                "share_pct": share,
+                "mirrored": len(mirrored),
+                "outcomes": outcomes,
+                "not_compared": reasons,
+                "worker_cpu_ms_per_request": round(w / calls * 1000, 3),
+                "shadow_cpu_ms_per_request": round(sh / calls * 1000, 3),
+                "total_cpu_ms_per_request": round((w + sh) / calls * 1000, 3),
+            }
+        finally:
+            await comparisons.stop()
+
+    rows = [asyncio.run(one(share)) for share in SHADOW_SHARES]
+    base = rows[0]["total_cpu_ms_per_request"]
+    for row in rows[1:]:
+        extra = row["total_cpu_ms_per_request"] - base
+        row["extra_cpu_ms_per_request"] = round(extra, 3)
+        row["extra_cpu_ms_per_mirror"] = round(extra / (row["share_pct"] / 100), 3)
+    return {"calls_per_burst": calls, "shares": rows}
 
 
 def _sim_requests(sim: str, model: str) -> int:
@@ -154,6 +251,7 @@ def run(bench: Bench) -> Section:
                 "hold": tier_spec(
                     sim, HOLD_MODEL, interactive=False, concurrency=CONCURRENCY, timeout_s=60
                 ),
+                "mirror": tier_spec(sim, MODEL, interactive=False, concurrency=CONCURRENCY),
             },
             "bench",
             experiments={
@@ -163,7 +261,16 @@ def run(bench: Bench) -> Section:
                     "share": 50,
                     "steps": [50, 100],
                     "criteria": ["error_rate < 1"],
-                }
+                },
+                SHADOW: {
+                    "tier": "mirror",
+                    "mode": "shadow",
+                    "share": 100,  # the bench tags the requests itself, at each share
+                    "sticky": "request",
+                    "max_in_flight": CONCURRENCY,  # every mirror compared, none dropped
+                    "max_lag_s": 600,
+                    "candidate": {**tier_spec(sim, MODEL)["models"][0], "name": f"{MODEL}-shadow"},
+                },
             },
         )
         baseline_calls = bench.scale(1000, 100)
@@ -177,9 +284,11 @@ def run(bench: Bench) -> Section:
             config,
             bootstrap=bootstrap,
             redis_url=redis_url,
-            tiers=("bench", "hold"),
+            tiers=("bench", "hold", "mirror"),
             metrics=False,
             router=False,
+            shadow=True,
+            extra_env={"SWITCHBOARD_SHADOW_CONCURRENCY": str(CONCURRENCY)},
         )
         topics = Topics(stack.prefix)
         worker = stack.pid("worker-bench")
@@ -191,6 +300,9 @@ def run(bench: Bench) -> Section:
         sim_cpu = sim_sampler.stop().cpu_s
         # before the held calls, whose results land on the same results topic as every burst's
         canary = _canary_cost(bootstrap, topics, worker, calls)
+        shadow = _shadow_cost(
+            bootstrap, topics, stack.pid("worker-mirror"), stack.pid("shadow"), calls
+        )
         rss_hold = asyncio.run(_hold(bench, sim, bootstrap, topics, stack.pid("worker-hold")))
 
     data: dict[str, Any] = {
@@ -209,7 +321,7 @@ def run(bench: Bench) -> Section:
         "baseline_litellm_nonstream_calls_per_s": plain["calls_per_s"],
         "baseline_errors": stream["errors"] + plain["errors"],
         "baseline_simulator_cpu_ms_per_call": round(sim_cpu_baseline / baseline_calls * 1000, 3),
-        "experiments": canary,
+        "experiments": {**canary, "shadow": shadow},
     }
     return Section("worker", data, _markdown(data))
 
@@ -254,5 +366,30 @@ def _markdown(d: dict[str, Any]) -> str:
             f"With a canary at 50 % (alternating bursts of the same size, two of each): "
             f"{e['cpu_ms_per_call_canary']} ms CPU per call against {e['cpu_ms_per_call_off']} "
             f"ms outside any experiment, {e['canary_extra_pct']:+.1f} % (target < 5 %).",
+            "",
+            f"A shadow experiment at each share ({e['shadow']['calls_per_burst']} requests of "
+            "the tier per burst, every mirror compared): CPU per request of the tier, of its "
+            "worker and of the shadow worker, from the first send to the last result and the "
+            "last comparison. The cost follows the share when the extra per mirrored request "
+            "stays the same at every share.",
+            "",
+            "| share | mirrored | not compared | tier's worker ms | shadow worker ms | total ms "
+            "| extra ms | extra ms per mirrored request |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *(
+                f"| {r['share_pct']} % | {r['mirrored']} | "
+                f"{r['mirrored'] - r['outcomes'].get('compared', 0)} | "
+                f"{r['worker_cpu_ms_per_request']} | "
+                f"{r['shadow_cpu_ms_per_request']} | {r['total_cpu_ms_per_request']} | "
+                f"{r.get('extra_cpu_ms_per_request', '')} | "
+                f"{r.get('extra_cpu_ms_per_mirror', '')} |"
+                for r in e["shadow"]["shares"]
+            ),
+            *(
+                f"\nNot compared at {r['share_pct']} %: "
+                + "; ".join(f"{n}: {reason}" for reason, n in r["not_compared"].items())
+                for r in e["shadow"]["shares"]
+                if r["not_compared"]
+            ),
         ]
     )

@@ -130,6 +130,7 @@ def _replay(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             run=args.run,
             wait_s=args.wait_s,
             captured_only=args.captured_only,
+            limit=args.limit,
         )
     )
 
@@ -170,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     replay.add_argument(
         "--captured-only", action="store_true", help="leave out requests held only on Kafka"
+    )
+    replay.add_argument(
+        "--limit", type=int, default=10_000, help="at most this many requests (default 10,000)"
     )
     replay.add_argument("--format", choices=["table", "json"], default="table", help="of report")
     sub.add_parser("simulator", help="run the provider simulator")

@@ -176,7 +176,11 @@ def _window(since: datetime | None, until: datetime) -> str:
 
 
 def captured_inputs(
-    settings: MetricsSettings, since: datetime | None, until: datetime, ids: list[str] | None
+    settings: MetricsSettings,
+    since: datetime | None,
+    until: datetime,
+    ids: list[str] | None,
+    limit: int,
 ) -> Selection:
     table = f"{settings.clickhouse_database}.{PAYLOADS_TABLE}"
     select = (
@@ -187,13 +191,16 @@ def captured_inputs(
     found: list[dict[str, Any]] = []
     if ids is None:
         found = _rows(
-            settings, select + _window(since, until) + " GROUP BY request_id ORDER BY at", True
+            settings,
+            select + _window(since, until) + f" GROUP BY request_id ORDER BY at LIMIT {limit}",
+            True,
         )
     else:
         for chunk in _chunks(ids):
             found += _rows(
                 settings, select + f"request_id IN {_in(chunk)} GROUP BY request_id", True
             )
+        found = sorted(found, key=lambda row: row["at"])[:limit]
     out = Selection()
     for row in found:
         try:
@@ -224,9 +231,11 @@ async def kafka_inputs(
     until: datetime,
     ids: set[str] | None,
     skip: set[str],
+    limit: int,
 ) -> list[Input]:
     """The requests on the tier topics routed in the window (or with those ids), first routing
-    only (a cross-tier fallback republishes the same request), not in ``skip``."""
+    only (a cross-tier fallback republishes the same request), not in ``skip``; at most
+    ``limit``."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         client_id="switchboard-replay",
@@ -257,7 +266,7 @@ async def kafka_inputs(
                 consumer.seek(tp, start)
             open_tps = {tp for tp in tps if starts[tp] < ends[tp]}
             async with asyncio.timeout(120):
-                while open_tps:
+                while open_tps and len(found) < limit:
                     batch = await consumer.getmany(*open_tps, timeout_ms=500)
                     for tp, records in batch.items():
                         for record in records:
@@ -455,6 +464,7 @@ class ReplayArgs:
     run: str | None = None
     wait_s: float = 120.0
     captured_only: bool = False
+    limit: int = 10_000
 
 
 def _config_in_force(where: Location, settings: MetricsSettings) -> LoadedConfig:
@@ -476,9 +486,11 @@ def _select(
         raise BadArguments("say what to replay: --since (and --until), or --request-ids FILE")
     if since is not None and since >= until:
         raise BadArguments(f"--since {args.since} is not before --until ({until.isoformat()})")
-    selection = captured_inputs(settings, since, until, ids)
-    if not args.captured_only:
+    selection = captured_inputs(settings, since, until, ids, args.limit)
+    room = args.limit - len(selection.inputs)
+    if not args.captured_only and room > 0:
         have = {i.request_id for i in selection.inputs} | set(selection.unreadable)
+        wanted = set(ids) if ids is not None else None
         held = asyncio.run(
             kafka_inputs(
                 where.bootstrap,
@@ -486,12 +498,13 @@ def _select(
                 config.tier_names,
                 since,
                 until,
-                set(ids) if ids is not None else None,
+                wanted,
                 have,
+                room,
             )
         )
-        selection.inputs += held
-    if ids is not None:
+        selection.inputs += held[:room]
+    if ids is not None and len(selection.inputs) < args.limit:  # else: past the limit
         got = {i.request_id for i in selection.inputs} | set(selection.unreadable)
         selection.missing = [i for i in ids if i not in got]
     return selection
@@ -506,6 +519,10 @@ def replay_command(args: ReplayArgs) -> int:
             raise BadArguments(f"--run {run!r}: letters, digits, . _ - only, at most {MAX_RUN}")
         if args.rate <= 0:
             raise BadArguments(f"--rate {args.rate:g}: requests a second, more than 0")
+        if args.limit < 1:
+            raise BadArguments(f"--limit {args.limit}: at least 1")
+        if _landed(settings, run):
+            raise BadArguments(f"--run {run}: that run has comparisons already; name another")
         config = _config_in_force(where, settings)
         against = resolve_against(args.against, config)
         selection = _select(args, where, settings, config)
@@ -528,11 +545,14 @@ def replay_command(args: ReplayArgs) -> int:
         f"{sources['kafka']} still on the tier topics) against {against.describe()} "
         f"at {args.rate:g}/s"
     )
+    nowhere = "not captured" if args.captured_only else "found nowhere"
     for what, ids in (("unreadable captured inputs", selection.unreadable),
-                      ("request ids found nowhere", selection.missing)):  # fmt: skip
+                      (f"request ids {nowhere}", selection.missing)):  # fmt: skip
         if ids:
             print(f"  {len(ids)} {what}, not replayed: {', '.join(ids[:10])}"
                   + (" ..." if len(ids) > 10 else ""))  # fmt: skip
+    if len(inputs) >= args.limit:
+        print(f"  --limit {args.limit} reached: the oldest {args.limit}, captured ones first")
     if not inputs:
         print("replay: nothing to replay (is capture on? docs/experiments.md)", file=sys.stderr)
         return 1

@@ -125,4 +125,10 @@ def test_quick_other_scenarios_write_every_figure(tmp_path: Path) -> None:
     assert latest["jobs"]["completed"] == latest["jobs"]["count"]
     assert latest["jobs"]["errors"] == 0 and latest["jobs"]["duplicates"] == 0
     assert latest["metrics"]["rows"] == latest["metrics"]["events"]
+    # the shadow's cost at each share: every mirror compared, none dropped
+    shadow = latest["worker"]["experiments"]["shadow"]
+    assert [r["share_pct"] for r in shadow["shares"]] == [0, 10, 50, 100]
+    for row in shadow["shares"]:
+        assert row["mirrored"] == shadow["calls_per_burst"] * row["share_pct"] // 100
+        assert row["outcomes"] == ({"compared": row["mirrored"]} if row["mirrored"] else {})
     assert {t["target"] for t in latest["targets"]} >= {"one worker, calls/s", "async jobs/s"}

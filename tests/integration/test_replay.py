@@ -220,6 +220,19 @@ async def test_a_replay_compares_captured_and_kafka_held_requests_per_slice(
         rid: "sim-reasoning" if rid == captured[5] else "sim-balanced" for rid in captured
     }
 
+    # a bounded replay takes the oldest; a run's name is not taken twice
+    code, out, err = await switchboard(
+        env, "replay", "--request-ids", str(ids), "--against", "fast", "--captured-only",
+        "--limit", "3", "--rate", "50", "--run", "bounded", "--wait-s", "60",
+    )  # fmt: skip
+    assert code == 0, out + err
+    assert "3 requests (3 captured" in out and "--limit 3 reached" in out, out
+    assert "found nowhere" not in out and "not captured" not in out, out  # past the limit
+    code, _, err = await switchboard(
+        env, "replay", "--request-ids", str(ids), "--against", "fast", "--run", "bounded"
+    )
+    assert code == 2 and "--run bounded: that run has comparisons already" in err, err
+
     # the report again, later, as JSON
     code, out, err = await switchboard(env, "replay", "report", "by-time", "--format", "json")
     assert code == 0, err
