@@ -3,7 +3,7 @@
 # `make faults` runs the fault and abuse scenarios (docs/reliability.md); `make test` ends with it.
 # Both run the short ones in two lanes at once, then the crash scenario alone (it fails with
 # anything beside it), then the soak alone (docs/reliability.md).
-# `make test` runs pytest on two workers (pytest-xdist); README "Layout" says why.
+# `make test` runs pytest on three workers (pytest-xdist); README "Layout" says why.
 # `make soak` runs the 30-minute soak (bench/README.md) and writes bench/results/soak-<date>.*.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -33,7 +33,7 @@ up: setup
 	$(VENV)/bin/switchboard up
 
 test: setup
-	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 -m 'not serial'
+	$(PY) -m pytest -n 3 --dist loadgroup --durations=15 -m 'not serial'
 	$(PY) -m pytest -m serial
 	$(PY) -m faults
 

@@ -509,6 +509,10 @@ class TopicCounter:
                 self.records += 1
                 if r.key is not None and r.key not in self.first_seen:
                     self.first_seen[r.key] = now
+                    self.first(r.key, r.value)
+
+    def first(self, key: bytes, value: bytes) -> None:
+        """A key's first record, read (a subclass keeps what it needs of it)."""
 
     async def wait_for(self, count: int, timeout_s: float) -> bool:
         """Poll until ``count`` distinct keys were seen; False on timeout."""

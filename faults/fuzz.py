@@ -32,7 +32,7 @@ from switchboard.embedded import free_port
 
 MODEL = "faults-fuzz"
 PROFILE = {"ttft_s": 0.005, "tokens_per_s": 20000.0, "output_tokens": 8, "jitter": 0.0}
-EXAMPLES = 120  # per operation, generation mode and key (with or without)
+EXAMPLES = 90  # per operation, generation mode and key (with or without)
 TIMEOUT_S = 30.0
 LIMIT = 8 * 1024 * 1024  # the router's default SWITCHBOARD_MAX_BODY_BYTES
 

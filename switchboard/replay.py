@@ -475,10 +475,15 @@ def _config_in_force(where: Location, settings: MetricsSettings) -> LoadedConfig
     return in_force(config, applied)
 
 
-def _select(
-    args: ReplayArgs, where: Location, settings: MetricsSettings, config: LoadedConfig
-) -> Selection:
-    now = datetime.now(UTC)
+@dataclass(frozen=True)
+class Wanted:
+    since: datetime | None
+    until: datetime
+    ids: list[str] | None
+
+
+def wanted(args: ReplayArgs, now: datetime) -> Wanted:
+    """What the arguments ask for; BadArguments, naming the argument, if they do not say."""
     since = parse_when(args.since, now) if args.since else None
     until = parse_when(args.until, now) if args.until else now
     ids = read_ids(Path(args.request_ids)) if args.request_ids else None
@@ -486,6 +491,17 @@ def _select(
         raise BadArguments("say what to replay: --since (and --until), or --request-ids FILE")
     if since is not None and since >= until:
         raise BadArguments(f"--since {args.since} is not before --until ({until.isoformat()})")
+    return Wanted(since, until, ids)
+
+
+def _select(
+    args: ReplayArgs,
+    want: Wanted,
+    where: Location,
+    settings: MetricsSettings,
+    config: LoadedConfig,
+) -> Selection:
+    since, until, ids = want.since, want.until, want.ids
     selection = captured_inputs(settings, since, until, ids, args.limit)
     room = args.limit - len(selection.inputs)
     if not args.captured_only and room > 0:
@@ -521,11 +537,12 @@ def replay_command(args: ReplayArgs) -> int:
             raise BadArguments(f"--rate {args.rate:g}: requests a second, more than 0")
         if args.limit < 1:
             raise BadArguments(f"--limit {args.limit}: at least 1")
-        if _landed(settings, run):
-            raise BadArguments(f"--run {run}: that run has comparisons already; name another")
+        want = wanted(args, datetime.now(UTC))
         config = _config_in_force(where, settings)
         against = resolve_against(args.against, config)
-        selection = _select(args, where, settings, config)
+        if _landed(settings, run):
+            raise BadArguments(f"--run {run}: that run has comparisons already; name another")
+        selection = _select(args, want, where, settings, config)
     except BadArguments as exc:
         print(f"replay: {exc}", file=sys.stderr)
         return 2

@@ -129,6 +129,7 @@ def test_quick_other_scenarios_write_every_figure(tmp_path: Path) -> None:
     shadow = latest["worker"]["experiments"]["shadow"]
     assert [r["share_pct"] for r in shadow["shares"]] == [0, 10, 50, 100]
     for row in shadow["shares"]:
-        assert row["mirrored"] == 2 * shadow["calls_per_burst"] * row["share_pct"] // 100
+        bursts = shadow["bursts_per_share"]
+        assert row["mirrored"] == bursts * shadow["calls_per_burst"] * row["share_pct"] // 100
         assert row["outcomes"] == ({"compared": row["mirrored"]} if row["mirrored"] else {})
     assert {t["target"] for t in latest["targets"]} >= {"one worker, calls/s", "async jobs/s"}

@@ -9,7 +9,19 @@ from pathlib import Path
 import pytest
 
 from switchboard.embedded import Child, free_port, start_broker
-from tests.integration.stack import Stack, StackOf, running_stack
+from tests.integration.stack import Infra, Stack, StackOf, running_stack
+
+
+@pytest.fixture
+def infra(
+    kafka_bootstrap: str,
+    redis_url: str,
+    topic_prefix: str,
+    tmp_path: Path,
+    chdb_data_dir: Path,
+    simulator_url: str,
+) -> Infra:
+    return Infra(kafka_bootstrap, redis_url, topic_prefix, tmp_path, chdb_data_dir, simulator_url)
 
 
 @pytest.fixture

@@ -189,3 +189,34 @@ async def wait_until(
             if value:
                 return value
             await asyncio.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class Infra:
+    """This session's broker, Redis, chDB directory and simulator, with this test's topic prefix
+    and scratch directory: what a test that builds its own stack starts from."""
+
+    bootstrap: str
+    redis_url: str
+    prefix: str
+    tmp_path: Path
+    data_dir: Path
+    simulator_url: str
+
+    def config(self, text: str) -> Path:
+        """``text`` as the test's routing config file."""
+        path = self.tmp_path / "routing.yaml"
+        path.write_text(text)
+        return path
+
+    def stack(
+        self, config: Path, tiers: list[str], **options: Any
+    ) -> AbstractAsyncContextManager[Stack]:
+        """``running_stack`` on this infrastructure (options: router, metrics_port, ...)."""
+        return running_stack(
+            self.bootstrap, self.redis_url, self.prefix, config, self.data_dir, tiers, **options
+        )
+
+    def settings(self, config: Path) -> dict[str, Any]:
+        """The settings every service takes, for a service the test starts itself."""
+        return common(self.bootstrap, self.redis_url, self.prefix, config)

@@ -19,7 +19,7 @@ from services.controller.app import ControllerApp
 from services.controller.config import ControllerSettings
 from switchboard.canary import canary_command
 from switchboard.embedded import free_port
-from tests.integration.stack import API_KEY, Stack, common, running_stack, wait_until, within
+from tests.integration.stack import API_KEY, Infra, Stack, wait_until, within
 
 pytestmark = pytest.mark.integration
 
@@ -54,24 +54,13 @@ experiments:
 
 
 @pytest.fixture
-async def canary(
-    kafka_bootstrap: str,
-    redis_url: str,
-    topic_prefix: str,
-    tmp_path: Path,
-    chdb_data_dir: Path,
-    simulator_url: str,
-) -> AsyncIterator[tuple[Stack, ControllerApp, str, Path]]:
-    name = f"exp-{topic_prefix}"
-    path = tmp_path / "routing.yaml"
-    path.write_text(CONFIG.format(sim=simulator_url, name=name, candidate=CANDIDATE))
+async def canary(infra: Infra) -> AsyncIterator[tuple[Stack, ControllerApp, str, Path]]:
+    name = f"exp-{infra.prefix}"
+    path = infra.config(CONFIG.format(sim=infra.simulator_url, name=name, candidate=CANDIDATE))
     port = free_port()
-    async with running_stack(
-        kafka_bootstrap, redis_url, topic_prefix, path, chdb_data_dir, ["balanced"],
-        metrics_port=port,
-    ) as stack:  # fmt: skip
+    async with infra.stack(path, ["balanced"], metrics_port=port) as stack:
         settings = ControllerSettings(
-            **common(kafka_bootstrap, redis_url, topic_prefix, path),
+            **infra.settings(path),
             metrics_url=f"http://127.0.0.1:{port}",
             controller_tick_s=0.2,
         )
@@ -81,7 +70,7 @@ async def canary(
             yield stack, controller, name, path
         finally:
             await within(30, "the controller to stop", controller.stop())
-            async with httpx.AsyncClient(base_url=simulator_url) as sim:
+            async with httpx.AsyncClient(base_url=infra.simulator_url) as sim:
                 await sim.post(f"/simulator/profiles/{CANDIDATE}/reset")
 
 

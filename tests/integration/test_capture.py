@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from switchboard.embedded import free_port
-from tests.integration.stack import API_KEY, Stack, produce, running_stack, wait_until
+from tests.integration.stack import API_KEY, Infra, Stack, produce, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -31,20 +30,10 @@ PII = "write to jane.doe@example.com or call +44 20 7946 0958, card 4111 1111 11
 
 
 @pytest.fixture
-async def stack(
-    kafka_bootstrap: str,
-    redis_url: str,
-    topic_prefix: str,
-    tmp_path: Path,
-    chdb_data_dir: Path,
-    simulator_url: str,
-) -> AsyncIterator[tuple[Stack, int]]:
-    path = tmp_path / "routing.yaml"
-    path.write_text(CONFIG.format(sim=simulator_url))
+async def stack(infra: Infra) -> AsyncIterator[tuple[Stack, int]]:
+    path = infra.config(CONFIG.format(sim=infra.simulator_url))
     port = free_port()
-    async with running_stack(
-        kafka_bootstrap, redis_url, topic_prefix, path, chdb_data_dir, ["fast"], metrics_port=port
-    ) as running:
+    async with infra.stack(path, ["fast"], metrics_port=port) as running:
         yield running, port
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,10 +17,10 @@ from services.controller.domain import accuracy_delta, z_of
 from switchboard.embedded import free_port
 from tests.integration.stack import (
     API_KEY,
+    Infra,
     Stack,
     collect,
     produce,
-    running_stack,
     wait_until,
 )
 
@@ -49,23 +48,12 @@ experiments:
 
 
 @pytest.fixture
-async def stack(
-    kafka_bootstrap: str,
-    redis_url: str,
-    topic_prefix: str,
-    tmp_path: Path,
-    chdb_data_dir: Path,
-    simulator_url: str,
-) -> AsyncIterator[tuple[Stack, str, int]]:
-    name = f"fb-{topic_prefix}"
-    path = tmp_path / "routing.yaml"
-    path.write_text(CONFIG.format(sim=simulator_url, name=name))
+async def stack(infra: Infra) -> AsyncIterator[tuple[Stack, str, int]]:
+    name = f"fb-{infra.prefix}"
+    path = infra.config(CONFIG.format(sim=infra.simulator_url, name=name))
     port = free_port()
     router = {"metrics_url": f"http://127.0.0.1:{port}", "feedback_wait_s": 1.0}
-    async with running_stack(
-        kafka_bootstrap, redis_url, topic_prefix, path, chdb_data_dir, ["fast"], router=router,
-        metrics_port=port,
-    ) as stack:  # fmt: skip
+    async with infra.stack(path, ["fast"], router=router, metrics_port=port) as stack:
         yield stack, name, port
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +14,7 @@ import pytest
 
 from schemas.control import ConfigUpdate
 from services.common.routing_config import load_config_text
-from tests.integration.stack import API_KEY, Stack, produce, running_stack, wait_until, within
+from tests.integration.stack import API_KEY, Infra, Stack, produce, wait_until, within
 
 pytestmark = pytest.mark.integration
 
@@ -34,23 +33,13 @@ AFTER = BEFORE.replace("sim-light, name: sim-light", "sim-balanced, name: sim-ba
 
 
 @pytest.fixture
-async def live(
-    kafka_bootstrap: str,
-    redis_url: str,
-    topic_prefix: str,
-    tmp_path: Path,
-    chdb_data_dir: Path,
-    simulator_url: str,
-) -> AsyncIterator[tuple[Stack, str]]:
-    path = tmp_path / "routing.yaml"
-    path.write_text(BEFORE.format(sim=simulator_url))
-    async with running_stack(
-        kafka_bootstrap, redis_url, topic_prefix, path, chdb_data_dir, ["fast"]
-    ) as stack:
+async def live(infra: Infra) -> AsyncIterator[tuple[Stack, str]]:
+    path = infra.config(BEFORE.format(sim=infra.simulator_url))
+    async with infra.stack(path, ["fast"]) as stack:
         try:
-            yield stack, simulator_url
+            yield stack, infra.simulator_url
         finally:
-            async with httpx.AsyncClient(base_url=simulator_url) as sim:
+            async with httpx.AsyncClient(base_url=infra.simulator_url) as sim:
                 await sim.post("/simulator/profiles/sim-light/reset")
 
 

@@ -21,7 +21,7 @@ import pytest
 from services.shadow.app import ShadowApp
 from services.shadow.config import ShadowSettings
 from switchboard.embedded import free_port
-from tests.integration.stack import API_KEY, Stack, common, running_stack, wait_until, within
+from tests.integration.stack import API_KEY, Infra, Stack, wait_until, within
 
 pytestmark = pytest.mark.integration
 
@@ -56,35 +56,25 @@ default: quick
 
 
 @pytest.fixture
-async def stack(
-    kafka_bootstrap: str,
-    redis_url: str,
-    topic_prefix: str,
-    tmp_path: Path,
-    chdb_data_dir: Path,
-    simulator_url: str,
-) -> AsyncIterator[tuple[Stack, dict[str, str]]]:
-    path = tmp_path / "routing.yaml"
-    path.write_text(CONFIG.format(sim=simulator_url))
+async def stack(infra: Infra) -> AsyncIterator[tuple[Stack, dict[str, str]]]:
+    path = infra.config(CONFIG.format(sim=infra.simulator_url))
     port = free_port()
-    async with running_stack(
-        kafka_bootstrap, redis_url, topic_prefix, path, chdb_data_dir, ["fast"], metrics_port=port
-    ) as running:
-        app = ShadowApp(ShadowSettings(**common(kafka_bootstrap, redis_url, topic_prefix, path)))
+    async with infra.stack(path, ["fast"], metrics_port=port) as running:
+        app = ShadowApp(ShadowSettings(**infra.settings(path)))
         await within(60, "the shadow worker to start", app.start())
         try:
             await within(60, "the shadow worker to join", app.wait_assigned())
             # where a user's shell finds the stack: <data dir>/run/stack.json
-            data_dir = tmp_path / "data"
+            data_dir = infra.tmp_path / "data"
             (data_dir / "run").mkdir(parents=True)
             state = {
-                "kafka_bootstrap": kafka_bootstrap,
+                "kafka_bootstrap": infra.bootstrap,
                 "metrics_url": f"http://127.0.0.1:{port}",
                 "config": str(path),
             }
             (data_dir / "run" / "stack.json").write_text(json.dumps(state))
             env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
-            env.update(SWITCHBOARD_DATA_DIR=str(data_dir), SWITCHBOARD_TOPIC_PREFIX=topic_prefix)
+            env.update(SWITCHBOARD_DATA_DIR=str(data_dir), SWITCHBOARD_TOPIC_PREFIX=infra.prefix)
             yield running, env
         finally:
             await within(30, "the shadow worker to stop", app.stop())
@@ -239,15 +229,39 @@ async def test_a_replay_compares_captured_and_kafka_held_requests_per_slice(
     slices = {r["slice"]: r for r in json.loads(out)}
     assert slices["all"]["requests"] == 7 and slices["all"]["cand_p95_ms"] > 0
     assert slices["all"]["cand_cost_per_1k"] > 0 and isinstance(slices["all"]["flags"], list)
-
-
-async def test_bad_arguments_are_refused_by_name(stack: tuple[Stack, dict[str, str]]) -> None:
-    _, env = stack
-    code, _, err = await switchboard(env, "replay", "--since", "1h", "--against", "gpt-9")
-    assert code == 2 and "--against 'gpt-9'" in err and "sim-balanced" in err, err
-    code, _, err = await switchboard(env, "replay", "--against", "fast")
-    assert code == 2 and "--since" in err and "--request-ids" in err, err
-    code, _, err = await switchboard(env, "replay", "--since", "soon", "--against", "fast")
-    assert code == 2 and "'soon' is neither" in err, err
     code, _, err = await switchboard(env, "replay", "report", "nosuch-run")
     assert code == 1 and "no comparison for run 'nosuch-run'" in err, err
+
+
+def test_bad_arguments_are_refused_by_name(
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """In this process (no stack needed: the arguments are refused before anything is sent)."""
+    from switchboard.cli import main
+
+    config = tmp_path / "routing.yaml"
+    config.write_text(CONFIG.format(sim="http://127.0.0.1:9"))
+    monkeypatch.setenv("SWITCHBOARD_DATA_DIR", str(tmp_path / "no-stack"))
+    monkeypatch.setenv("SWITCHBOARD_KAFKA_BOOTSTRAP", kafka_bootstrap)
+    monkeypatch.setenv("SWITCHBOARD_TOPIC_PREFIX", topic_prefix)
+    monkeypatch.setenv("SWITCHBOARD_CONFIG", str(config))
+    monkeypatch.setenv("SWITCHBOARD_CLICKHOUSE_URL", "http://127.0.0.1:9")  # never asked
+
+    def refused(*args: str) -> str:
+        assert main(["replay", *args]) == 2
+        return capsys.readouterr().err
+
+    err = refused("--since", "1h", "--against", "gpt-9")
+    assert "--against 'gpt-9'" in err and "sim-balanced" in err and "fast" in err, err
+    err = refused("--against", "fast")
+    assert "--since" in err and "--request-ids" in err, err
+    err = refused("--since", "soon", "--against", "fast")
+    assert "'soon' is neither" in err, err
+    err = refused("--since", "1h", "--until", "2h", "--against", "fast")
+    assert "is not before --until" in err, err
+    err = refused("--request-ids", str(tmp_path / "none.txt"), "--against", "fast")
+    assert "none.txt" in err, err

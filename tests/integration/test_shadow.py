@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +13,7 @@ import pytest
 
 from services.shadow.app import ShadowApp
 from services.shadow.config import ShadowSettings
-from tests.integration.stack import API_KEY, Stack, common, running_stack, wait_until, within
+from tests.integration.stack import API_KEY, Infra, Stack, wait_until, within
 
 pytestmark = pytest.mark.integration
 
@@ -40,28 +39,18 @@ experiments:
 
 
 @pytest.fixture
-async def shadowed(
-    kafka_bootstrap: str,
-    redis_url: str,
-    topic_prefix: str,
-    tmp_path: Path,
-    chdb_data_dir: Path,
-    simulator_url: str,
-) -> AsyncIterator[tuple[Stack, ShadowApp, str]]:
-    name = f"shadow-{topic_prefix}"
-    path = tmp_path / "routing.yaml"
-    path.write_text(CONFIG.format(sim=simulator_url, name=name, candidate=CANDIDATE))
-    async with running_stack(
-        kafka_bootstrap, redis_url, topic_prefix, path, chdb_data_dir, ["fast"]
-    ) as stack:
-        app = ShadowApp(ShadowSettings(**common(kafka_bootstrap, redis_url, topic_prefix, path)))
+async def shadowed(infra: Infra) -> AsyncIterator[tuple[Stack, ShadowApp, str]]:
+    name = f"shadow-{infra.prefix}"
+    path = infra.config(CONFIG.format(sim=infra.simulator_url, name=name, candidate=CANDIDATE))
+    async with infra.stack(path, ["fast"]) as stack:
+        app = ShadowApp(ShadowSettings(**infra.settings(path)))
         await within(60, "the shadow worker to start", app.start())
         try:
             await within(60, "the shadow worker to join", app.wait_assigned())
             yield stack, app, name
         finally:
             await within(30, "the shadow worker to stop", app.stop())
-            async with httpx.AsyncClient(base_url=simulator_url) as sim:
+            async with httpx.AsyncClient(base_url=infra.simulator_url) as sim:
                 await sim.post(f"/simulator/profiles/{CANDIDATE}/reset")
 
 
