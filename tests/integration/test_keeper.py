@@ -20,7 +20,7 @@ from switchboard import keeper as keeper_module
 from switchboard.keeper import Keeper
 from tests.integration.stack import API_KEY, Stack, produce, running_stack, wait_until
 
-# serial: beside the quick benchmark on the other pytest worker, a request waited past its 30 s
+# serial: beside the quick benchmark on another pytest worker, a request waited past its 30 s
 # deadline while the keeper compacted (2 of 4 clean-clone CI runs on two workers)
 pytestmark = [pytest.mark.integration, pytest.mark.serial, pytest.mark.timeout(240)]
 AUTH = {"authorization": f"Bearer {API_KEY}"}
