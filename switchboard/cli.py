@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 
 
 def _run_service(name: str, tier: str | None = None) -> int:
@@ -120,19 +121,8 @@ def _replay(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"unexpected {args.run_name!r}: replay report RUN, or replay --against ...")
     if not args.against:
         parser.error("replay: --against MODEL|TIER|CONFIG is required")
-    return replay_command(
-        ReplayArgs(
-            against=args.against,
-            since=args.since,
-            until=args.until,
-            request_ids=args.request_ids,
-            rate=args.rate,
-            run=args.run,
-            wait_s=args.wait_s,
-            captured_only=args.captured_only,
-            limit=args.limit,
-        )
-    )
+    # every ReplayArgs field is an option of the same name
+    return replay_command(ReplayArgs(**{f.name: getattr(args, f.name) for f in fields(ReplayArgs)}))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -145,7 +145,7 @@ class Input:
     rule: str
     config_hash: str
     tenant_hash: str
-    source: str  # captured | kafka
+    source: Literal["captured", "kafka"]
     baseline: BaselineAnswer | None = None
 
 
@@ -359,7 +359,7 @@ def mirror_of(item: Input, run: str, against: Against) -> ShadowRequest:
         against=against.name,
         config_text=against.config_text,
         tenant_hash=item.tenant_hash,
-        source=item.source,  # type: ignore[arg-type]
+        source=item.source,
     )
     return ShadowRequest(routed=routed, baseline=item.baseline, replay=replay)
 
