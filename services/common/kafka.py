@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError, UnknownError
 from aiokafka.partitioner import murmur2
 from faststream.kafka import KafkaBroker
@@ -31,6 +32,36 @@ from services.common.tansu import resend_past_unknown_errors
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def track_every_topic() -> None:
+    """Make every aiokafka client keep asking the broker about each topic it sends to.
+
+    aiokafka 0.14 asks about all topics until a producer's first send to a topic it has not seen;
+    from then on it asks only about the topics added since, and a topic it sent to before, known
+    from the full answer, drops out of its metadata. A record still in the producer for such a
+    topic then has no partition leader: it waits until it expires (``request_timeout_ms``, 40 s)
+    and fails with NotLeaderForPartitionError. A worker hit this whenever a router's reply topic
+    was new to it: the answers it held for the router's previous reply topic waited 40 s
+    (docs/reliability.md, "A new topic stranded a producer's records"). Adding each topic before
+    its first send keeps every topic that has records in the producer in its metadata.
+    Applied once, on import of this module, to every client in the process: ours, FastStream's
+    and the keeper's.
+    """
+    if getattr(AIOKafkaClient._wait_on_metadata, "_tracks_every_topic", False):
+        return
+    wait_on_metadata = AIOKafkaClient._wait_on_metadata
+
+    async def tracked(self: AIOKafkaClient, topic: str) -> Any:
+        if topic not in self._topics:
+            self.add_topic(topic)
+        return await wait_on_metadata(self, topic)
+
+    tracked._tracks_every_topic = True  # type: ignore[attr-defined]
+    AIOKafkaClient._wait_on_metadata = tracked  # type: ignore[method-assign]
+
+
+track_every_topic()
 
 JSON_HEADERS = {"content-type": "application/json"}
 _JSON_HEADER_LIST = [("content-type", b"application/json")]
