@@ -58,6 +58,13 @@ FIELDS: dict[str, type] = {
     "tenant": str,
     "model": str,
     "max_tokens": int,
+    # cheap signals over the last user message (services/router/domain/signals.py)
+    "has_code": bool,  # code, or a request to write, fix or explain code
+    "has_math": bool,  # maths notation or vocabulary
+    "reasoning_markers": int,  # distinct words that ask for an argument: why, prove, must...
+    "multi_step": bool,  # a sequence of steps, or a request for one
+    "complexity": int,  # 0-10, from the signals above, length and turns
+    "user_turns": int,  # user messages in the conversation
 }
 TAG_PREFIX = "tags."
 

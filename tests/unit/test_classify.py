@@ -89,6 +89,12 @@ def test_features_are_what_the_condition_language_documents() -> None:
         "tenant": "t1",
         "model": "switchboard/auto",
         "max_tokens": 64,
+        "has_code": False,
+        "has_math": False,
+        "reasoning_markers": 0,
+        "multi_step": False,
+        "complexity": 0,
+        "user_turns": 2,
         "tags.team": "eng",
     }
     assert {k for k in features(request) if not k.startswith("tags.")} == set(FIELDS)

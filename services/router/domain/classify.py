@@ -12,6 +12,7 @@ from schemas.v1 import AUTO_MODEL, ChatRequest
 from services.common.capabilities import CHARS_PER_TOKEN
 from services.common.conditions import TAG_PREFIX
 from services.common.routing_config import LoadedConfig
+from services.router.domain import signals
 
 
 class UnknownModel(ValueError):
@@ -53,6 +54,11 @@ def _prompt_chars(f: Features) -> int:
     return sum(map(len, texts)) + max(len(texts) - 1, 0)  # == len(prompt), without joining
 
 
+def _scanned(f: Features) -> str:
+    """The part of the last user message the signals read."""
+    return signals.scanned(f.get("last_user"))
+
+
 # How each field of services.common.conditions.FIELDS is computed from a request.
 _COMPUTE: dict[str, Callable[[Features], Any]] = {
     "prompt": _prompt,
@@ -71,6 +77,19 @@ _COMPUTE: dict[str, Callable[[Features], Any]] = {
     "tenant": lambda f: f.request.metadata.tenant,
     "model": lambda f: f.request.model,
     "max_tokens": lambda f: f.request.token_cap,
+    "has_code": lambda f: signals.has_code(_scanned(f)),
+    "has_math": lambda f: signals.has_math(_scanned(f)),
+    "reasoning_markers": lambda f: signals.reasoning_markers(_scanned(f)),
+    "multi_step": lambda f: signals.multi_step(_scanned(f)),
+    "complexity": lambda f: signals.complexity(
+        f.get("has_code"),
+        f.get("has_math"),
+        f.get("multi_step"),
+        f.get("reasoning_markers"),
+        len(f.get("last_user").split()),
+        f.get("user_turns"),
+    ),
+    "user_turns": lambda f: sum(m.role == "user" for m in f.request.messages),
 }
 
 
