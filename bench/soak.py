@@ -39,7 +39,9 @@ Pass criteria (``bench/soak_checks.py``), each printed with its measured values:
   ``batches_at_most`` of any partition, over the last window's samples, is <= its largest over
   the first half of the load plus one sampling step (the median rise between consecutive samples
   that rose), so a sawtooth caught a little later in its rise passes and a rising trend does not.
-  So the first half must hold a compaction of the busiest topics: in a shorter run their first
+  A topic the keeper compacted before the last window, and seen to drop, is held to the higher
+  of that and the keeper's compaction point (``COMPACT_AFTER``, 2,000 batches): the first half's
+  samples may have caught its teeth lower than the last window's did. So the first half must hold a compaction of the busiest topics: in a shorter run their first
   peak comes late and fails as growth (the message says the run may be too short). A quieter
   topic that rises all through the run (it has not reached the keeper's compaction point, or
   cannot be compacted) fails only once it passes the bound or the busiest partitions' peaks; the

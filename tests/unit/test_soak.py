@@ -25,6 +25,7 @@ from bench.soak_checks import (
     windows,
 )
 from schemas.topics import Topics
+from switchboard.keeper import COMPACT_AFTER
 
 TOPICS = Topics()
 REPLY = TOPICS.replies("router-1")
@@ -357,3 +358,20 @@ def test_growth_says_when_the_run_may_be_shorter_than_a_compaction_cycle() -> No
     # compacted earlier and still rising past the first half's peak: growth, no excuse
     verdict = bounded_criterion(tier_series(rising, 60.0), windows(175), 5_000, PATH, TOPICS)
     assert not verdict.passed and "shorter than its cycle" not in verdict.detail
+
+
+def test_a_compacted_sawtooth_caught_nearer_its_top_late_is_not_growth() -> None:
+    # the keeper compacts the fast tier near COMPACT_AFTER batches; the first half's samples
+    # happened to catch its teeth lower than the last window's did (a CI run: 1,827 vs 1,987)
+    teeth = sawtooth([1_827] * 5 + [1_987] * 4, rise=116)
+    trend = growth(tier_series(teeth, 20.0), windows(175))
+    assert not trend["grew"] and trend["ceiling"] == COMPACT_AFTER
+    # without a compaction seen before the last window, it is growth as before
+    assert growth(tier_series(teeth, None), windows(175))["grew"]
+
+
+def test_a_compacted_sawtooth_past_the_compaction_point_is_growth() -> None:
+    teeth = sawtooth([1_800] * 5 + [COMPACT_AFTER + 1_000] * 4, rise=450)
+    verdict = bounded_criterion(tier_series(teeth, 20.0), windows(175), 5_000, PATH, TOPICS)
+    assert not verdict.passed
+    assert f"the keeper's compaction point {COMPACT_AFTER:,}" in verdict.detail
