@@ -10,6 +10,12 @@ that did answer stored the outcome in Redis). Until the broker answers with ever
 is away goes out when it is back, to a topic that may not exist yet, and such writes are what an
 embedded broker loses (below).
 
+A restarted embedded broker may have the reply topic again before the watch looks: any client's
+metadata request that names it (a worker about to send an answer) creates it, empty. So when the
+connection comes back, the watch also looks at the reply topic: one with another partition count
+than the router made it with, or with a partition that ends before the reply consumer's position,
+was begun anew, and is renewed as if it were lost. On Kafka a reconnect finds every partition where it was, and nothing happens.
+
 Lost topics are created again by the watch at once, every probe 0.2 s apart while Kafka is not
 usable. The broker keeps what producers that still have the old metadata write to a topic before
 anything creates it again, and a topic created over those writes starts at offset 0 under them:
@@ -32,7 +38,7 @@ from aiokafka.errors import KafkaError
 from services.common.consumer import close_consumer
 from services.common.kafka import delete_topics, ensure_topics
 from services.common.retry import cancel_and_wait
-from services.common.tansu import rewind_lost
+from services.common.tansu import log_ends, rewind_lost
 from services.router.errors import ApiError
 from services.router.service import PendingReplies
 
@@ -75,6 +81,8 @@ class BrokerWatch:
         self.failed_callers = 0
         self.probes = 0
         self.renewed = 0  # times the reply topic was found lost and created again
+        # the connection was lost since the reply topic's ends were last compared (see above)
+        self._reconnecting = False
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -114,10 +122,11 @@ class BrokerWatch:
         try:
             existing = await asyncio.wait_for(self._consumer.topics(), PROBE_TIMEOUT_S)
         except (TimeoutError, KafkaError, OSError):
+            self._reconnecting = True
             self._set_ready(False, "the connection to Kafka is lost")
             return "the router lost its connection to Kafka"
         missing = [t for t in self._topics if t not in existing and not self._compacting(t)]
-        if self._reply_topic() not in existing:
+        if self._reply_topic() not in existing or await self._reply_topic_begun_anew():
             self._set_ready(False, "Kafka lost this router's reply topic")
             if missing:
                 await self._create(missing)
@@ -129,6 +138,55 @@ class BrokerWatch:
                 return f"Kafka lost topics {missing}"
         self._set_ready(True, "Kafka is back with every topic")
         return None
+
+    async def _reply_topic_begun_anew(self) -> bool:
+        """After a reconnect: does a reply partition end before the reply consumer's position?
+        False once compared (or when there is nothing to compare)."""
+        consumer = self._reply_consumer()
+        if not self._reconnecting or consumer is None or not (assigned := consumer.assignment()):
+            self._reconnecting = False
+            return False
+        positions = {}
+        for tp in assigned:
+            try:
+                positions[tp] = await asyncio.wait_for(consumer.position(tp), PROBE_TIMEOUT_S)
+            except (TimeoutError, KafkaError):
+                continue  # no position yet: nothing read that could be skipped
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap, request_timeout_ms=int(PROBE_TIMEOUT_S * 1000)
+        )
+        try:
+            await reader.start()
+            # a topic some client's request created has the broker's default partition count
+            recreated = sorted(
+                topic
+                for topic in {tp.topic for tp in assigned}
+                if len(reader.partitions_for_topic(topic) or ()) != self._reply_partitions
+            )
+            ends = await log_ends(reader, list(positions), timeout_s=PROBE_TIMEOUT_S)
+        except (TimeoutError, KafkaError, OSError):
+            return False  # compared at the next probe
+        finally:
+            await close_consumer(reader)
+        self._reconnecting = False
+        if recreated:
+            log.warning(
+                "broker watch: reply topics %s came back with other than %d partitions: "
+                "the broker began them anew",
+                ", ".join(recreated),
+                self._reply_partitions,
+            )
+            return True
+        behind = sorted(
+            f"{tp.topic}[{tp.partition}]" for tp, end in ends.items() if end < positions[tp]
+        )
+        if behind:
+            log.warning(
+                "broker watch: reply partitions %s end before this router's position: "
+                "the broker began them anew",
+                ", ".join(behind),
+            )
+        return bool(behind)
 
     def not_ready(self) -> str | None:
         """Why the router should get no traffic now (``GET /ready``), or None."""
@@ -188,6 +246,9 @@ class BrokerWatch:
             log.exception("broker watch: could not create the reply topic again")
             return
         self.renewed += 1
+        # a client's metadata request between the delete and the create makes it with the
+        # broker's default partition count: the next probe looks again
+        self._reconnecting = True
         log.warning("broker watch: reply topic %s was lost; created it again", topic[0])
 
     def _fail_waiting(self, problem: str) -> None:
