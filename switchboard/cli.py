@@ -11,6 +11,7 @@ switchboard simulator                the provider simulator (not a model)
 switchboard sql "<query>"            read-only SQL on the metrics store, printed as a table
 switchboard report [--hours H]       the decision matrix per tier and model
 switchboard check-config [PATH]      validate a routing config and print its hash
+switchboard eval DATA.jsonl          score a routing config on labelled prompts
 switchboard config apply FILE        validate a routing config, then apply it to the running fleet
 """
 
@@ -183,6 +184,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.add_argument("path")
     check = sub.add_parser("check-config", help="validate a routing config")
     check.add_argument("path", nargs="?")
+    evaluate = sub.add_parser(
+        "eval",
+        help="score a routing config on labelled prompts",
+        description="Route each labelled prompt of DATA.jsonl as the router would and print "
+        "accuracy, precision and recall per tier, the confusion matrix, the rules that fired, "
+        "and cost and p50 latency against the strongest tier (eval/README.md).",
+    )
+    evaluate.add_argument("data", help="JSONL: expected_tier and prompt (or messages) per line")
+    evaluate.add_argument("--config", help="routing config (default: SWITCHBOARD_CONFIG)")
+    evaluate.add_argument("--format", choices=["table", "json"], default="table")
+    evaluate.add_argument(
+        "--hours", type=float, default=24.0, help="metrics store window for p50s (default 24)"
+    )
+    evaluate.add_argument(
+        "--output-tokens",
+        type=float,
+        default=250.0,
+        help="output tokens per answer for a tier with no traffic in the store (default 250)",
+    )
+    evaluate.add_argument(
+        "--baseline",
+        metavar="TIER",
+        help="compare cost and latency with everything sent to this tier "
+        "(default: the one whose first model costs most per output token)",
+    )
+    evaluate.add_argument(
+        "--min-accuracy", type=float, help="exit 1 when accuracy is below this (0 to 1)"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "up":
@@ -207,6 +236,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _simulator()
     if args.command == "check-config":
         return _check_config(args.path)
+    if args.command == "eval":
+        from switchboard.evaluate import eval_command
+
+        return eval_command(
+            args.data,
+            args.config,
+            args.format,
+            args.hours,
+            args.output_tokens,
+            args.min_accuracy,
+            args.baseline,
+        )
     from switchboard.analyst import report_command, sql_command
 
     if args.command == "sql":

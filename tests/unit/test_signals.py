@@ -77,10 +77,12 @@ def test_signals_read_the_last_user_message_only() -> None:
     assert feats["user_turns"] == 2
 
 
-def test_a_long_message_is_scanned_only_up_to_its_limit() -> None:
-    tail = "x" * signals.SCAN_CHARS + " " + MATHS
-    assert not signals.has_math(signals.scanned(tail))
-    assert signals.has_math(signals.scanned(MATHS + tail))
+def test_a_long_message_is_scanned_at_its_two_ends() -> None:
+    filler = "x" * (3 * signals.EDGE_CHARS)
+    assert not signals.has_math(signals.scanned(filler + " " + MATHS + " " + filler))
+    assert signals.has_math(signals.scanned(MATHS + " " + filler))
+    assert signals.has_math(signals.scanned(filler + " " + MATHS))
+    assert signals.scanned(MATHS) == MATHS
 
 
 def test_rules_can_read_the_signals() -> None:
