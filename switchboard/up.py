@@ -17,6 +17,7 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -42,6 +43,9 @@ PROVIDER_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY")
 REAL_CONFIG = Path("config/switchboard.yaml")
 SIMULATED_CONFIG = Path("config/simulated.yaml")
 READY_TIMEOUT_S = 120.0
+# A service that finds its health port taken is started again on another, this many times in all.
+PORT_ATTEMPTS = 3
+PORT_TAKEN = "the port is in use"  # what services.common.runtime.PortInUse says
 # Requests per reply-topic generation on the embedded broker: every answer is a record batch on
 # the router's reply topic, and Tansu's fetches slow down with the batches a partition holds
 # (2.4 ms at 2,500, no answer at all from about 12,500: docs/embedded-broker.md).
@@ -114,6 +118,7 @@ class Stack:
         self.metrics_token = secrets.token_urlsafe(24)
         self.keeper: KeeperThread | None = None
         self.ready_urls: dict[str, str] = {}  # our services' GET /ready, by child name
+        self._restarts: dict[str, Callable[[int], Child]] = {}  # by name: start on a port
 
     def env(self, **extra: str) -> dict[str, str]:
         p = self.plan
@@ -147,15 +152,41 @@ class Stack:
         env.update(extra)
         return env
 
+    def _on_port(self, name: str, args: list[str], setting: str) -> Child:
+        """Start ``name``, whose health port is ``SWITCHBOARD_<setting>``; ``_wait`` may start
+        it again on another port."""
+
+        def start(port: int) -> Child:
+            return self._start(name, args, **{f"SWITCHBOARD_{setting}": str(port)})
+
+        self._restarts[name] = start
+        return start(self.plan.ports[name])
+
     def _start(self, name: str, args: list[str], **env: str) -> Child:
         child = python_service(name, args, self.env(**env), self.log_dir)
         self.children.append(child)
         return child
 
     def _wait(self, child: Child) -> None:
-        probe = ReadyProbe(self.plan.ready_url(child.name))
-        self.ready_urls[child.name] = probe.url
-        wait_for(child.name, probe, READY_TIMEOUT_S, child.alive, lambda: probe.last)
+        """Wait until ``child`` is ready. A service whose health port was taken between the
+        choice of the port and its bind (another process's connection can get it as its own
+        port meanwhile) is started again on a new port, up to ``PORT_ATTEMPTS`` times."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            probe = ReadyProbe(self.plan.ready_url(child.name))
+            self.ready_urls[child.name] = probe.url
+            try:
+                wait_for(child.name, probe, READY_TIMEOUT_S, child.alive, probe.last_seen)
+                return
+            except StartFailed:
+                restart = self._restarts.get(child.name)
+                if restart is None or attempt == PORT_ATTEMPTS or PORT_TAKEN not in child.tail():
+                    raise
+            port = free_port()
+            say(f"{child.name}: its port {self.plan.ports[child.name]} was taken; using {port}")
+            self.plan.ports[child.name] = port
+            child.stop()
+            self.children.remove(child)
+            child = restart(port)
 
     def start(self) -> None:
         p = self.plan
@@ -188,26 +219,15 @@ class Stack:
         services = [self._start("metrics", ["metrics"])]
         for tier in self.config.tier_names:
             say(f"starting the worker of tier {tier}")
-            name = f"worker-{tier}"
             services.append(
-                self._start(
-                    name, ["worker", "--tier", tier], SWITCHBOARD_WORKER_PORT=str(p.ports[name])
-                )
+                self._on_port(f"worker-{tier}", ["worker", "--tier", tier], "WORKER_PORT")
             )
         say("starting the canary controller")
-        services.append(
-            self._start(
-                "controller",
-                ["controller"],
-                SWITCHBOARD_CONTROLLER_PORT=str(p.ports["controller"]),
-            )
-        )
+        services.append(self._on_port("controller", ["controller"], "CONTROLLER_PORT"))
         # always: a shadow experiment may come with `switchboard config apply`, and
         # `switchboard replay` sends its requests through the shadow lane
         say("starting the shadow worker (shadow experiments and replays)")
-        services.append(
-            self._start("shadow", ["shadow"], SWITCHBOARD_SHADOW_PORT=str(p.ports["shadow"]))
-        )
+        services.append(self._on_port("shadow", ["shadow"], "SHADOW_PORT"))
         say("starting the router")
         services.append(
             self._start(
@@ -305,6 +325,9 @@ class ReadyProbe:
         except (ValueError, KeyError, TypeError):
             self.last = f"{self.url} answered {response.status_code}"
         return False
+
+    def last_seen(self) -> str:
+        return self.last
 
 
 def _http_ok(url: str) -> bool:
