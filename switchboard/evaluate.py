@@ -34,12 +34,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from schemas.v1 import AUTO_MODEL, ChatRequest
-from services.common.capabilities import CHARS_PER_TOKEN, litellm_entry
+from services.common.capabilities import litellm_entry, needs
 from services.common.routing_config import LoadedConfig, ModelSpec
 from services.router.domain.classify import classify
+from switchboard.analyst import format_table
 
 DEFAULT_OUTPUT_TOKENS = 250.0  # output tokens per answer when the metrics store has none
 TIMING_ROUNDS = 5  # each decision is timed this many times; its fastest counts (noise aside)
+
+
+_KEYS = frozenset({"id", "class", "expected_tier", "prompt", "messages"})
 
 
 class DataError(ValueError):
@@ -94,6 +98,12 @@ def _item(line: str, number: int, tiers: Collection[str]) -> Item:
         raise DataError(f"{where}: not JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise DataError(f"{where}: not a JSON object")
+    unknown = sorted(set(raw) - _KEYS)
+    if unknown:
+        raise DataError(
+            f"{where}: unknown field {', '.join(map(repr, unknown))} "
+            f"(a line takes {', '.join(sorted(_KEYS))})"
+        )
     expected = raw.get("expected_tier")
     if not isinstance(expected, str) or expected not in tiers:
         raise DataError(
@@ -260,10 +270,6 @@ def strongest(prices: dict[str, TierPrice]) -> str | None:
     ).tier
 
 
-def _tokens_in(request: ChatRequest) -> int:
-    return math.ceil(sum(len(m.text()) for m in request.messages) / CHARS_PER_TOKEN)
-
-
 @dataclass(frozen=True)
 class Comparison:
     """What the routing costs against everything to ``baseline``; None where unknown."""
@@ -288,7 +294,7 @@ def compare(routed: Sequence[Routed], prices: dict[str, TierPrice], baseline: st
         p = prices[tier]
         if p.per_token is None:
             return None
-        return _tokens_in(request) * p.per_token[0] + p.output_tokens * p.per_token[1]
+        return needs(request).prompt_tokens * p.per_token[0] + p.output_tokens * p.per_token[1]
 
     routed_costs = [cost(r.tier, r.item.request) for r in routed]
     base_costs = [cost(baseline, r.item.request) for r in routed]
@@ -398,18 +404,6 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}%"
 
 
-def _rows(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-
-    def line(values: list[str]) -> str:
-        return "  ".join(
-            v.ljust(w) if i == 0 else v.rjust(w)
-            for i, (v, w) in enumerate(zip(values, widths, strict=True))
-        )
-
-    return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
-
-
 def render(report: Report) -> str:
     s = report.scores
     tiers = [t.tier for t in s.tiers]
@@ -419,27 +413,31 @@ def render(report: Report) -> str:
         f"{s.p50_us:.0f} µs p50, {s.p95_us:.0f} µs p95",
         "",
     ]
-    out += _rows(
-        ["tier", "precision", "recall", "expected", "routed"],
-        [
-            [t.tier, _pct(t.precision), _pct(t.recall), str(t.expected), str(t.routed)]
-            for t in s.tiers
-        ],
+    out.append(
+        format_table(
+            ["tier", "precision", "recall", "expected", "routed"],
+            [[t.tier, _pct(t.precision), _pct(t.recall), t.expected, t.routed] for t in s.tiers],
+        )
     )
     out += ["", "confusion (rows: expected tier, columns: routed tier)"]
-    out += _rows(
-        ["expected", *tiers],
-        [[e, *(str(s.confusion.get((e, g), 0)) for g in tiers)] for e in tiers],
+    out.append(
+        format_table(
+            ["expected", *tiers], [[e, *(s.confusion.get((e, g), 0) for g in tiers)] for e in tiers]
+        )
     )
     out += [""]
-    out += _rows(
-        ["class", "prompts", "accuracy"],
-        [[k, str(n), _pct(ok / n)] for k, (n, ok) in s.classes.items()],
+    out.append(
+        format_table(
+            ["class", "prompts", "accuracy"],
+            [[k, n, _pct(ok / n)] for k, (n, ok) in s.classes.items()],
+        )
     )
     out += [""]
-    out += _rows(
-        ["rule fired", "prompts", "right"],
-        [[k, str(n), _pct(ok / n)] for k, (n, ok) in s.rules.items()],
+    out.append(
+        format_table(
+            ["rule fired", "prompts", "right"],
+            [[k, n, _pct(ok / n)] for k, (n, ok) in s.rules.items()],
+        )
     )
     out += ["", *_render_cost(report)]
     return "\n".join(out)
@@ -525,6 +523,23 @@ def eval_command(
     from services.common.routing_config import ConfigError, load_config
     from services.common.settings import CommonSettings
 
+    bad = [
+        f"{name} {value:g}: {why}"
+        for name, value, wrong, why in (
+            ("--hours", hours, hours <= 0, "must be above 0"),
+            ("--output-tokens", output_tokens, output_tokens < 0, "must be 0 or more"),
+            (
+                "--min-accuracy",
+                min_accuracy or 0.0,
+                min_accuracy is not None and not 0 <= min_accuracy <= 1,
+                "is a share, from 0 to 1",
+            ),
+        )
+        if wrong
+    ]
+    if bad:
+        print(f"eval: {'; '.join(bad)}", file=sys.stderr)
+        return 2
     try:
         config = load_config(config_path or CommonSettings().config)
         report = evaluate(Path(data), config, hours, output_tokens, baseline=baseline)

@@ -14,7 +14,8 @@ A restarted embedded broker may have the reply topic again before the watch look
 metadata request that names it (a worker about to send an answer) creates it, empty. So when the
 connection comes back, the watch also looks at the reply topic: one with another partition count
 than the router made it with, or with a partition that ends before the reply consumer's position,
-was begun anew, and is renewed as if it were lost. On Kafka a reconnect finds every partition where it was, and nothing happens.
+was begun anew, and is renewed as if it were lost. On Kafka a reconnect finds every partition
+where it was, and nothing happens.
 
 Lost topics are created again by the watch at once, every probe 0.2 s apart while Kafka is not
 usable. The broker keeps what producers that still have the old metadata write to a topic before

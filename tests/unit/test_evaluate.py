@@ -118,6 +118,7 @@ def test_without_figures_in_the_store_latency_is_unknown_and_says_why(
         ({"expected_tier": "gold", "prompt": "x"}, "line 1: 'expected_tier' must be a tier"),
         ({"expected_tier": "fast"}, "line 1: give either 'prompt'"),
         ({"expected_tier": "fast", "prompt": 3}, "line 1: 'prompt' must be text"),
+        ({"expected_tier": "fast", "prompt": "x", "tier": "y"}, "line 1: unknown field 'tier'"),
         (
             {"expected_tier": "fast", "messages": [{"role": "wizard", "content": "x"}]},
             "line 1: 'messages.0",
@@ -152,3 +153,20 @@ def test_the_command_prints_json_and_holds_a_minimum(
     assert "eval: " in capsys.readouterr().err
     assert main(["eval", data, "--config", cfg, "--baseline", "gold"]) == 2
     assert "--baseline 'gold' is not a tier" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--hours", "0"], "--hours 0: must be above 0"),
+        (["--output-tokens", "-1"], "--output-tokens -1: must be 0 or more"),
+        (["--min-accuracy", "90"], "--min-accuracy 90: is a share, from 0 to 1"),
+    ],
+)
+def test_option_values_out_of_range_are_refused_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: list[str], message: str
+) -> None:
+    data = str(_write(tmp_path, ITEMS))
+    cfg = str(ROOT / "config" / "simulated.yaml")
+    assert main(["eval", data, "--config", cfg, *option]) == 2
+    assert message in capsys.readouterr().err
