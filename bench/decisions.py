@@ -173,12 +173,12 @@ OVERHEAD_ROUNDS = 5
 
 
 def experiment_overhead(
-    payloads: Sequence[bytes], rounds: int = OVERHEAD_ROUNDS
+    payloads: Sequence[bytes], config: LoadedConfig, rounds: int = OVERHEAD_ROUNDS
 ) -> dict[str, float]:
     """The ingress path's CPU per request (parse + route + encode, summed p50s) on the shipped
     config and on the same config with a canary in its default tier (config/examples/canary.yaml),
     in alternating rounds; the median round of each."""
-    off, on = load_config(CONFIG), load_config(CANARY_CONFIG)
+    off, on = config, load_config(CANARY_CONFIG)
     per: dict[str, list[float]] = {"off": [], "on": []}
     for _ in range(rounds):
         for name, config in (("off", off), ("on", on)):
@@ -409,9 +409,25 @@ async def run_until_committed(
     return window
 
 
-async def _route_all(
+def rules_only(bench: Bench, path: Path = CONFIG) -> Path:
+    """``path`` without its semantic stage, written to the scratch dir: the rule decisions this
+    scenario's targets are about (bench/semantic.py measures the stage)."""
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    raw.pop("semantic", None)
+    for rule in raw.get("rules", []):
+        rule.pop("after_semantic", None)
+    out = bench.work_dir / f"rules-only-{path.name}"
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
+async def route_all(
     bench: Bench, payloads: Sequence[bytes], config: LoadedConfig
 ) -> tuple[Window, dict[str, int], tuple[float, float]]:
+    """Fill an ingress topic with ``payloads``, then time one router process routing them all,
+    on ``config`` (its file); the tier and dead-letter topics must hold them all after."""
     bootstrap = bench.broker()
     prefix = unique_prefix("decisions")
     topics = Topics(prefix)
@@ -427,7 +443,7 @@ async def _route_all(
         bootstrap,
         NO_REDIS,
         prefix,
-        CONFIG,
+        config.path,
         bench.work_dir / f"run-{prefix}",
         SWITCHBOARD_PORT=str(free_port()),
         SWITCHBOARD_API_KEY=API_KEY,
@@ -450,14 +466,16 @@ def run(bench: Bench) -> Section:
     # kept the router waiting half the time, with 300k routing fell to a few hundred a second,
     # the broker at 80-90% CPU), so the run stays at a size where the router is the limit.
     messages = bench.scale(100_000, 2_000)
-    config = load_config(CONFIG)
+    config = load_config(rules_only(bench))
     stages = time_stages(request_payloads(bench.scale(100_000, 5_000), seed=11), config)
     overhead = experiment_overhead(
-        request_payloads(bench.scale(20_000, 2_000), seed=13), bench.scale(OVERHEAD_ROUNDS, 1)
+        request_payloads(bench.scale(20_000, 2_000), seed=13),
+        config,
+        bench.scale(OVERHEAD_ROUNDS, 1),
     )
     payloads = request_payloads(messages)
     with bench.scope():
-        window, outputs, (fetch_rate, fetch_us) = asyncio.run(_route_all(bench, payloads, config))
+        window, outputs, (fetch_rate, fetch_us) = asyncio.run(route_all(bench, payloads, config))
     if sum(outputs.values()) != messages:
         raise RuntimeError(f"{messages} requests in, {sum(outputs.values())} out: {outputs}")
     counted = window.last_count - window.first_count

@@ -429,7 +429,15 @@ class RoutedRequest(_Message):
     request: ChatRequest
     tier: str
     rule: str = Field(
-        description="Name of the rule that chose the tier, or 'default' / 'forced' / 'pinned'."
+        description="Name of the rule that chose the tier, 'semantic:<route>' when the "
+        "semantic stage did, or 'default' / 'forced' / 'pinned'."
+    )
+    route_score: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="The semantic stage's best score for this request, when the stage ran.",
     )
     config_hash: str
     pinned: str | None = Field(
@@ -614,6 +622,13 @@ class AttemptEvent(_Message):
     variant: Variant | Literal[""] = ""
     share_pct: float = Field(
         default=0.0, ge=0, le=100, allow_inf_nan=False, description="Candidate share in force."
+    )
+    route_score: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="The semantic stage's best score for the request, when the stage ran.",
     )
 
 

@@ -12,6 +12,7 @@ switchboard sql "<query>"            read-only SQL on the metrics store, printed
 switchboard report [--hours H]       the decision matrix per tier and model
 switchboard check-config [PATH]      validate a routing config and print its hash
 switchboard eval DATA.jsonl          score a routing config on labelled prompts
+switchboard train DATA.jsonl -o F    fit the semantic stage's route classifier
 switchboard config apply FILE        validate a routing config, then apply it to the running fleet
 """
 
@@ -212,6 +213,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluate.add_argument(
         "--min-accuracy", type=float, help="exit 1 when accuracy is below this (0 to 1)"
     )
+    trainer = sub.add_parser(
+        "train",
+        help="fit the semantic stage's route classifier on labelled prompts",
+        description="Encode each labelled prompt of DATA.jsonl as the router does, fit a "
+        "classifier over routes (one per class), print its cross-validated tier accuracy and "
+        'write it for a routing config\'s semantic.classifier (README "Semantic routing").',
+    )
+    trainer.add_argument("data", help="JSONL, as `switchboard eval` reads it")
+    trainer.add_argument("--output", "-o", required=True, help="the classifier file to write")
+    trainer.add_argument("--config", help="routing config whose tiers the labels name")
+    trainer.add_argument(
+        "--folds", type=int, default=5, help="cross-validation folds (0: none; default 5)"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "up":
@@ -248,6 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.min_accuracy,
             args.baseline,
         )
+    if args.command == "train":
+        from switchboard.train import train_command
+
+        return train_command(args.data, args.output, args.config, args.folds)
     from switchboard.analyst import report_command, sql_command
 
     if args.command == "sql":

@@ -16,15 +16,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from schemas.v1 import ChatRequest
-from services.common.routing_config import ModelSpec, TierSpec
+from services.common import tokens
+from services.common.routing_config import LoadedConfig, ModelSpec, TierSpec
 
-CHARS_PER_TOKEN = 4  # the prompt estimate: the rules' prompt_tokens, the context_window check
 _MAP_FILE = "model_prices_and_context_window_backup.json"
 _FLAGS = {
     "tools": "supports_function_calling",
@@ -45,15 +44,30 @@ class Capabilities:
     def lacks(self, needs: Needs) -> list[str]:
         """The capabilities of ``needs`` this model does not have, in a fixed order."""
         missing = [name for name in needs.capabilities if not getattr(self, name)]
-        if self.context_window is not None and needs.prompt_tokens > self.context_window:
+        if not self.fits(needs):
             missing.append("context_window")
         return missing
+
+    def fits(self, needs: Needs) -> bool:
+        """Does the prompt fit the context window (an unknown window takes anything)?"""
+        window = self.context_window
+        # a token is a byte at least: a prompt of fewer bytes fits without being counted
+        return window is None or needs.most_tokens <= window or needs.prompt_tokens <= window
 
 
 @dataclass(frozen=True)
 class Needs:
     capabilities: tuple[str, ...]
-    prompt_tokens: int
+    text: str  # every message's text
+
+    @functools.cached_property
+    def prompt_tokens(self) -> int:
+        """The prompt's tokens, by services/common/tokens.py."""
+        return tokens.count(self.text)
+
+    @functools.cached_property
+    def most_tokens(self) -> int:
+        return len(self.text.encode())
 
 
 def needs(request: ChatRequest) -> Needs:
@@ -64,8 +78,7 @@ def needs(request: ChatRequest) -> Needs:
         wanted.append("json_schema")
     if any(m.image_count() for m in request.messages):
         wanted.append("vision")
-    chars = sum(len(m.text()) for m in request.messages)
-    return Needs(tuple(wanted), math.ceil(chars / CHARS_PER_TOKEN))
+    return Needs(tuple(wanted), "\n".join(m.text() for m in request.messages))
 
 
 @functools.lru_cache(maxsize=1)
@@ -108,11 +121,25 @@ def of(spec: ModelSpec) -> Capabilities:
 class MissingCapability(ValueError):
     """No model of the chosen tier can do what the request asks."""
 
-    def __init__(self, tier: str, missing: str, models: list[str]) -> None:
+    def __init__(
+        self,
+        tier: str,
+        missing: str,
+        models: list[str],
+        prompt_tokens: int | None = None,
+        window: tuple[str, int] | None = None,  # the largest window anywhere: (model, tokens)
+    ) -> None:
         self.tier, self.capability, self.param = tier, missing, ASKED_BY.get(missing, "messages")
+        self.models, self.prompt_tokens = models, prompt_tokens
         if missing == "context_window":
-            what = "takes a prompt this long"
+            what = f"takes a prompt this long (about {prompt_tokens} tokens)"
             hint = "shorten it, or add a model with a larger context_window to the tier"
+            if window is not None:
+                what = f"has a context window for this prompt (about {prompt_tokens:,} tokens)"
+                hint = (
+                    f"the largest context window is {window[1]:,} tokens ({window[0]}): "
+                    "shorten the prompt, or add a model with a larger context_window"
+                )
         else:
             what = f"is known to support {missing}"
             hint = (
@@ -146,4 +173,33 @@ class TierCapabilities:
         if gaps and all(gaps):
             # name what the closest model lacks: the fewest gaps, first in the tier's order
             closest = min(gaps, key=len)
-            raise MissingCapability(self.name, closest[0], [label for label, _ in chosen])
+            windows = [(label, c.context_window) for label, c in chosen if c.context_window]
+            raise MissingCapability(
+                self.name,
+                closest[0],
+                [label for label, _ in chosen],
+                wanted.prompt_tokens if closest[0] == "context_window" else None,
+                max(windows, key=lambda w: w[1]) if windows else None,
+            )
+
+
+def largest_window(config: LoadedConfig) -> tuple[str, int] | None:
+    """The model with the largest known context window of any tier: (label, tokens)."""
+    known = [
+        (spec.label, window)
+        for tier in config.spec.tiers.values()
+        for spec in tier.models
+        if (window := of(spec).context_window) is not None
+    ]
+    return max(known, key=lambda k: k[1]) if known else None
+
+
+def smallest_window(config: LoadedConfig) -> int | None:
+    """The smallest known context window of the config's models (``fits_context``'s bound)."""
+    known = [
+        window
+        for tier in config.spec.tiers.values()
+        for spec in tier.models
+        if (window := of(spec).context_window) is not None
+    ]
+    return min(known) if known else None

@@ -46,7 +46,8 @@ FIELDS: dict[str, type] = {
     "last_user": str,  # text of the last user message
     "system": str,  # text of the system/developer messages
     "prompt_chars": int,
-    "prompt_tokens": int,  # estimate: ceil(chars / 4)
+    "prompt_tokens": int,  # litellm's default tokenizer (services/common/tokens.py)
+    "fits_context": bool,  # prompt_tokens within every model's context window
     "message_count": int,
     "image_count": int,
     "has_images": bool,

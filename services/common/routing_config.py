@@ -24,6 +24,7 @@ from schemas.topics import valid_tier_name
 from schemas.v1 import AUTO_MODEL
 from services.common.conditions import Condition, ConditionError, compile_condition
 from services.common.experiments import FIGURES, Sticky
+from services.common.route_classifier import ClassifierFile
 
 _ENV_REF = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::-([^}]*))?\}")
 
@@ -133,6 +134,56 @@ class RuleSpec(_Strict):
         description="Keep the inputs and outputs of the requests this rule routes, redacted "
         "(llm_payloads).",
     )
+    after_semantic: bool = Field(
+        default=False,
+        description="Tried only when the semantic stage did not decide (no route at or above "
+        "its threshold); without it a matching rule wins before the semantic stage runs.",
+    )
+
+
+class SemanticRoute(_Strict):
+    """A route of the semantic stage: requests like these go to ``tier``."""
+
+    tier: str
+    utterances: list[str] = Field(min_length=1, description="Example requests of this route.")
+    threshold: float | None = Field(
+        default=None, gt=0, le=1, description="This route's own threshold (else the stage's)."
+    )
+
+
+class SemanticSpec(_Strict):
+    """The semantic stage: after the rules, a request goes to the route its text is closest
+    to, when the score reaches the threshold (README "Semantic routing")."""
+
+    model: Literal["all-MiniLM-L6-v2"] = Field(
+        default="all-MiniLM-L6-v2", description="The sentence encoder (the `semantic` extra)."
+    )
+    threshold: float = Field(
+        default=0.5, gt=0, le=1, description="Lowest score that decides; below it, the default."
+    )
+    top_k: int = Field(
+        default=3, ge=1, le=50, description="A route's score: the mean of its top_k utterances."
+    )
+    routes: dict[str, SemanticRoute] = Field(
+        default_factory=dict, description="Routes by name, each with example utterances."
+    )
+    classifier: str | None = Field(
+        default=None,
+        description="A file from `switchboard train` (relative to this config), used instead "
+        "of routes.",
+    )
+    max_tokens: int = Field(
+        default=128, ge=8, le=256, description="Tokens of the request's text the encoder reads."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SemanticSpec:
+        if bool(self.routes) == bool(self.classifier):
+            raise ValueError("semantic: give either routes (example utterances) or a classifier")
+        for name in self.routes:
+            if not valid_tier_name(name):
+                raise ValueError(f"semantic.routes: name {name!r} must match [a-z][a-z0-9_-]*")
+        return self
 
 
 class CaptureSpec(_Strict):
@@ -268,6 +319,9 @@ class RoutingConfig(_Strict):
         description="Opt-in capture of inputs and outputs, redacted; off unless named here or "
         "on a rule.",
     )
+    semantic: SemanticSpec | None = Field(
+        default=None, description="The semantic stage, after the rules; none: rules only."
+    )
     default: str
     fallback: str | None = Field(
         default=None,
@@ -295,6 +349,9 @@ class RoutingConfig(_Strict):
             if rule.name in seen:
                 raise ValueError(f"rules[{i}].name: duplicate rule name {rule.name!r}")
             seen.add(rule.name)
+        for name, route in (self.semantic.routes if self.semantic else {}).items():
+            if route.tier not in self.tiers:
+                raise ValueError(f"semantic.routes.{name}.tier: unknown tier {route.tier!r}")
         self.pins()  # names that pin a model are unambiguous
         tiers_taken: dict[str, str] = {}
         for name, experiment in self.experiments.items():
@@ -371,11 +428,17 @@ class LoadedConfig:
         config_hash: str,
         rules: tuple[tuple[RuleSpec, Condition], ...],
         experiments: tuple[Experiment, ...] = (),
+        classifier: ClassifierFile | None = None,
     ) -> None:
         self.path = path
+        self.classifier = classifier  # semantic.classifier, read
         self.spec = spec
         self.hash = config_hash
         self.rules = rules
+        # without a semantic stage, after_semantic changes nothing: every rule, in order
+        late = spec.semantic is not None
+        self.rules_before = tuple(r for r in rules if not (late and r[0].after_semantic))
+        self.rules_after = tuple(r for r in rules if late and r[0].after_semantic)
         self.pins = spec.pins()
         self.experiments = {e.name: e for e in experiments}
         self.experiment_of_tier = {e.spec.tier: e for e in experiments}
@@ -486,7 +549,37 @@ def load_config_text(text: str, path: str | Path) -> LoadedConfig:
     experiments = tuple(
         _compile_experiment(path, name, experiment) for name, experiment in spec.experiments.items()
     )
-    return LoadedConfig(path, spec, config_hash(raw), tuple(compiled), experiments)
+    classifier = _classifier(path, spec)
+    digest = config_hash(raw)
+    if classifier is not None:  # a retrained file is another config
+        digest = config_hash({"config": digest, "classifier": classifier.digest})
+    return LoadedConfig(path, spec, digest, tuple(compiled), experiments, classifier)
+
+
+def _classifier(path: Path, spec: RoutingConfig) -> ClassifierFile | None:
+    """``semantic.classifier`` read and checked against the tiers; relative to the config."""
+    if spec.semantic is None or spec.semantic.classifier is None:
+        return None
+    where = Path(spec.semantic.classifier)
+    if not where.is_absolute() and path.is_file():
+        where = path.parent / where
+    try:
+        classifier = ClassifierFile.read(where)
+    except ValueError as exc:
+        raise ConfigError(path, "semantic.classifier", str(exc)) from exc
+    if classifier.model != spec.semantic.model:
+        raise ConfigError(
+            path,
+            "semantic.classifier",
+            f"{where} was trained on {classifier.model!r} vectors, the stage uses "
+            f"{spec.semantic.model!r}",
+        )
+    for route, tier in classifier.routes:
+        if tier not in spec.tiers:
+            raise ConfigError(
+                path, "semantic.classifier", f"{where}: route {route!r} names unknown tier {tier!r}"
+            )
+    return classifier
 
 
 def _compile_experiment(path: Path, name: str, spec: ExperimentSpec) -> Experiment:

@@ -30,6 +30,7 @@ from services.router.handlers import IngressHandler, ReplyHandler
 from services.router.http import HttpContext, api, install_error_handlers, key_dependency
 from services.router.replies import ReplyReader, ReplyTopics
 from services.router.service import PendingReplies, Router
+from services.router.stage import SemanticStage
 from services.router.watch import BrokerWatch
 
 log = logging.getLogger("switchboard.router")
@@ -52,21 +53,48 @@ def create_app(settings: RouterSettings) -> FastAPI:
         token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
         table = f"{settings.clickhouse_database}.{EVENTS_TABLE}"
         owners = Owners(settings.metrics_url, token, table)
-    router = Router(config, topics, publisher, settings.max_image_bytes, live)
+    semantic = SemanticStage.for_config(
+        config, settings.semantic_threads, settings.semantic_max_batch
+    )
+    router = Router(config, topics, publisher, settings.max_image_bytes, live, semantic)
     pending: set[asyncio.Task[None]] = set()
 
-    def apply(new: LoadedConfig) -> None:
+    async def prepare(new: LoadedConfig) -> None:
+        """Build the new config's semantic routes off the event loop, then apply it; a config
+        the stage cannot serve (the extra missing) is refused and the one in force stays."""
+        try:
+            if router.semantic is None:
+                router.semantic = await asyncio.to_thread(
+                    SemanticStage.for_config,
+                    new,
+                    settings.semantic_threads,
+                    settings.semantic_max_batch,
+                )
+            else:
+                await asyncio.to_thread(router.semantic.prepare, new)
+        except Exception:
+            log.exception("config %s not applied: its semantic stage failed", new.hash)
+            return
         router.apply_config(new)
-        # a tier the new config adds gets its topic (its workers must be started to serve it)
-        task = asyncio.get_running_loop().create_task(
+
+    def apply(new: LoadedConfig) -> None:
+        loop = asyncio.get_running_loop()
+        work = [
+            # a tier the new config adds gets its topic (its workers must be started to serve it)
             ensure_topics(
                 settings.kafka_bootstrap,
                 [topics.tier(t) for t in new.tier_names],
                 settings.partitions,
             )
-        )
-        pending.add(task)
-        task.add_done_callback(pending.discard)
+        ]
+        if new.spec.semantic is None:
+            router.apply_config(new)
+        else:
+            work.append(prepare(new))
+        for job in work:
+            task = loop.create_task(job)
+            pending.add(task)
+            task.add_done_callback(pending.discard)
 
     config_watch = ConfigWatch(
         settings.kafka_bootstrap, topics.config, f"{name}-config", config, apply
@@ -164,6 +192,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
             await broker.stop()
             if holds is not None:
                 await holds.stop()
+            if router.semantic is not None:
+                router.semantic.close()
             try:
                 await reader.delete_all()
             except Exception as exc:  # the broker may be gone already

@@ -85,6 +85,21 @@ class RouterSettings(CommonSettings):
             "follow an answer by about a second)."
         ),
     )
+    semantic_threads: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "CPU threads the semantic stage's encoder uses per batch; one leaves the other cores "
+            "to the HTTP and Kafka work of the same process."
+        ),
+    )
+    semantic_max_batch: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="Texts the semantic stage encodes together at most, when requests queue.",
+    )
     reply_grace_s: float = Field(
         default=5.0, ge=0, description="How long past a request's deadline the router still waits."
     )

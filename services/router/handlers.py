@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from aiokafka import ConsumerRecord
 from pydantic import TypeAdapter, ValidationError
@@ -13,7 +15,8 @@ from schemas.v1 import ChatError, ChatRequest, Reply, StreamChunk
 from services.common.capabilities import MissingCapability
 from services.common.deadletter import describe, from_record
 from services.common.kafka import BatchPublisher, Outgoing, Publisher
-from services.router.domain.classify import UnknownModel
+from services.common.routing_config import LoadedConfig
+from services.router.domain.classify import Decision, Pending, UnknownModel
 from services.router.domain.images import BadImage
 from services.router.service import PendingReplies, Router, payload_fingerprint
 
@@ -38,6 +41,16 @@ class TooLarge(ValueError):
     """A request over the size the router accepts."""
 
 
+@dataclass
+class _Begun:
+    """An ingress request, decided by the rules or ``pending`` on the semantic stage."""
+
+    request: ChatRequest
+    config: LoadedConfig
+    decision: Decision | None = None
+    pending: Pending | None = None
+
+
 class IngressHandler:
     """A batch of ChatRequests from producers → classified → tier topics, published together.
 
@@ -58,15 +71,28 @@ class IngressHandler:
     async def __call__(self, records: Sequence[ConsumerRecord]) -> None:
         out: list[Outgoing] = []
         dead = 0
-        for record in records:
-            if not self._route(record, out):
+        begun = [self._begin(record) for record in records]
+        waiting = [b for b in begun if isinstance(b, _Begun) and b.pending is not None]
+        if waiting:  # together: the semantic stage encodes the batch's texts in micro-batches
+            finished = await asyncio.gather(
+                *(self.router.finish(b.pending, b.config) for b in waiting if b.pending)
+            )
+            for b, decision in zip(waiting, finished, strict=True):
+                b.decision = decision
+        for record, outcome in zip(records, begun, strict=True):
+            refused = (
+                outcome if isinstance(outcome, Exception) else self._route(record, outcome, out)
+            )
+            if refused is not None:
+                out.extend(self._refusal(record, refused))
                 dead += 1
         await self.publisher.publish_all(out)
         self.dead_letters += dead
         self.routed += len(records) - dead
 
-    def _route(self, record: ConsumerRecord, out: list[Outgoing]) -> bool:
-        """Append what ``record`` turns into to ``out``; False when it is a dead letter."""
+    def _begin(self, record: ConsumerRecord) -> _Begun | Exception:
+        """``record`` parsed and decided by the rules; ``_Begun`` when the semantic stage is
+        next; the exception when it is a dead letter."""
         payload: bytes | None = record.value
         try:
             if self.max_bytes is not None and len(payload or b"") > self.max_bytes:
@@ -77,6 +103,21 @@ class IngressHandler:
                     "'stream': true is served over HTTP (server-sent events); a Kafka job's "
                     "answer is one ChatResult on the results topic: omit 'stream'"
                 )
+            stage, config = self.router.begin(request)
+        except Exception as exc:  # pure computation: whatever fails is this record's
+            return exc
+        if isinstance(stage, Pending):
+            return _Begun(request, config, pending=stage)
+        return _Begun(request, config, decision=stage)
+
+    def _route(
+        self, record: ConsumerRecord, begun: _Begun, out: list[Outgoing]
+    ) -> Exception | None:
+        """Append what ``begun`` turns into to ``out``; the exception when it is a dead letter."""
+        payload: bytes | None = record.value
+        request = begun.request
+        assert begun.decision is not None
+        try:
             own_id = "request_id" in request.model_fields_set  # else a fresh one: no resend
             routed = self.router.route(
                 request,
@@ -84,14 +125,14 @@ class IngressHandler:
                 caller_waits=False,
                 scope=request.metadata.tenant or record.key,
                 content_hash=payload_fingerprint(payload or b"") if own_id else None,
+                decided=(begun.decision, begun.config),
             )
             out.append(self.router.encode(routed, payload))
             if (kept := self.router.captured(routed)) is not None:
                 out.append(kept)
-            return True
+            return None
         except Exception as exc:  # routing is pure computation: whatever fails is this record's
-            out.extend(self._refusal(record, exc))
-            return False
+            return exc
 
     def _refusal(self, record: ConsumerRecord, exc: Exception) -> list[Outgoing]:
         """The dead letter for ``record``, and the ChatError its producer waits for (when the

@@ -193,12 +193,13 @@ def _admit(ctx: HttpContext) -> None:
         )
 
 
-def _route(
+async def _route(
     ctx: HttpContext, chat: ChatRequest, reply_to: str, content: str | None
 ) -> RoutedRequest:
     _admit(ctx)
     try:
-        return ctx.router.route(chat, reply_to, content_hash=content)
+        decided = await ctx.router.decide(chat)
+        return ctx.router.route(chat, reply_to, content_hash=content, decided=decided)
     except UnknownModel as exc:
         raise invalid(str(exc), "model", "model_not_found") from exc
     except BadImage as exc:
@@ -233,7 +234,7 @@ def _deadline_passed(routed: RoutedRequest) -> ApiError:
 
 async def _answer(ctx: HttpContext, chat: ChatRequest, reply_to: str) -> JSONResponse:
     content = fingerprint(chat) if chat.metadata.idempotency_key else None
-    routed = _route(ctx, chat, reply_to, content)
+    routed = await _route(ctx, chat, reply_to, content)
     future, first = _expect(ctx, chat, content)
     try:
         if first:
@@ -262,7 +263,7 @@ async def _stream(
     when it ends."""
     content = fingerprint(chat) if chat.metadata.idempotency_key else None
     try:
-        routed = _route(ctx, chat, reply_to, content)
+        routed = await _route(ctx, chat, reply_to, content)
         future, first = _expect(ctx, chat, content)
     except BaseException:
         release()

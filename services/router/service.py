@@ -11,15 +11,17 @@ from datetime import UTC, datetime, timedelta
 from schemas.control import CapturedPayload
 from schemas.topics import Topics
 from schemas.v1 import CancelRequest, ChatRequest, Outcome, RoutedRequest, StreamChunk
-from services.common.capabilities import TierCapabilities
+from services.common.capabilities import MissingCapability, TierCapabilities, largest_window
 from services.common.capture import input_record
 from services.common.control import LiveExperiments
 from services.common.kafka import Outgoing, Publisher
 from services.common.routing_config import LoadedConfig, TierSpec
-from services.router.domain.classify import classify
+from services.router.domain.classify import Decision, Pending, first_stage, settle
 from services.router.domain.images import MAX_IMAGE_BYTES, check_images
+from services.router.stage import SemanticStage
 
 log = logging.getLogger(__name__)
+FITS_CONTEXT = "fits_context"  # the rule of a request moved to a tier whose models it fits
 _ENVELOPE = set(RoutedRequest.model_fields) - {"request"}  # every field but the request
 
 
@@ -67,8 +69,10 @@ class Router:
         publisher: Publisher,
         max_image_bytes: int = MAX_IMAGE_BYTES,
         live: LiveExperiments | None = None,
+        semantic: SemanticStage | None = None,
     ) -> None:
         self.config = config
+        self.semantic = semantic
         self.topics = topics
         self.publisher = publisher
         self.max_image_bytes = max_image_bytes
@@ -76,6 +80,27 @@ class Router:
         self.live = live or LiveExperiments(config, {})
         self._tier_capabilities: dict[tuple[str, str], TierCapabilities] = {}
         self.capture_failures = 0  # captured inputs that could not be made (logged)
+
+    def begin(self, request: ChatRequest) -> tuple[Decision | Pending, LoadedConfig]:
+        """The rules before the semantic stage, with the config they read: one config for
+        the whole decision, whatever comes in meanwhile. Raises ``UnknownModel``."""
+        config = self.config
+        return first_stage(request, config), config
+
+    async def finish(self, pending: Pending, config: LoadedConfig) -> Decision:
+        """The semantic stage (when this router runs one), then the rules after it, then the
+        default."""
+        match = None
+        if self.semantic is not None and config.spec.semantic is not None:
+            match = await self.semantic.match(pending, config)
+        return settle(pending, config, match)
+
+    async def decide(self, request: ChatRequest) -> tuple[Decision, LoadedConfig]:
+        """The tier for ``request`` and the config that chose it (``begin``, then ``finish``)."""
+        stage, config = self.begin(request)
+        if isinstance(stage, Pending):
+            return await self.finish(stage, config), config
+        return stage, config
 
     def route(
         self,
@@ -85,6 +110,7 @@ class Router:
         caller_waits: bool = True,
         scope: str | bytes | None = None,
         content_hash: str | None = None,
+        decided: tuple[Decision, LoadedConfig] | None = None,
     ) -> RoutedRequest:
         """Classify ``request`` and stamp what a worker needs: tier, rule, config, deadline.
 
@@ -97,14 +123,25 @@ class Router:
         (``LiveExperiments.tag``); one that pinned a model is not.
 
         ``scope`` and ``content_hash`` make the outcome key and the fingerprint (see
-        ``outcome_key``, ``fingerprint``). Raises ``UnknownModel``, ``BadImage`` or
+        ``outcome_key``, ``fingerprint``). ``decided`` is what ``decide`` returned; without it
+        the request goes by the rules alone. Raises ``UnknownModel``, ``BadImage`` or
         ``MissingCapability`` for a request no tier can take.
         """
-        config = self.config  # one config for the whole decision, whatever comes in meanwhile
         check_images(request, self.max_image_bytes)
-        decision = classify(request, config)
+        if decided is None:
+            config = self.config
+            stage = first_stage(request, config)
+            decision = stage if isinstance(stage, Decision) else settle(stage, config, None)
+        else:
+            decision, config = decided
         tier = config.tier(decision.tier)
-        self._capabilities(config.hash, decision.tier, tier).check(request, decision.pinned)
+        try:
+            self._capabilities(config.hash, decision.tier, tier).check(request, decision.pinned)
+        except MissingCapability as exc:
+            if exc.capability != "context_window" or decision.pinned is not None:
+                raise
+            decision = self._fitting(config, request, decision, exc)
+            tier = config.tier(decision.tier)
         now = datetime.now(UTC)
         budget_s: float | None = None
         if request.metadata.deadline_ms:
@@ -115,6 +152,7 @@ class Router:
             request=request,
             tier=decision.tier,
             rule=decision.rule,
+            route_score=decision.score,
             config_hash=config.hash,
             pinned=decision.pinned,
             routed_at=now,
@@ -125,6 +163,30 @@ class Router:
             experiment=None if decision.pinned else self.live.tag(decision.tier, request),
             capture=config.captures(request.metadata.tenant, decision.rule),
         )
+
+    def _fitting(
+        self, config: LoadedConfig, request: ChatRequest, chosen: Decision, exc: MissingCapability
+    ) -> Decision:
+        """A request too long for every model of its tier goes to the first tier, in the
+        config's order, that has a model it fits (rule ``fits_context``); with none anywhere it
+        is refused, naming the largest context window there is."""
+        for name in config.tier_names:
+            if name == chosen.tier:
+                continue
+            try:
+                self._capabilities(config.hash, name, config.tier(name)).check(request)
+            except MissingCapability:
+                continue
+            log.info(
+                "request %s: too long for tier %s, sent to %s",
+                request.request_id,
+                chosen.tier,
+                name,
+            )
+            return Decision(name, FITS_CONTEXT, score=chosen.score)
+        raise MissingCapability(
+            chosen.tier, "context_window", exc.models, exc.prompt_tokens, largest_window(config)
+        ) from exc
 
     def apply_config(self, config: LoadedConfig) -> None:
         """Route the next requests with ``config`` (each request reads it once)."""

@@ -259,6 +259,7 @@ class ShadowService:
             model=spec.label,
             provider=spec.provider,
             rule=routed.rule,
+            route_score=routed.route_score,
             config_hash=routed.config_hash,
             attempt=0,
             status="ok" if error is None else policy.status_of(error),

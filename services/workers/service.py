@@ -674,6 +674,7 @@ class TierService:
             model=attempt.spec.label,
             provider=attempt.spec.provider,
             rule=routed.rule,
+            route_score=routed.route_score,
             config_hash=routed.config_hash,
             attempt=attempt.index,
             status=status or ("ok" if error is None else policy.status_of(error)),

@@ -254,3 +254,74 @@ async def test_an_unexpected_routing_failure_is_a_dead_letter_not_a_stalled_batc
     assert letter["error_type"] == "OverflowError" and "out of range" in letter["reason"]
     (error,) = [json.loads(m.value) for m in out if m.topic == TOPICS.results]
     assert error["code"] == "internal_error"
+
+
+SEMANTIC = """
+tiers:
+  fast: {models: [{model: openai/sim-light}]}
+  balanced: {models: [{model: openai/sim-balanced}]}
+  reasoning: {models: [{model: openai/sim-reasoning}]}
+rules:
+  - {name: declared, when: requires_reasoning, tier: reasoning}
+semantic:
+  threshold: 0.45
+  top_k: 1
+  routes:
+    maths:
+      tier: reasoning
+      utterances: ["Solve 4x - 3 = 9 for x", "What is the integral of x squared?",
+                   "Compute the probability of two heads in three coin flips"]
+    support:
+      tier: fast
+      utterances: ["I forgot my password and cannot log in", "Where is my order?",
+                   "Please refund the duplicate charge on my card"]
+default: balanced
+"""
+
+
+async def test_the_semantic_stage_routes_an_ingress_batch_and_stamps_its_score(
+    tmp_path: Path,
+) -> None:
+    from services.router.stage import SemanticStage
+
+    path = tmp_path / "routing.yaml"
+    path.write_text(SEMANTIC)
+    config = load_config(path)
+    stage = SemanticStage.for_config(config)
+    assert stage is not None
+    router = Router(config, TOPICS, publisher=None, semantic=stage)  # type: ignore[arg-type]
+    publisher = RecordingPublisher()
+    handler = IngressHandler(router, publisher, "router-test")
+
+    def ask(request_id: str, text: str, **fields: object) -> bytes:
+        return request(request_id, messages=[{"role": "user", "content": text}], **fields)
+
+    try:
+        await handler(
+            [
+                record(1, ask("s-1", "Find x if 3x + 7 = 22 and explain each step")),
+                record(2, ask("s-2", "I can't sign in, my password reset email never came")),
+                record(3, b"not json"),
+                record(4, ask("s-3", "hello", metadata={"requires_reasoning": True})),
+                record(5, ask("s-4", "Write a haiku about autumn leaves")),
+            ]
+        )
+    finally:
+        stage.close()
+    out = publisher.calls[0]
+    routed = {
+        r.request_id: r
+        for r in (RoutedRequest.model_validate_json(m.value) for m in out if ".tier." in m.topic)
+    }
+    assert (routed["s-1"].tier, routed["s-1"].rule) == ("reasoning", "semantic:maths")
+    assert (routed["s-2"].tier, routed["s-2"].rule) == ("fast", "semantic:support")
+    for r in (routed["s-1"], routed["s-2"]):
+        assert r.route_score is not None and 0.45 <= r.route_score <= 1
+    # a rule before the stage: the stage never ran
+    assert (routed["s-3"].rule, routed["s-3"].route_score) == ("declared", None)
+    # nothing near enough: the default, with the best score kept for tuning the threshold
+    s4 = routed["s-4"]
+    assert (s4.tier, s4.rule) == ("balanced", "default")
+    assert s4.route_score is not None and s4.route_score < 0.45
+    assert sum(m.topic == TOPICS.dead_letter for m in out) == 1
+    assert handler.routed == 4 and handler.dead_letters == 1

@@ -44,6 +44,7 @@ def rows(n: int, ts: datetime, start: int = 0) -> pa.Table:
         "ttft_ms": [None] * n,
         "cost_usd": [0.0] * n,
         "share_pct": [0.0] * n,
+        "route_score": [None] * n,
     }
     return pa.table(columns, schema=TABLE_SCHEMA)
 
@@ -193,7 +194,7 @@ async def test_a_table_created_before_the_experiment_columns_gets_them_on_migrat
     store: ClickHouseStore,
 ) -> None:
     db = store.table.split(".")[0]
-    added = ("worker_config_hash", "experiment", "variant", "share_pct")
+    added = ("worker_config_hash", "experiment", "variant", "share_pct", "route_score")
     lines = [line for line in DDL.splitlines() if not line.strip().startswith((*added, "INDEX"))]
     old_ddl = "\n".join(lines).replace("tenant_hash     String,", "tenant_hash     String")
     before = datetime.now(UTC) - timedelta(hours=1)  # inside the 7-day TTL
@@ -215,9 +216,11 @@ async def test_a_table_created_before_the_experiment_columns_gets_them_on_migrat
     table = rows(3, NOW)
     await store.insert_table(table, "after")  # rows of the current shape go in
     _, found = await store.query(
-        f"SELECT event_id, experiment, variant, share_pct FROM {store.table} ORDER BY event_id"
+        f"SELECT event_id, experiment, variant, share_pct, route_score FROM {store.table} "
+        "ORDER BY event_id"
     )
-    assert ["old", "", "", 0.0] in found  # a row stored before reads as outside any experiment
+    # a row stored before reads as outside any experiment, with no semantic score
+    assert ["old", "", "", 0.0, None] in found
     assert len(found) == 4
 
 

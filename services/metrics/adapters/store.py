@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS {db}.{table} (
     experiment      LowCardinality(String) COMMENT 'the tier experiment the request was in, or empty',
     variant         LowCardinality(String) COMMENT 'baseline | candidate | shadow, or empty',
     share_pct       Float64 COMMENT 'the candidate share in force when the request was routed',
+    route_score     Nullable(Float64) COMMENT 'the semantic stage''s best score, when it ran',
     INDEX {index}
 ) ENGINE = MergeTree
 PARTITION BY toDate(ts)
@@ -70,6 +71,7 @@ ADDED_COLUMNS = (
     "experiment LowCardinality(String) DEFAULT '' AFTER worker_config_hash",
     "variant LowCardinality(String) DEFAULT '' AFTER experiment",
     "share_pct Float64 DEFAULT 0 AFTER variant",
+    "route_score Nullable(Float64) AFTER share_pct",
 )
 # the same, for the record tables
 ADDED_RECORD_COLUMNS = {

@@ -16,7 +16,7 @@ writer stuck retrying the batch).
 Why two paths: validating each record with pydantic and turning its objects into Arrow columns
 costs about as much as the rest of the writer together; Arrow's reader goes from the bytes to
 typed columns in half that, and the checks below run on whole columns (docs/hot-path.md). The fast path only takes rows it can vouch for: every field present
-and non-null (``ttft_ms`` excepted), the JSON type of each field exactly as AttemptEvent reads it
+and non-null (``ttft_ms`` and ``route_score`` excepted), the JSON type of each field exactly as AttemptEvent reads it
 (Arrow refuses ``1.0`` for an integer or ``"1"`` for a number, pydantic may coerce: such records
 take the slow path), ``ts`` in the exact ISO 8601 form, the schema's own constraints, and
 integers within their columns (whatever bounds the schema sets). Anything else is decided by
@@ -65,6 +65,7 @@ TABLE_SCHEMA = pa.schema(
         ("experiment", pa.string()),
         ("variant", pa.string()),
         ("share_pct", pa.float64()),
+        ("route_score", pa.float64()),
     ]
 )
 COLUMNS = tuple(TABLE_SCHEMA.names)
@@ -89,6 +90,7 @@ _READ_SCHEMA = pa.schema(
 )
 _READ_OPTIONS = pj.ReadOptions(use_threads=False, block_size=1 << 26)
 _PARSE_OPTIONS = pj.ParseOptions(explicit_schema=_READ_SCHEMA, unexpected_field_behavior="ignore")
+_NULLABLE = frozenset({"ttft_ms", "route_score"})
 _STATUSES = pa.array(get_args(AttemptStatus))
 _VARIANTS = pa.array(["", *get_args(Variant)])
 # The one timestamp form the fast path takes (AttemptEvent's own output), years 1900 to 2299.
@@ -269,7 +271,7 @@ def _read(chunk: list[bytes]) -> tuple[pa.Table, pa.ChunkedArray]:
 
 def _vouched(raw: pa.Table) -> pa.ChunkedArray:
     """Rows whose every field is present, of the right form, and within AttemptEvent's rules."""
-    checks = [pc.is_valid(raw.column(name)) for name in _READ_SCHEMA.names if name != "ttft_ms"]
+    checks = [pc.is_valid(raw.column(name)) for name in _READ_SCHEMA.names if name not in _NULLABLE]
     checks += [
         pc.equal(raw.column("schema_version"), SCHEMA_VERSION),
         pc.match_substring_regex(raw.column("ts"), _TS_FORM),
@@ -283,6 +285,13 @@ def _vouched(raw: pa.Table) -> pa.ChunkedArray:
         pc.greater_equal(raw.column("latency_ms"), 0),
         pc.greater_equal(raw.column("cost_usd"), 0),
         pc.fill_null(pc.greater_equal(raw.column("ttft_ms"), 0), True),  # may be null
+        pc.fill_null(
+            pc.and_(
+                pc.greater_equal(raw.column("route_score"), 0),
+                pc.less_equal(raw.column("route_score"), 1),
+            ),
+            True,
+        ),
     ]
     # integers past their column go to AttemptEvent, which may refuse them itself
     checks += [

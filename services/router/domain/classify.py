@@ -3,16 +3,17 @@ or the default."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from schemas.v1 import AUTO_MODEL, ChatRequest
-from services.common.capabilities import CHARS_PER_TOKEN
+from services.common import tokens
+from services.common.capabilities import smallest_window
 from services.common.conditions import TAG_PREFIX
 from services.common.routing_config import LoadedConfig
 from services.router.domain import signals
+from services.router.domain.semantic import Match, text_of
 
 
 class UnknownModel(ValueError):
@@ -32,6 +33,7 @@ class Decision:
     tier: str
     rule: str
     pinned: str | None = None  # the model's label, when the request named one
+    score: float | None = None  # the semantic stage's best score, when it ran
 
 
 def _prompt(f: Features) -> str:
@@ -65,7 +67,8 @@ _COMPUTE: dict[str, Callable[[Features], Any]] = {
     "last_user": lambda f: f.request.last_user_text(),
     "system": _system,
     "prompt_chars": _prompt_chars,
-    "prompt_tokens": lambda f: math.ceil(f.get("prompt_chars") / CHARS_PER_TOKEN),
+    "prompt_tokens": lambda f: tokens.count(f.get("prompt")),
+    "fits_context": lambda f: f.window is None or f.get("prompt_tokens") <= f.window,
     "message_count": lambda f: len(f.request.messages),
     "image_count": _image_count,
     "has_images": lambda f: f.get("image_count") > 0,
@@ -101,11 +104,13 @@ class Features(Mapping[str, Any]):
     the cost of a decision.
     """
 
-    __slots__ = ("_cache", "_texts", "request")
+    __slots__ = ("_cache", "_texts", "request", "window")
     request: ChatRequest
+    window: int | None
 
-    def __init__(self, request: ChatRequest) -> None:
+    def __init__(self, request: ChatRequest, window: int | None = None) -> None:
         self.request = request
+        self.window = window  # fits_context's bound: the config's smallest context window
         self._cache: dict[str, Any] = {}
         self._texts: list[str] | None = None
 
@@ -154,9 +159,31 @@ def features(request: ChatRequest) -> dict[str, Any]:
 PINNED = "pinned"  # the rule of a request that named a model
 
 
-def classify(request: ChatRequest, config: LoadedConfig) -> Decision:
+_WINDOWS: dict[str, int | None] = {}
+
+
+def _window(config: LoadedConfig) -> int | None:
+    """The config's smallest context window, worked out once per config."""
+    if config.hash not in _WINDOWS:
+        if len(_WINDOWS) > 64:
+            _WINDOWS.clear()
+        _WINDOWS[config.hash] = smallest_window(config)
+    return _WINDOWS[config.hash]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """No rule before the semantic stage matched: the stage reads ``text`` and ``settle``
+    finishes the decision with its match."""
+
+    features: Features
+    text: str
+
+
+def first_stage(request: ChatRequest, config: LoadedConfig) -> Decision | Pending:
     """A tier name forces the tier; a model name (label, litellm string or alias) pins the model
-    through its tier; ``switchboard/auto`` goes by the rules, then the default."""
+    through its tier; ``switchboard/auto`` goes by the rules. With a semantic stage configured,
+    a request no rule before it matched is ``Pending``; without one, it gets the default."""
     if request.model != AUTO_MODEL:
         if request.model in config.spec.tiers:
             return Decision(request.model, "forced")
@@ -165,8 +192,35 @@ def classify(request: ChatRequest, config: LoadedConfig) -> Decision:
             return Decision(pin.tier, PINNED, pin.label)
         labels = list(dict.fromkeys(p.label for p in config.pins.values()))
         raise UnknownModel(request.model, config.tier_names, labels)
-    feats = Features(request)
-    for rule, condition in config.rules:
+    feats = Features(request, _window(config))
+    for rule, condition in config.rules_before:
         if condition.matches(feats):
             return Decision(rule.tier, rule.name)
-    return Decision(config.spec.default, "default")
+    if config.spec.semantic is None:
+        return Decision(config.spec.default, "default")
+    return Pending(feats, text_of(request))
+
+
+def settle(pending: Pending, config: LoadedConfig, match: Match | None) -> Decision:
+    """The semantic stage's route when it reaches its threshold; else the first matching rule
+    marked ``after_semantic``; else the default. The score is kept either way."""
+    score = None if match is None else match.score
+    if match is not None and match.decides:
+        return Decision(match.tier, match.rule, score=score)
+    for rule, condition in config.rules_after:
+        if condition.matches(pending.features):
+            return Decision(rule.tier, rule.name, score=score)
+    return Decision(config.spec.default, "default", score=score)
+
+
+def classify(
+    request: ChatRequest,
+    config: LoadedConfig,
+    semantic: Callable[[Pending], Match] | None = None,
+) -> Decision:
+    """The whole decision in one call: ``semantic`` scores a pending request (``switchboard
+    eval``, tests); without it the semantic stage is passed over, as when it matched nothing."""
+    stage = first_stage(request, config)
+    if isinstance(stage, Decision):
+        return stage
+    return settle(stage, config, None if semantic is None else semantic(stage))

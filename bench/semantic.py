@@ -1,0 +1,176 @@
+"""The semantic stage: what a decision costs with it, and the router's throughput with it on and off.
+
+Three parts, side by side in one run:
+
+* **decision cost at batch 1**: the eval set's prompts (eval/routing-set.jsonl) decided one at a
+  time in this process by the shipped config (config/simulated.yaml), the stage on: rules,
+  encoder, classifier. p50 and p95 per decision, and the same prompts by the rules alone.
+* **encoder throughput by batch size**: the same texts encoded in batches of 1, 4 and 16; texts
+  per second and ms per text (what micro-batching buys under load).
+* **router throughput**: one router process routes the same Kafka ingress requests twice, on
+  the shipped config and on the same config with its ``semantic`` section removed; decisions/s,
+  CPU per decision, peak RSS and start-up time of each. Requests are the router scenario's mix
+  (bench/decisions.py), each made unique so the encoder's cache never answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from typing import Any
+
+from bench.common import ROOT, Bench, Section, percentile
+from bench.decisions import CONFIG, request_payload, route_all, rules_only
+from schemas.v1 import AUTO_MODEL, ChatRequest
+from services.common.routing_config import load_config
+from services.router.adapters.embedder import Encoder
+from services.router.domain.classify import classify
+from services.router.domain.semantic import text_of
+from services.router.stage import SemanticStage
+
+EVAL_SET = ROOT / "eval" / "routing-set.jsonl"
+BATCHES = (1, 4, 16)
+
+
+def eval_requests() -> list[ChatRequest]:
+    out = []
+    for line in EVAL_SET.read_text().splitlines():
+        raw = json.loads(line)
+        messages = raw.get("messages") or [{"role": "user", "content": raw["prompt"]}]
+        out.append(ChatRequest.model_validate({"model": AUTO_MODEL, "messages": messages}))
+    return out
+
+
+def decision_cost(requests: list[ChatRequest]) -> dict[str, Any]:
+    """Per-decision ms, the stage on and the rules alone, each prompt decided once (after a
+    warm-up pass over the first 20)."""
+    config = load_config(CONFIG)
+    started = time.perf_counter()
+    stage = SemanticStage.for_config(config)
+    startup_s = time.perf_counter() - started
+    if stage is None:
+        raise RuntimeError(f"{CONFIG} has no semantic section")
+    try:
+
+        def semantic(pending: Any) -> Any:
+            return stage.match_now(pending, config)
+
+        for request in requests[:20]:
+            classify(request, config, semantic)
+        on, off = [], []
+        for request in requests:
+            t0 = time.perf_counter()
+            classify(request, config, semantic)
+            t1 = time.perf_counter()
+            classify(request, config)
+            t2 = time.perf_counter()
+            on.append((t1 - t0) * 1000)
+            off.append((t2 - t1) * 1000)
+    finally:
+        stage.close()
+    on.sort()
+    off.sort()
+    return {
+        "prompts": len(requests),
+        "stage_startup_s": round(startup_s, 2),
+        "on_p50_ms": round(percentile(on, 50), 2),
+        "on_p95_ms": round(percentile(on, 95), 2),
+        "off_p50_ms": round(percentile(off, 50), 4),
+        "off_p95_ms": round(percentile(off, 95), 4),
+    }
+
+
+def encoder_batches(requests: list[ChatRequest], rounds: int) -> dict[str, Any]:
+    encoder = Encoder()
+    texts = [text_of(r) for r in requests]
+    encoder.encode(texts[:8])
+    out: dict[str, Any] = {}
+    for size in BATCHES:
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for i in range(0, len(texts), size):
+                encoder.encode(texts[i : i + size])
+            best = min(best, time.perf_counter() - t0)
+        out[str(size)] = {
+            "texts_per_s": round(len(texts) / best),
+            "ms_per_text": round(best * 1000 / len(texts), 2),
+        }
+    return out
+
+
+def unique_payloads(count: int, seed: int) -> list[bytes]:
+    """The router scenario's request mix, each user text ending in its own number."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        body = request_payload(rng, i)
+        for message in body["messages"]:
+            if message["role"] == "user" and isinstance(message["content"], str):
+                message["content"] += f" (ticket {i})"
+        out.append(json.dumps(body).encode())
+    return out
+
+
+def run(bench: Bench) -> Section:
+    requests = eval_requests()
+    if bench.quick:
+        requests = requests[:40]
+    cost = decision_cost(requests)
+    batches = encoder_batches(requests, bench.scale(3, 1))
+    messages = bench.scale(4_000, 300)
+    payloads = unique_payloads(messages, seed=17)
+    configs = {"off": load_config(rules_only(bench)), "on": load_config(CONFIG)}
+    routers: dict[str, Any] = {}
+    for name, config in configs.items():
+        with bench.scope():
+            window, outputs, _ = asyncio.run(route_all(bench, payloads, config))
+        if sum(outputs.values()) != messages:
+            raise RuntimeError(f"{messages} requests in, {sum(outputs.values())} out: {outputs}")
+        counted = window.last_count - window.first_count
+        routers[name] = {
+            "decisions_per_s": round(window.rate) if counted else None,
+            "cpu_ms_per_decision": round(window.cpu_s * 1000 / counted, 3) if counted else None,
+            "rss_mb": round(window.rss_mb, 1),
+            "startup_s": round(window.startup_s, 2),
+            "window_messages": counted,
+        }
+    data = {"decision": cost, "encoder_batches": batches, "router": routers, "messages": messages}
+    return Section(key="semantic", data=data, markdown=_markdown(data))
+
+
+def _markdown(d: dict[str, Any]) -> str:
+    c, r = d["decision"], d["router"]
+    rows = [
+        f"| {name} | {r[name]['decisions_per_s']} | {r[name]['cpu_ms_per_decision']} ms "
+        f"| {r[name]['rss_mb']} MB | {r[name]['startup_s']} s |"
+        for name in ("off", "on")
+    ]
+    batch_rows = [
+        f"| {size} | {v['texts_per_s']} | {v['ms_per_text']} ms |"
+        for size, v in d["encoder_batches"].items()
+    ]
+    return "\n".join(
+        [
+            "### Semantic stage (all-MiniLM-L6-v2 on ONNX Runtime, one thread)",
+            "",
+            f"One decision at batch 1, {c['prompts']} prompts of eval/routing-set.jsonl, "
+            f"config/simulated.yaml: **{c['on_p50_ms']} ms p50, {c['on_p95_ms']} ms p95** with "
+            f"the stage (target p50 ≤ 10 ms), against {c['off_p50_ms']} ms / "
+            f"{c['off_p95_ms']} ms by the rules alone. Building the stage (model, graph, "
+            f"session, routes) took {c['stage_startup_s']} s.",
+            "",
+            "| batch | texts/s | ms per text |",
+            "|---|---|---|",
+            *batch_rows,
+            "",
+            f"One router process routing {d['messages']:,} unique Kafka ingress requests "
+            "(the router scenario's mix):",
+            "",
+            "| semantic stage | decisions/s | router CPU per decision | peak RSS | start-up |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
+    )
