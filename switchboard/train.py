@@ -19,7 +19,6 @@ output is JSON (services/common/route_classifier.py) that a routing config names
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -116,7 +115,9 @@ def cross_validate(
     return right / len(labels)
 
 
-def train(data: Path, tiers: list[str], folds: int = 5) -> tuple[ClassifierFile, dict[str, int]]:
+def train(
+    data: Path, tiers: list[str], folds: int = 5, max_tokens: int = 128, precision: str = "int8"
+) -> tuple[ClassifierFile, dict[str, int]]:
     items = [
         i
         for i in load_items(data, tiers)
@@ -128,7 +129,7 @@ def train(data: Path, tiers: list[str], folds: int = 5) -> tuple[ClassifierFile,
     routes = list(dict.fromkeys(named))
     index = {route: i for i, route in enumerate(routes)}
     labels = [index[n] for n in named]
-    encoder = Encoder()
+    encoder = Encoder(max_tokens, precision=precision)
     texts = [text_of(item.request) for item in items]
     vectors = np.concatenate([encoder.encode(texts[i : i + 32]) for i in range(0, len(texts), 32)])
     signals = np.stack([signal_vector(Features(item.request).get, KNOWN_SIGNALS) for item in items])
@@ -141,9 +142,11 @@ def train(data: Path, tiers: list[str], folds: int = 5) -> tuple[ClassifierFile,
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "folds": folds,
         "cv_tier_accuracy": None if accuracy is None else round(accuracy, 4),
+        "max_tokens": max_tokens,
     }
     counts = Counter(route for route, _ in named)
-    return ClassifierFile(MODEL_NAME, routes, w, b, trained, KNOWN_SIGNALS), dict(counts)
+    classifier = ClassifierFile(MODEL_NAME, routes, w, b, trained, KNOWN_SIGNALS, precision)
+    return classifier, dict(counts)
 
 
 def train_command(data: str, output: str, config_path: str | None, folds: int) -> int:
@@ -156,7 +159,9 @@ def train_command(data: str, output: str, config_path: str | None, folds: int) -
         return 2
     try:
         config = load_config(config_path or CommonSettings().config)
-        classifier, counts = train(Path(data), config.tier_names, folds)
+        spec = config.spec.semantic
+        encoding = (spec.max_tokens, spec.precision) if spec is not None else (128, "int8")
+        classifier, counts = train(Path(data), config.tier_names, folds, *encoding)
     except (ConfigError, DataError, EncoderUnavailable) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
@@ -170,5 +175,5 @@ def train_command(data: str, output: str, config_path: str | None, folds: int) -
     print(
         f"wrote {output}: {len(classifier.routes)} routes from {classifier.trained['items']} prompts"
     )
-    print(json.dumps({"semantic": {"classifier": output}}))
+    print(f"use it: semantic: {{classifier: {output}}} in a routing config (a path relative to it)")
     return 0

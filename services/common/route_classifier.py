@@ -37,6 +37,7 @@ class ClassifierFile:
     bias: np.ndarray
     trained: dict[str, Any]
     signals: tuple[str, ...] = ()  # cheap signals read after the vector, in this order
+    precision: str = "int8"  # of the encoder whose vectors it was fitted on
     digest: str = ""  # sha256 of the file read, for the config hash
 
     @classmethod
@@ -54,6 +55,7 @@ class ClassifierFile:
             bias = np.asarray(data["bias"], np.float32)
             trained = dict(data.get("trained", {}))
             signals = tuple(str(name) for name in data.get("signals", ()))
+            precision = str(data.get("precision", "fp32"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: malformed classifier: {exc}") from exc
         unknown = sorted(set(signals) - set(KNOWN_SIGNALS))
@@ -65,7 +67,7 @@ class ClassifierFile:
         if bias.shape != (len(routes),):
             raise ValueError(f"{path}: bias must hold {len(routes)} numbers")
         digest = hashlib.sha256(raw).hexdigest()[:16]
-        return cls(str(data["model"]), routes, weights, bias, trained, signals, digest)
+        return cls(str(data["model"]), routes, weights, bias, trained, signals, precision, digest)
 
     def write(self, path: Path) -> None:
         data: dict[str, Any] = {
@@ -73,6 +75,7 @@ class ClassifierFile:
             "model": self.model,
             "routes": [{"route": r, "tier": t} for r, t in self.routes],
             "signals": list(self.signals),
+            "precision": self.precision,
             "weights": np.round(self.weights.astype(float), 6).tolist(),
             "bias": np.round(self.bias.astype(float), 6).tolist(),
             "trained": self.trained,

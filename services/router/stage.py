@@ -42,7 +42,7 @@ class SemanticStage:
         spec = config.spec.semantic
         if spec is None:
             return None
-        encoder = Encoder(spec.max_tokens, threads)
+        encoder = Encoder(spec.max_tokens, threads, precision=spec.precision)
         stage = cls(MicroBatcher(encoder.encode, max_batch))
         stage.prepare(config)
         return stage

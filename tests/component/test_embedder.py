@@ -17,7 +17,7 @@ REFERENCE = json.loads((Path(__file__).parents[1] / "data" / "minilm-reference.j
 
 @pytest.fixture(scope="module")
 def encoder() -> Iterator[Encoder]:
-    yield Encoder(max_tokens=256)
+    yield Encoder(max_tokens=256, precision="fp32")
 
 
 def test_vectors_equal_sentence_transformers(encoder: Encoder) -> None:
@@ -26,6 +26,16 @@ def test_vectors_equal_sentence_transformers(encoder: Encoder) -> None:
     want = np.array(REFERENCE["vectors"], np.float32)
     assert got.shape == (len(want), DIMENSIONS)
     assert np.abs(got - want).max() < 1e-5
+
+
+def test_int8_vectors_stay_near_the_float_ones_and_keep_their_order(encoder: Encoder) -> None:
+    texts = REFERENCE["sentences"][:5]
+    exact = encoder.encode(texts)
+    quantized = Encoder(max_tokens=256).encode(texts)  # int8, the default
+    assert np.abs(exact - quantized).max() > 1e-4  # it is another graph
+    assert min(float(a @ b) for a, b in zip(exact, quantized, strict=True)) > 0.9
+    # which sentence is nearest to which does not change
+    assert ((exact @ exact.T).argsort() == (quantized @ quantized.T).argsort())[:, -2:].all()
 
 
 def test_a_batch_gives_each_text_its_own_vector(encoder: Encoder) -> None:

@@ -192,7 +192,7 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
 
     ids = [short.headers["x-switchboard-request-id"], deep.headers["x-switchboard-request-id"]]
     query = (
-        "SELECT request_id, tier, model, status FROM switchboard.llm_events "
+        "SELECT request_id, tier, model, status, rule, route_score FROM switchboard.llm_events "
         f"WHERE request_id IN ('{ids[0]}', '{ids[1]}') ORDER BY tier"
     )
     deadline = time.monotonic() + 60
@@ -208,6 +208,10 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
         ("fast", "sim-light", "ok"),
         ("reasoning", "sim-reasoning", "ok"),
     ]
+    # the default config routes by the semantic stage: the row names the route and its score;
+    # a request a rule decided before the stage has no score
+    assert rows[0]["rule"].startswith("semantic:") and float(rows[0]["route_score"]) >= 0.4
+    assert (rows[1]["rule"], rows[1]["route_score"]) == ("reasoning", None)
     table = sql(data_dir, "SELECT count() AS n FROM switchboard.llm_events", fmt="table")
     assert "n" in table.stdout and "(1 row)" in table.stdout
     refused = sql(data_dir, "DROP TABLE switchboard.llm_events")
