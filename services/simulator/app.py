@@ -3,13 +3,19 @@
 litellm and the ``openai`` SDK call it over real HTTP exactly as they would call a provider, so
 the worker's retry, fallback, timeout and streaming paths are exercised end to end with no
 internet and no keys. Every answer says it is simulated (``system_fingerprint``, ``server``
-header, the text itself). Timing, text and fault decisions live in ``profiles.py``; this module
-only turns them into HTTP: JSON bodies, SSE streams, error bodies and dropped connections.
+header, the text itself). Timing, text and fault decisions live in ``profiles.py``, answer
+quality in ``quality.py``; this module only turns them into HTTP: JSON bodies, SSE streams, error
+bodies and dropped connections.
+
+Every answer says how it was graded: ``x-simulator-class`` (the prompt's class; a request may
+set it with the same header) and ``x-simulator-quality`` (``good`` or ``poor``, one per choice,
+comma-separated), on streams too, since headers precede the body.
 
 Control endpoints, for tests and people driving a scenario (a canary promoted or rolled back):
 
 - ``POST /simulator/faults`` queues faults, ``DELETE /simulator/faults`` drops them;
-- ``GET /simulator/stats``: what was served, per model, and the faults still queued;
+- ``GET /simulator/stats``: what was served, per model (answers and poor answers per class of
+  prompt included), and the faults still queued;
 - ``GET /simulator/profiles``: every model's current latency profile;
 - ``PATCH /simulator/profiles/{model}`` merges the body's fields over a model's profile
   (``{"error_rate_500": 0.5}``, ``{"ttft_s": 3.0}``) for the requests that follow; requests
@@ -46,16 +52,32 @@ from services.simulator.profiles import (
     LatencyProfile,
     SimulatorStats,
     completion_words,
+    last_user_text,
     load_profiles,
+    prompt_text,
     prompt_tokens,
     resolve_model,
 )
-from services.simulator.structured import ToolCallAnswer, json_text, tool_call
+from services.simulator.quality import (
+    PromptClass,
+    Verdict,
+    classify,
+    judge,
+    poor_length,
+    shape_words,
+)
+from services.simulator.structured import ToolCallAnswer, json_text, poor_json_text, tool_call
 
 log = logging.getLogger("switchboard.simulator")
 
 FINGERPRINT = "switchboard-simulator"
 FAULT_HEADER = "x-simulator-fault"
+CLASS_HEADER = "x-simulator-class"  # request: overrides the classifier; answer: the class used
+QUALITY_HEADER = "x-simulator-quality"  # answer: good or poor, per choice
+# Log probabilities of a good answer's tokens, and of a poor one's: any mean-logprob threshold
+# in between tells them apart, however short the answer.
+GOOD_LOGPROBS = (-0.15, 0.0)
+POOR_LOGPROBS = (-2.5, -1.5)
 # A "timeout" fault answers after this long: longer than any client timeout in the configs.
 HANG_S = 3600.0
 # How long a dropped connection may take to be reported closed by the server.
@@ -306,6 +328,7 @@ async def chat_completions(request: Request) -> Response:
     body = await _parse(request, ChatCompletionRequest)
     model = _known_model(body.model, state)
     forced = _forced_fault(request)
+    prompt_class = _prompt_class(request, body)
     profile = state.profiles[model]
     state.stats.request(model)
     fault = state.faults.next_fault(model, profile, forced)
@@ -314,16 +337,16 @@ async def chat_completions(request: Request) -> Response:
         if not (fault is FaultKind.DISCONNECT and body.stream):
             return await _serve_fault(request, state, model, fault)
     plan = profile.plan(body.token_cap, state.settings.latency_scale, state.jitter.uniform(-1, 1))
-    answer = _Answer.build(model, body, plan)
+    answer = _Answer.build(model, profile, body, plan, prompt_class)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _stream(request, state, answer, include_usage, fault is FaultKind.DISCONNECT)
-        headers = {"cache-control": "no-cache"}
+        headers = {"cache-control": "no-cache", **answer.headers()}
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
-    if await _pause(request, state, plan.total_s, release_on_stop=False):
+    if await _pause(request, state, answer.total_s, release_on_stop=False):
         return Response(status_code=499)  # the client left; nobody reads this
-    state.stats.completed(model)
-    return JSONResponse(answer.completion())
+    _count_served(state, answer)
+    return JSONResponse(answer.completion(), headers=answer.headers())
 
 
 async def _parse(request: Request, model: type[T]) -> T:
@@ -386,6 +409,26 @@ def _forced_fault(request: Request) -> FaultKind | None:
         raise SimulatorError(
             400, f"Invalid {FAULT_HEADER} {value!r}; one of: {allowed}.", param=FAULT_HEADER
         ) from None
+
+
+def _prompt_class(request: Request, body: ChatCompletionRequest) -> PromptClass:
+    """The class the request's header names, else the classifier's, of the last user message."""
+    value = request.headers.get(CLASS_HEADER)
+    if value is None:
+        return classify(last_user_text([m.model_dump() for m in body.messages]))
+    try:
+        return PromptClass(value.strip().lower())
+    except ValueError:
+        allowed = ", ".join(c.value for c in PromptClass)
+        raise SimulatorError(
+            400, f"Invalid {CLASS_HEADER} {value!r}; one of: {allowed}.", param=CLASS_HEADER
+        ) from None
+
+
+def _count_served(state: SimulatorState, answer: _Answer) -> None:
+    state.stats.completed(answer.model)
+    for choice in answer.choices:
+        state.stats.answered(answer.model, answer.prompt_class, choice.poor)
 
 
 async def _serve_fault(
@@ -452,16 +495,18 @@ async def _until_disconnected(receive: Receive) -> None:
 
 @dataclass(frozen=True)
 class _Choice:
-    """One choice of an answer: its words, and its text or tool call."""
+    """One choice of an answer: its words, its text or tool call, and its own plan."""
 
     words: list[str]
     text: str  # the content: the words, or the JSON that response_format asked for
     call: ToolCallAnswer | None  # a tool call instead of text
+    plan: CompletionPlan  # the answer's, or shorter: a poor answer ends sooner
+    poor: bool
 
-    def pieces(self, plan: CompletionPlan) -> list[tuple[int, str, list[str]]]:
+    def pieces(self) -> list[tuple[int, str, list[str]]]:
         """The streamed fragments of the text or of the call's arguments, each with the token
         count at which it is due and its tokens; joined, they are the whole."""
-        bounds = plan.chunk_bounds()
+        bounds = self.plan.chunk_bounds()
         if self.call is None and self.text == " ".join(self.words):
             tokens = [w if i == 0 else " " + w for i, w in enumerate(self.words)]
             return [(end, "".join(tokens[first:end]), tokens[first:end]) for first, end in bounds]
@@ -473,16 +518,47 @@ class _Choice:
         return [(end, piece, [piece]) for (_, end), piece in zip(bounds, cut, strict=True)]
 
 
-def _logprob_entries(tokens: list[str], top: int) -> list[dict[str, Any]]:
-    """Made-up log probabilities, the same for the same tokens, in OpenAI's shape."""
+def _choice(
+    model: str,
+    body: ChatCompletionRequest,
+    messages: list[dict[str, Any]],
+    verdict: Verdict,
+    variant: int,
+    plan: CompletionPlan,
+    poor_tokens: int,
+) -> _Choice:
+    """One choice: a tool call as ever, else text or JSON, good or poor as ``verdict`` says."""
+    words = completion_words(model, messages, plan.completion_tokens, variant)
+    call = _structured("tools", tool_call, body.tools, body.tool_choice, messages, words)
+    if call is not None:  # tool calls are not graded: they are answered as they always were
+        return _Choice(words, "", call, plan, poor=False)
+    text: str | None  # None: plain text, not JSON
+    if verdict.poor:
+        plan = plan.shortened(poor_tokens)
+        words = words[: plan.completion_tokens]  # the same words a shorter plan would give
+        text = _structured(
+            "response_format", poor_json_text, body.response_format, words, verdict.opener
+        )
+    else:
+        json_words = shape_words(words, verdict, final_line=False)
+        text = _structured("response_format", json_text, body.response_format, json_words)
+    words = shape_words(words, verdict, final_line=text is None and plan.finish_reason == "stop")
+    return _Choice(words, " ".join(words) if text is None else text, None, plan, verdict.poor)
+
+
+def _logprob_entries(tokens: list[str], top: int, poor: bool) -> list[dict[str, Any]]:
+    """Made-up log probabilities, the same for the same tokens, in OpenAI's shape: confident
+    for a good answer; low, and the alternatives close behind, for a poor one."""
+    low, high = POOR_LOGPROBS if poor else GOOD_LOGPROBS
+    gap = 0.25 if poor else 1.0  # between the chosen token and each next alternative
     out = []
     for token in tokens:
         digest = hashlib.sha256(token.encode()).digest()
-        best = -digest[0] / 255 * 2  # in [-2, 0]
+        best = high - digest[0] / 255 * (high - low)
         alternatives = [
             {
                 "token": f"{token.strip()}~{k}",
-                "logprob": best - 1 - k - digest[k + 1] / 255,
+                "logprob": best - gap * (1 + k + digest[k + 1] / 255),
                 "bytes": list(f"{token.strip()}~{k}".encode()),
             }
             for k in range(max(top - 1, 0))
@@ -499,38 +575,50 @@ class _Answer:
     id: str
     created: int
     model: str
-    plan: CompletionPlan
+    plan: CompletionPlan  # the longest a choice may be; its pacing is every choice's
+    prompt_class: PromptClass
     choices: list[_Choice]
     usage: dict[str, int]
     logprobs: int | None  # top_logprobs when the request asked for logprobs
 
     @classmethod
-    def build(cls, model: str, body: ChatCompletionRequest, plan: CompletionPlan) -> _Answer:
+    def build(
+        cls,
+        model: str,
+        profile: LatencyProfile,
+        body: ChatCompletionRequest,
+        plan: CompletionPlan,
+        prompt_class: PromptClass,
+    ) -> _Answer:
         messages = [m.model_dump() for m in body.messages]
+        prompt = prompt_text(messages)
+        poor_tokens = poor_length(profile.output_tokens)
         choices = []
         for variant in range(body.n):
-            words = completion_words(model, messages, plan.completion_tokens, variant)
-            call = _structured("tools", tool_call, body.tools, body.tool_choice, messages, words)
-            json_answer = (
-                None
-                if call
-                else _structured("response_format", json_text, body.response_format, words)
-            )
-            text = json_answer or ("" if call else " ".join(words))
-            choices.append(_Choice(words, text, call))
-        prompt = prompt_tokens(messages)
-        completion = plan.completion_tokens * body.n
+            verdict = judge(model, prompt, variant, prompt_class, profile.quality)
+            choices.append(_choice(model, body, messages, verdict, variant, plan, poor_tokens))
+        prompt_count = prompt_tokens(messages)
+        completion = sum(choice.plan.completion_tokens for choice in choices)
         usage = {
-            "prompt_tokens": prompt,
+            "prompt_tokens": prompt_count,
             "completion_tokens": completion,
-            "total_tokens": prompt + completion,
+            "total_tokens": prompt_count + completion,
         }
         answer_id = f"chatcmpl-sim-{uuid.uuid4().hex[:24]}"
         top = (body.top_logprobs or 0) if body.logprobs else None
-        return cls(answer_id, int(time.time()), model, plan, choices, usage, top)
+        return cls(answer_id, int(time.time()), model, plan, prompt_class, choices, usage, top)
+
+    @property
+    def total_s(self) -> float:
+        """When the last choice is complete."""
+        return max(choice.plan.total_s for choice in self.choices)
+
+    def headers(self) -> dict[str, str]:
+        grades = ", ".join("poor" if choice.poor else "good" for choice in self.choices)
+        return {CLASS_HEADER: self.prompt_class.value, QUALITY_HEADER: grades}
 
     def finish_reason(self, choice: _Choice) -> str:
-        return "tool_calls" if choice.call else self.plan.finish_reason
+        return "tool_calls" if choice.call else choice.plan.finish_reason
 
     def _envelope(self, kind: str) -> dict[str, Any]:
         return {
@@ -541,10 +629,10 @@ class _Answer:
             "system_fingerprint": FINGERPRINT,
         }
 
-    def _logprobs(self, tokens: list[str]) -> dict[str, Any] | None:
+    def _logprobs(self, tokens: list[str], poor: bool) -> dict[str, Any] | None:
         if self.logprobs is None:
             return None
-        return {"content": _logprob_entries(tokens, self.logprobs), "refusal": None}
+        return {"content": _logprob_entries(tokens, self.logprobs, poor), "refusal": None}
 
     def completion(self) -> dict[str, Any]:
         out = []
@@ -552,12 +640,13 @@ class _Answer:
             message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
             if choice.call is not None:
                 message.update(content=None, tool_calls=[choice.call.as_message_call()])
-            tokens = [t for _, _, ts in choice.pieces(self.plan) for t in ts]
+            tokens = [t for _, _, ts in choice.pieces() for t in ts]
+            logprobs = self._logprobs(tokens, choice.poor) if choice.call is None else None
             out.append(
                 {
                     "index": index,
                     "message": message,
-                    "logprobs": self._logprobs(tokens) if choice.call is None else None,
+                    "logprobs": logprobs,
                     "finish_reason": self.finish_reason(choice),
                 }
             )
@@ -570,8 +659,9 @@ class _Answer:
         with_usage: bool,
         index: int = 0,
         tokens: list[str] | None = None,
+        poor: bool = False,
     ) -> bytes:
-        logprobs = self._logprobs(tokens) if tokens is not None else None
+        logprobs = self._logprobs(tokens, poor) if tokens is not None else None
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         body = {**self._envelope("chat.completion.chunk"), "choices": [choice]}
         if with_usage:
@@ -617,9 +707,10 @@ async def _stream(
             head = {"index": 0, "id": choice.call.id, "type": "function"}
             opening = {**head, "function": {"name": choice.call.name, "arguments": ""}}
             yield answer.chunk({"tool_calls": [opening]}, None, include_usage, index)
-    pieces = [choice.pieces(plan) for choice in answer.choices]
+    pieces = [choice.pieces() for choice in answer.choices]
     for step in range(max(len(p) for p in pieces)):
-        end = pieces[0][step][0] if step < len(pieces[0]) else 0
+        # the choices still going share the pacing (a poor choice just ends sooner)
+        end = max(p[step][0] for p in pieces if step < len(p))
         delay = start + end * plan.token_interval_s - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -632,7 +723,9 @@ async def _stream(
                 delta = {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
                 yield answer.chunk(delta, None, include_usage, index)
             else:
-                yield answer.chunk({"content": piece}, None, include_usage, index, tokens)
+                yield answer.chunk(
+                    {"content": piece}, None, include_usage, index, tokens, choice.poor
+                )
         if drop:
             break
     if drop:
@@ -643,4 +736,4 @@ async def _stream(
     if include_usage:
         yield answer.usage_chunk()
     yield b"data: [DONE]\n\n"
-    state.stats.completed(answer.model)
+    _count_served(state, answer)

@@ -1,9 +1,10 @@
 """The simulator's model of a provider, with no web code so it can be unit-tested directly.
 
 A *profile* says how a simulated model behaves: time to first token, generation speed, typical
-answer length, jitter and random fault rates. From a profile and a request this module derives
-the *plan* of one completion (how long, how many tokens, which finish reason) and its
-deterministic text, so tests and benchmarks can reason about the simulator's output exactly.
+answer length, jitter, random fault rates, and answer quality per class of prompt (graded in
+``quality.py``). From a profile and a request this module derives the *plan* of one completion
+(how long, how many tokens, which finish reason) and its deterministic text, so tests and
+benchmarks can reason about the simulator's output exactly.
 
 The *fault plan* decides which requests fail: a per-request header wins, then faults queued
 through the control API (FIFO), then the profile's seeded random rates. Statistics count what
@@ -20,14 +21,23 @@ import hashlib
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
+
+from services.simulator.quality import PromptClass, QualityRates
 
 # One content chunk every ~30 ms at the profile's nominal speed, like real provider streams.
 CHUNK_INTERVAL_S = 0.03
@@ -63,6 +73,10 @@ class LatencyProfile(BaseModel):
     error_rate_429: float = Field(default=0.0, ge=0, le=1, description="Share of 429 answers.")
     error_rate_500: float = Field(default=0.0, ge=0, le=1, description="Share of 500 answers.")
     timeout_rate: float = Field(default=0.0, ge=0, le=1, description="Share of requests that hang.")
+    quality: QualityRates = Field(
+        default_factory=QualityRates,
+        description="Per class of prompt, the share answered well (a class not given: 1.0).",
+    )
 
     @model_validator(mode="after")
     def _rates_fit(self) -> LatencyProfile:
@@ -77,8 +91,14 @@ class LatencyProfile(BaseModel):
 
     def updated(self, changes: Mapping[str, Any]) -> LatencyProfile:
         """This profile with ``changes`` merged over it, validated whole (the rates-sum check
-        included); unknown fields are refused by name."""
-        return LatencyProfile.model_validate({**self.model_dump(), **changes})
+        included); unknown fields, and unknown classes in ``quality``, are refused by name.
+
+        ``quality`` merges class by class, so ``{"quality": {"maths": 0.1}}`` keeps the rates
+        of the other classes."""
+        merged = {**self.model_dump(), **changes}
+        if isinstance(changes.get("quality"), Mapping):
+            merged["quality"] = {**self.quality.model_dump(), **changes["quality"]}
+        return LatencyProfile.model_validate(merged)
 
     @property
     def nominal_total_s(self) -> float:
@@ -124,6 +144,12 @@ class CompletionPlan:
     def total_s(self) -> float:
         return self.ttft_s + self.completion_tokens * self.token_interval_s
 
+    def shortened(self, tokens: int) -> CompletionPlan:
+        """This plan ending after ``tokens`` tokens, by choice ("stop"), if that is sooner."""
+        if tokens >= self.completion_tokens:
+            return self
+        return replace(self, completion_tokens=max(tokens, 1), finish_reason="stop")
+
     def chunk_bounds(self) -> list[tuple[int, int]]:
         """``[start, end)`` token ranges of the content chunks of a stream."""
         step = self.tokens_per_chunk
@@ -135,14 +161,37 @@ class CompletionPlan:
 
 # Shaped like the model classes users know: a small fast model, a mid-size one and its newer,
 # slightly faster release (a canary candidate), a reasoning model that thinks before it answers,
-# a vision model; and one with no latency for benchmarks.
+# a vision model; and one with no latency for benchmarks. Quality: the small model fails most
+# maths and logic and much code, the mid-size ones about a third of it (the newer release a
+# little less), the reasoning model hardly any; every model handles the other classes, and the
+# benchmark model answers everything well.
+_MIDDLING = QualityRates(maths=0.6, reasoning=0.6, coding=0.75)
 BUILTIN_PROFILES: Mapping[str, LatencyProfile] = MappingProxyType(
     {
-        "sim-light": LatencyProfile(ttft_s=0.25, tokens_per_s=120, output_tokens=66),
-        "sim-balanced": LatencyProfile(ttft_s=0.5, tokens_per_s=80, output_tokens=88),
-        "sim-balanced-next": LatencyProfile(ttft_s=0.4, tokens_per_s=90, output_tokens=88),
-        "sim-reasoning": LatencyProfile(ttft_s=2.5, tokens_per_s=60, output_tokens=90),
-        "sim-vision": LatencyProfile(ttft_s=0.6, tokens_per_s=100, output_tokens=90),
+        "sim-light": LatencyProfile(
+            ttft_s=0.25,
+            tokens_per_s=120,
+            output_tokens=66,
+            quality=QualityRates(maths=0.2, reasoning=0.25, coding=0.4),
+        ),
+        "sim-balanced": LatencyProfile(
+            ttft_s=0.5, tokens_per_s=80, output_tokens=88, quality=_MIDDLING
+        ),
+        "sim-balanced-next": LatencyProfile(
+            ttft_s=0.4,
+            tokens_per_s=90,
+            output_tokens=88,
+            quality=QualityRates(maths=0.65, reasoning=0.65, coding=0.8),
+        ),
+        "sim-reasoning": LatencyProfile(
+            ttft_s=2.5,
+            tokens_per_s=60,
+            output_tokens=90,
+            quality=QualityRates(maths=0.97, reasoning=0.97, coding=0.95),
+        ),
+        "sim-vision": LatencyProfile(
+            ttft_s=0.6, tokens_per_s=100, output_tokens=90, quality=_MIDDLING
+        ),
         "sim-instant": LatencyProfile(
             ttft_s=0.0, tokens_per_s=math.inf, output_tokens=16, jitter=0.0
         ),
@@ -153,8 +202,10 @@ BUILTIN_PROFILES: Mapping[str, LatencyProfile] = MappingProxyType(
 def load_profiles(path: Path | None) -> dict[str, LatencyProfile]:
     """Built-in profiles, updated from a YAML file of ``profiles: {name: {field: value}}``.
 
-    A name that exists is overridden field by field (``sim-light: {error_rate_429: 0.1}``);
-    a new name needs at least ttft_s, tokens_per_s and output_tokens.
+    A name that exists is overridden field by field (``sim-light: {error_rate_429: 0.1}``),
+    ``quality`` class by class (``sim-light: {quality: {maths: 0.5}}``); a new name needs at
+    least ttft_s, tokens_per_s and output_tokens. A bad field is a ValidationError with a note
+    naming the file and the profile.
     """
     profiles = dict(BUILTIN_PROFILES)
     if path is None:
@@ -166,8 +217,15 @@ def load_profiles(path: Path | None) -> dict[str, LatencyProfile]:
     for name, fields in entries.items():
         if not isinstance(fields, dict):
             raise ValueError(f"{path}: profile {name!r} must be a mapping of fields")
-        base = profiles[name].model_dump() if name in profiles else {}
-        profiles[str(name)] = LatencyProfile.model_validate({**base, **fields})
+        key = str(name)
+        try:
+            if key in profiles:
+                profiles[key] = profiles[key].updated(fields)
+            else:
+                profiles[key] = LatencyProfile.model_validate(fields)
+        except ValidationError as exc:
+            exc.add_note(f"in {path}, profile {name!r}")
+            raise
     return profiles
 
 
@@ -241,6 +299,10 @@ class ModelStats:
     requests: int = 0
     completed: int = 0
     faults: dict[str, int] = field(default_factory=lambda: {k.value: 0 for k in FaultKind})
+    # Per class of prompt: answers (choices) served, and how many of them were poor.
+    quality: dict[str, dict[str, int]] = field(
+        default_factory=lambda: {c.value: {"served": 0, "poor": 0} for c in PromptClass}
+    )
 
 
 class SimulatorStats:
@@ -261,9 +323,20 @@ class SimulatorStats:
     def fault(self, model: str, kind: FaultKind) -> None:
         self._get(model).faults[kind.value] += 1
 
+    def answered(self, model: str, prompt_class: PromptClass, poor: bool) -> None:
+        """One answer (one choice) served for a prompt of ``prompt_class``."""
+        counts = self._get(model).quality[prompt_class.value]
+        counts["served"] += 1
+        counts["poor"] += int(poor)
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return {
-            name: {"requests": s.requests, "completed": s.completed, "faults": dict(s.faults)}
+            name: {
+                "requests": s.requests,
+                "completed": s.completed,
+                "faults": dict(s.faults),
+                "quality": {c: dict(counts) for c, counts in s.quality.items()},
+            }
             for name, s in self._models.items()
         }
 
@@ -279,6 +352,17 @@ def _parts(message: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 def _text(message: Mapping[str, Any]) -> str:
     return "".join(str(p.get("text") or "") for p in _parts(message) if p.get("type") == "text")
+
+
+def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The text of the last user message ("" if none): what a prompt is classified by."""
+    user = [_text(m) for m in messages if m.get("role") == "user"]
+    return user[-1] if user else ""
+
+
+def prompt_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The text of every message, one per line: what an answer's words and verdict hash."""
+    return "\n".join(_text(m) for m in messages)
 
 
 def prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
@@ -308,12 +392,11 @@ def completion_words(
     non-streamed answers and spot which request an answer belongs to. ``variant`` (the choice
     index when ``n`` > 1) numbers the answer and changes the words after the quote.
     """
-    user = [_text(m) for m in messages if m.get("role") == "user"]
-    snippet = " ".join((user[-1] if user else "").split())[:SNIPPET_CHARS] or "(no user text)"
+    snippet = " ".join(last_user_text(messages).split())[:SNIPPET_CHARS] or "(no user text)"
     label = f"answer #{variant + 1}" if variant else "answer"
     words = f"Simulated {label} from {model} to: {snippet} ...".split()
     salt = f"\n#{variant}" if variant else ""
-    digest = hashlib.sha256(("\n".join(_text(m) for m in messages) + salt).encode()).digest()
+    digest = hashlib.sha256((prompt_text(messages) + salt).encode()).digest()
     start = int.from_bytes(digest[:4], "big")
     while len(words) < tokens:
         words.append(_FILLER[(start + len(words)) % len(_FILLER)])

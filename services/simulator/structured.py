@@ -5,7 +5,8 @@ comes back: offered tools (``tool_choice`` not ``none``) and no ``tool`` message
 user message yet, it calls one (the one ``tool_choice`` names, else the first). Otherwise it
 answers text, which is JSON when ``response_format`` asks for it: an instance of the given JSON
 Schema (``json_schema``), or an object holding the words (``json_object``). Arguments and JSON
-answers are built from the schema by ``example_of``, so they validate against it.
+answers are built from the schema by ``example_of``, so they validate against it; a *poor* JSON
+answer (``poor_json_text``, see ``quality.py``) is built not to.
 """
 
 from __future__ import annotations
@@ -76,6 +77,26 @@ def json_text(response_format: Any, words: Sequence[str]) -> str | None:
     return None
 
 
+def poor_json_text(response_format: Any, words: Sequence[str], opener: str) -> str | None:
+    """A poor answer to ``response_format`` (None for plain text): JSON that fails the schema
+    (``json_schema``: a required property missing, an extra one where none are allowed, or a
+    value of the wrong type) or, when no instance can fail the schema (``json_object``, or a
+    schema that accepts anything), text that is not JSON: the opener, then JSON cut short."""
+    good = json_text(response_format, words)
+    if good is None:
+        return None
+    spec = response_format.get("json_schema") or {}
+    schema = spec.get("schema") if response_format.get("type") == "json_schema" else None
+    if schema:  # an empty or missing schema accepts any JSON
+        invalid = _Builder(schema, list(words) or ["simulated"]).invalid(schema, opener)
+        if invalid is not _NOTHING:
+            return json.dumps(invalid, ensure_ascii=False)
+    return f"{opener} {good[: max(len(good) // 2, 1)]}"
+
+
+_NOTHING = object()  # no instance of the schema can be made invalid in one of the three ways
+
+
 def example_of(schema: Mapping[str, Any], words: Sequence[str]) -> Any:
     """A value that validates against ``schema`` (the subset of JSON Schema that OpenAI's
     structured outputs and pydantic produce: types, properties, items, enum, const, anyOf,
@@ -97,6 +118,28 @@ class _Builder:
         for part in ref.removeprefix("#/").split("/") if ref != "#" else []:
             node = node[part.replace("~1", "/").replace("~0", "~")]
         return node if isinstance(node, Mapping) else {}
+
+    def invalid(self, schema: Mapping[str, Any], opener: str) -> Any:
+        """An instance the top of ``schema`` refuses, or ``_NOTHING``."""
+        for _ in range(_MAX_DEPTH):  # bounded: a $ref may point to itself
+            if "$ref" in schema:
+                schema = self.resolve(schema["$ref"])
+        kind = schema.get("type")
+        kinds = set(kind) if isinstance(kind, list) else {kind} if kind else set()
+        if "object" in kinds or (not kinds and "properties" in schema):
+            value = self.value(schema, 0)
+            if isinstance(value, dict):
+                required = [name for name in schema.get("required") or () if name in value]
+                if required:
+                    del value[required[0]]
+                    return value
+                if schema.get("additionalProperties") is False:
+                    return {**value, "uncertain": opener}
+        if kinds and "string" not in kinds:
+            return opener  # a string where the schema wants another type
+        if kinds == {"string"}:
+            return 0
+        return _NOTHING
 
     def value(self, schema: Mapping[str, Any] | bool, depth: int) -> Any:
         if not isinstance(schema, Mapping):

@@ -422,6 +422,17 @@ async def test_profiles_list_every_model_and_round_trip(http: httpx.AsyncClient)
         "error_rate_429": 0.0,
         "error_rate_500": 0.0,
         "timeout_rate": 0.0,
+        "quality": {
+            "maths": 0.65,
+            "reasoning": 0.65,
+            "coding": 0.8,
+            "extraction": 1.0,
+            "classification": 1.0,
+            "support": 1.0,
+            "writing": 1.0,
+            "chit_chat": 1.0,
+            "other": 1.0,
+        },
     }
     assert profiles["sim-instant"]["tokens_per_s"] == "inf"  # JSON has no infinity
     same = await http.patch("/simulator/profiles/sim-instant", json=profiles["sim-instant"])

@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, Field
 
-from services.simulator.structured import example_of, json_text, tool_call
+from services.simulator.structured import example_of, json_text, poor_json_text, tool_call
 
 WORDS = ["Simulated", "answer", "from", "sim-light"]
 
@@ -119,3 +119,58 @@ def test_json_text_for_each_response_format() -> None:
     }
     spec = {"name": "t", "schema": Customer.model_json_schema(), "strict": True}
     Customer.model_validate_json(json_text({"type": "json_schema", "json_schema": spec}, WORDS))
+
+
+OPENER = "I'm not sure, but"
+
+
+def _refused(text: str, schema: dict[str, Any]) -> bool:
+    """True if ``text`` is not JSON, or JSON that ``schema`` refuses."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return True
+    return not jsonschema.Draft202012Validator(schema).is_valid(value)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        Ticket.model_json_schema(),  # required properties: one is left out
+        Customer.model_json_schema(),
+        Tree.model_json_schema(),
+        {"$ref": "#/$defs/C", "$defs": {"C": Customer.model_json_schema()}},
+        {"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": False},
+        {"type": "object"},  # no required property: a value of another type
+        {"type": "array", "items": {"type": "integer"}},
+        {"type": "string"},
+        {"type": "integer", "minimum": 3},
+        {"type": ["object", "string"]},  # anything of two types: text that is not JSON
+        {},
+    ],
+)
+def test_a_poor_json_schema_answer_fails_the_schema_a_good_one_passes(
+    schema: dict[str, Any],
+) -> None:
+    response_format = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}
+    good = json_text(response_format, WORDS)
+    assert good is not None and not _refused(good, schema)
+    poor = poor_json_text(response_format, WORDS, OPENER)
+    assert poor is not None and _refused(poor, schema)
+
+
+def test_a_required_property_is_what_a_poor_object_answer_lacks() -> None:
+    spec = {"name": "t", "schema": Customer.model_json_schema()}
+    poor = json.loads(
+        poor_json_text({"type": "json_schema", "json_schema": spec}, WORDS, OPENER) or ""
+    )
+    assert set(poor) == set(Customer.model_fields) - {"name"}
+
+
+def test_a_poor_json_object_answer_is_not_json() -> None:
+    poor = poor_json_text({"type": "json_object"}, WORDS, OPENER) or ""
+    assert poor.startswith(OPENER)
+    with pytest.raises(ValueError):
+        json.loads(poor)
+    assert poor_json_text(None, WORDS, OPENER) is None
+    assert poor_json_text({"type": "text"}, WORDS, OPENER) is None
