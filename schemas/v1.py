@@ -589,6 +589,9 @@ class CancelRequest(_Message):
 AttemptStatus = Literal["ok", "error", "timeout", "rate_limited", "skipped", "cut_off", "cancelled"]
 
 
+CascadeStep = Literal["", "draft", "judge", "escalation"]
+
+
 class AttemptEvent(_Message):
     """One model attempt, as written to ClickHouse. Never carries prompt or response text."""
 
@@ -629,6 +632,15 @@ class AttemptEvent(_Message):
         le=1,
         allow_inf_nan=False,
         description="The semantic stage's best score for the request, when the stage ran.",
+    )
+    cascade_step: CascadeStep = Field(
+        default="", description="In a cascade tier: draft, judge or escalation; '' elsewhere."
+    )
+    verdict: Literal["", "accepted", "rejected"] = Field(
+        default="", description="The verifier's verdict on a draft (its row only)."
+    )
+    verdict_reason: str = Field(
+        default="", max_length=500, description="What the draft failed, or 'passed'."
     )
 
 

@@ -22,7 +22,7 @@ import httpx
 
 from schemas.topics import EVENTS_TABLE, PAYLOADS_HEADER, PAYLOADS_TABLE
 from services.metrics.config import MetricsSettings
-from services.metrics.domain.report import decision_matrix_sql
+from services.metrics.domain.report import cascade_sql, decision_matrix_sql
 
 STACK_FILE = "stack.json"
 
@@ -153,15 +153,31 @@ def sql_command(sql: str, fmt: str = "table", payloads: bool = False) -> int:
     return 0
 
 
-def report_command(hours: float, fmt: str = "table") -> int:
+def report_command(hours: float, fmt: str = "table", cascades: bool = False) -> int:
+    """The decision matrix; in a table, then the cascades' figures when there are any.
+    ``cascades``: only those (the way to have them as JSON)."""
     settings = MetricsSettings()
     table = f"{settings.clickhouse_database}.{EVENTS_TABLE}"
     try:
-        columns, rows = run_query(decision_matrix_sql(table, hours), settings)
+        if not cascades:
+            columns, rows = run_query(decision_matrix_sql(table, hours), settings)
+        if cascades or fmt == "table":
+            cascade_columns, cascade_rows = run_query(cascade_sql(table, hours), settings)
     except QueryFailed as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 1
+    if cascades:
+        if fmt == "table":
+            print(f"Cascades, last {hours:g} h (cost and time per request, all its calls):")
+        _print(cascade_columns, cascade_rows, fmt)
+        return 0
     if fmt == "table":
         print(f"Decision matrix, last {hours:g} h (latency over successful attempts, ms):")
     _print(columns, rows, fmt)
+    if fmt == "table" and cascade_rows:
+        print(
+            f"\nCascades, last {hours:g} h: drafts rejected and escalated, and cost and time per "
+            "request (all its calls) against the strong model alone (from the escalated requests):"
+        )
+        _print(cascade_columns, cascade_rows, fmt)
     return 0

@@ -9,7 +9,7 @@ switchboard canary status [NAME]     experiments: share in force, status, recent
 switchboard canary promote|rollback|pause|resume NAME
 switchboard simulator                the provider simulator (not a model)
 switchboard sql "<query>"            read-only SQL on the metrics store, printed as a table
-switchboard report [--hours H]       the decision matrix per tier and model
+switchboard report [--hours H]       the decision matrix per tier and model, and cascades
 switchboard check-config [PATH]      validate a routing config and print its hash
 switchboard eval DATA.jsonl          score a routing config on labelled prompts
 switchboard train DATA.jsonl -o F    fit the semantic stage's route classifier
@@ -93,9 +93,26 @@ def _check_config(path: str | None) -> int:
         return 2
     print(f"{config.path}: ok, hash {config.hash}")
     for name, tier in config.spec.tiers.items():
-        print(f"  tier {name}: {', '.join(m.label for m in tier.models)}")
-    for rule, _ in config.rules:
+        models = ", ".join(m.label for m in tier.models)
+        if tier.cascade is not None:
+            models = f"cascade: draft {tier.cascade.draft.label}, escalation {models}"
+        print(f"  tier {name}: {models}")
+    for rule, _ in config.rules_before:
         print(f"  rule {rule.name}: {rule.when} -> {rule.tier}")
+    semantic = config.spec.semantic
+    if semantic is not None:
+        routes = (
+            [f"{r} -> {t}" for r, t in config.classifier.routes]
+            if config.classifier is not None
+            else [f"{r} -> {spec.tier}" for r, spec in semantic.routes.items()]
+        )
+        source = f"classifier {semantic.classifier}" if semantic.classifier else "utterances"
+        print(
+            f"  semantic stage ({source}, threshold {semantic.threshold:g}, "
+            f"{semantic.precision}): {', '.join(routes)}"
+        )
+    for rule, _ in config.rules_after:
+        print(f"  rule {rule.name} (after the semantic stage): {rule.when} -> {rule.tier}")
     print(f"  default -> {config.spec.default}; fallback -> {config.spec.fallback}")
     for name, experiment in config.experiments.items():
         spec = experiment.spec
@@ -180,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = sub.add_parser("report", help="decision matrix per tier and model")
     report.add_argument("--hours", type=float, default=24.0, help="look back this many hours")
     report.add_argument("--format", choices=["table", "json"], default="table")
+    report.add_argument(
+        "--cascades", action="store_true", help="only the cascade tiers' escalation figures"
+    )
     config = sub.add_parser("config", help="apply a routing config to the running fleet")
     config.add_argument("action", choices=["apply"])
     config.add_argument("path")
@@ -270,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "sql":
         return sql_command(args.query, args.format, args.payloads)
-    return report_command(args.hours, args.format)
+    return report_command(args.hours, args.format, args.cascades)
 
 
 if __name__ == "__main__":

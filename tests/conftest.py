@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -105,6 +106,7 @@ def routing_config(tmp_path: Path, simulator_url: str) -> Path:
     text = text.replace("${SWITCHBOARD_SIMULATOR_URL:-http://127.0.0.1:8090}", simulator_url)
     path = tmp_path / "routing.yaml"
     path.write_text(text)
+    shutil.copy(ROOT / "config" / "routes.json", tmp_path / "routes.json")  # its classifier
     return path
 
 

@@ -105,8 +105,87 @@ class ModelSpec(_Strict):
         return self.model.split("/", 1)[0] if "/" in self.model else "openai"
 
 
+# What a refusal or an admission of doubt looks like (the verifier's default phrases).
+REFUSALS = (
+    r"\bI(?:'| a)?m (?:sorry|afraid)\b",
+    r"\bI (?:cannot|can't|can not|am unable to|'m unable to|won't be able to) "
+    r"(?:help|answer|assist|do that|comply|provide|be (?:sure|certain))",
+    r"\bI(?:'| a)?m not (?:sure|certain|able)\b",
+    r"\bI (?:do not|don't) know\b",
+    r"\bI cannot be certain\b",
+    r"\bas an AI\b",
+)
+
+
+class JudgeSpec(_Strict):
+    """A model that scores the draft against a rubric (0 to 10), asked for JSON."""
+
+    model: ModelSpec
+    rubric: str = Field(min_length=1, description="What a good answer does; the judge's brief.")
+    min_score: float = Field(default=7, ge=0, le=10, description="Lowest score accepted.")
+
+
+class VerifySpec(_Strict):
+    """The checks a draft must pass to be the answer; the first that fails is the reason."""
+
+    json_valid: bool = Field(
+        default=True,
+        description="When the request asks for JSON, the draft must parse (and match its "
+        "JSON Schema, for response_format json_schema).",
+    )
+    refusals: tuple[str, ...] | bool = Field(
+        default=True,
+        description="Regexes of refusal and uncertainty phrases (true: the built-in ones; "
+        "false: none); a draft matching one is rejected.",
+    )
+    min_chars: int = Field(default=1, ge=0, description="Shortest answer accepted.")
+    max_chars: int | None = Field(default=None, ge=1, description="Longest answer accepted.")
+    must_match: tuple[str, ...] = Field(default=(), description="Regexes the answer must match.")
+    must_not_match: tuple[str, ...] = Field(
+        default=(), description="Regexes the answer must not match."
+    )
+    min_mean_logprob: float | None = Field(
+        default=None,
+        le=0,
+        description="Lowest mean token log probability accepted; the draft is asked for "
+        "logprobs, and the check is passed over where the provider returns none.",
+    )
+    judge: JudgeSpec | None = Field(
+        default=None, description="A model that scores drafts the other checks passed."
+    )
+
+    @field_validator("must_match", "must_not_match")
+    @classmethod
+    def _regexes(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"bad regex {pattern!r}: {exc}") from exc
+        return patterns
+
+    @property
+    def refusal_patterns(self) -> tuple[str, ...]:
+        if self.refusals is True:
+            return REFUSALS
+        return () if self.refusals is False else self.refusals
+
+
+class CascadeSpec(_Strict):
+    """A draft model answers first; a draft the verifier rejects goes to the tier's models."""
+
+    draft: ModelSpec
+    verify: VerifySpec = Field(default_factory=VerifySpec)
+
+
 class TierSpec(_Strict):
     description: str = ""
+    kind: Literal["models", "cascade"] = Field(
+        default="models",
+        description="models: the models in order; cascade: `cascade.draft` first, and the "
+        "models (the escalation) only for a draft the verifier rejects.",
+    )
+    cascade: CascadeSpec | None = Field(default=None, description="For kind: cascade.")
     interactive: bool = Field(
         default=False,
         description="Callers wait on it: consumers poll with a short fetch wait (lower latency, more idle CPU).",
@@ -123,6 +202,12 @@ class TierSpec(_Strict):
     concurrency: int = Field(
         default=256, ge=1, le=10_000, description="In-flight calls per worker."
     )
+
+    @model_validator(mode="after")
+    def _cascade(self) -> TierSpec:
+        if (self.kind == "cascade") != (self.cascade is not None):
+            raise ValueError("cascade: give it exactly when kind is cascade")
+        return self
 
 
 class RuleSpec(_Strict):

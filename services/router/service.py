@@ -16,7 +16,7 @@ from services.common.capture import input_record
 from services.common.control import LiveExperiments
 from services.common.kafka import Outgoing, Publisher
 from services.common.routing_config import LoadedConfig, TierSpec
-from services.router.domain.classify import Decision, Pending, first_stage, settle
+from services.router.domain.classify import PINNED, Decision, Pending, first_stage, settle
 from services.router.domain.images import MAX_IMAGE_BYTES, check_images
 from services.router.stage import SemanticStage
 
@@ -138,8 +138,8 @@ class Router:
         try:
             self._capabilities(config.hash, decision.tier, tier).check(request, decision.pinned)
         except MissingCapability as exc:
-            if exc.capability != "context_window" or decision.pinned is not None:
-                raise
+            if exc.capability != "context_window" or decision.rule in (PINNED, "forced"):
+                raise  # a tier or model the caller named is not swapped for another
             decision = self._fitting(config, request, decision, exc)
             tier = config.tier(decision.tier)
         now = datetime.now(UTC)

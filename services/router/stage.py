@@ -7,6 +7,7 @@ goes through the encoder's micro-batcher (services/router/adapters/embedder.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -27,6 +28,13 @@ log = logging.getLogger(__name__)
 _KEPT = 2
 
 
+@functools.lru_cache(maxsize=2)
+def shared_encoder(max_tokens: int, threads: int, precision: str) -> Encoder:
+    """One encoder per process and setting: a config swap that keeps them reuses it (building
+    one takes seconds and a hundred megabytes)."""
+    return Encoder(max_tokens, threads, precision=precision)
+
+
 class SemanticStage:
     def __init__(self, batcher: MicroBatcher) -> None:
         self.batcher = batcher
@@ -42,7 +50,7 @@ class SemanticStage:
         spec = config.spec.semantic
         if spec is None:
             return None
-        encoder = Encoder(spec.max_tokens, threads, precision=spec.precision)
+        encoder = shared_encoder(spec.max_tokens, threads, spec.precision)
         stage = cls(MicroBatcher(encoder.encode, max_batch))
         stage.prepare(config)
         return stage

@@ -39,6 +39,7 @@ from schemas.topics import Topics
 from schemas.v1 import (
     AttemptEvent,
     AttemptStatus,
+    CascadeStep,
     ChatError,
     ChatResult,
     Outcome,
@@ -51,12 +52,19 @@ from services.common.capture import output_record
 from services.common.config_watch import Refused as ConfigRefused
 from services.common.deadletter import dead_letter
 from services.common.kafka import Publisher
-from services.common.routing_config import LoadedConfig, ModelSpec, TierSpec
+from services.common.routing_config import (
+    CascadeSpec,
+    JudgeSpec,
+    LoadedConfig,
+    ModelSpec,
+    TierSpec,
+)
 from services.workers.adapters.llm import Completion, ModelClient, supported_parameters
 from services.workers.adapters.outcomes import OutcomeStore, Sending, Stored
 from services.workers.adapters.sent import DELIVERY_HEADER, SentCheck
 from services.workers.cancels import Cancels
-from services.workers.domain import policy
+from services.workers.domain import policy, verifier
+from services.workers.domain.verifier import Verdict
 from services.workers.errors import ModelCallError, RateLimited
 from services.workers.stream import ChunkStream
 
@@ -356,7 +364,16 @@ class TierService:
                 0,
                 param="model",
             )
+        first = 0  # calls made before the tier's models (a cascade's draft and judge)
+        step: CascadeStep = ""
+        cascade = setup.spec.cascade if routed.pinned is None and candidate is None else None
+        if cascade is not None:
+            drafted = await self._draft(routed, cascade, setup, events, delivery, after)
+            if isinstance(drafted, ChatResult):
+                return drafted
+            first, step = drafted, "escalation"
         for attempt in policy.attempts(setup.spec, models):
+            attempt = policy.Attempt(attempt.index + first, attempt.spec, attempt.retry)
             lacks = self._lacks(attempt.spec, wanted, asked, setup)
             if lacks:  # in-tier fallback goes only to models that can take the request
                 unable[attempt.spec.label] = lacks
@@ -389,7 +406,14 @@ class TierService:
                 self.cancelled += 1
                 left_ms = (time.perf_counter() - started) * 1000
                 await self._event(
-                    routed, attempt, None, None, left_ms, status="cancelled", setup=setup
+                    routed,
+                    attempt,
+                    None,
+                    None,
+                    left_ms,
+                    status="cancelled",
+                    setup=setup,
+                    cascade_step=step,
                 )
                 return self._error(
                     routed,
@@ -404,14 +428,18 @@ class TierService:
                 failed_ms = (time.perf_counter() - started) * 1000
                 if stream is not None and stream.started:
                     return await self._cut_off(routed, attempt, stream, exc, failed_ms, setup)
-                await self._event(routed, attempt, None, exc, failed_ms, setup=setup)
+                await self._event(
+                    routed, attempt, None, exc, failed_ms, setup=setup, cascade_step=step
+                )
                 continue
             except BaseException:
                 if stream is not None:
                     await stream.abort()
                 raise
             events.append(
-                asyncio.create_task(self._event(routed, attempt, completion, None, setup=setup))
+                asyncio.create_task(
+                    self._event(routed, attempt, completion, None, setup=setup, cascade_step=step)
+                )
             )
             if after is not None and self._mirrored(routed, setup):
                 after.append(asyncio.create_task(self._mirror(routed, attempt, completion)))
@@ -469,6 +497,123 @@ class TierService:
             len(errors),
             retryable=bool(last and last.transient),
         )
+
+    async def _draft(
+        self,
+        routed: RoutedRequest,
+        cascade: CascadeSpec,
+        setup: _Setup,
+        events: list[asyncio.Task[None]],
+        delivery: str,
+        after: list[asyncio.Task[None]] | None,
+    ) -> ChatResult | int:
+        """A cascade's first step: the draft model answers (whole, even for a streamed request:
+        the stream starts after the verdict), the verifier (and the judge, for a draft the other
+        checks passed) decides. The accepted draft is the answer; otherwise the number of calls
+        made, and the tier's models answer (the escalation)."""
+        request, spec, checks = routed.request, cascade.draft, cascade.verify
+        wanted, asked = capabilities.needs(request), request.model_parameters()
+        left = policy.remaining_s(routed.deadline_at, datetime.now(UTC))
+        if self._lacks(spec, wanted, asked, setup) or (left is not None and left <= 0):
+            return 0  # the draft model cannot take it: straight to the escalation
+        extra: dict[str, Any] = {"stream": False, "stream_options": None}
+        added_logprobs = checks.min_mean_logprob is not None and not request.logprobs
+        if added_logprobs:
+            extra["logprobs"] = True
+        attempt = policy.Attempt(0, spec, 0)
+        started = time.perf_counter()
+        try:
+            completion = await self.client.complete(
+                spec,
+                request.model_copy(update=extra),
+                policy.attempt_timeout(setup.spec, spec, left),
+            )
+        except ModelCallError as exc:
+            failed_ms = (time.perf_counter() - started) * 1000
+            verdict = Verdict(False, f"the draft failed: {exc.code}")
+            await self._event(
+                routed,
+                attempt,
+                None,
+                exc,
+                failed_ms,
+                setup=setup,
+                cascade_step="draft",
+                verdict=verdict,
+            )
+            return 1
+        verdict, calls, cost = (
+            verifier.verify(checks, request, completion.body),
+            1,
+            completion.cost_usd,
+        )
+        if verdict.accepted and checks.judge is not None:
+            calls = 2
+            verdict, judged = await self._judge(routed, checks.judge, completion, setup)
+            cost += judged
+        events.append(
+            asyncio.create_task(
+                self._event(
+                    routed,
+                    attempt,
+                    completion,
+                    None,
+                    setup=setup,
+                    cascade_step="draft",
+                    verdict=verdict,
+                )
+            )
+        )
+        if not verdict.accepted:
+            return calls
+        body = {**completion.body, "model": spec.label}
+        if added_logprobs:  # asked for the verifier, not by the caller
+            body["choices"] = [{**c, "logprobs": None} for c in body.get("choices") or []]
+        mark = None
+        if request.stream:
+            stream = self._chunks(routed, attempt, delivery)
+            for choice in body.get("choices") or []:
+                stream.add(int(choice.get("index", 0)), _as_delta(choice))
+            await stream.close()
+            mark = stream.mark
+        if after is not None and routed.capture:
+            after.append(asyncio.create_task(self._keep(routed, attempt, completion)))
+        return ChatResult(
+            request_id=routed.request_id,
+            tenant=request.metadata.tenant,
+            tier=self.tier,
+            model=spec.label,
+            provider=spec.provider,
+            rule=routed.rule,
+            config_hash=routed.config_hash,
+            attempts=calls,
+            latency_ms=(datetime.now(UTC) - routed.routed_at).total_seconds() * 1000,
+            completion=body,
+            usage=completion.usage,
+            cost_usd=cost,
+            stream=mark,
+        )
+
+    async def _judge(
+        self, routed: RoutedRequest, judge: JudgeSpec, draft: Completion, setup: _Setup
+    ) -> tuple[Verdict, float]:
+        """The judge's verdict on ``draft`` (its own row, step ``judge``), and what it cost."""
+        attempt = policy.Attempt(1, judge.model, 0)
+        left = policy.remaining_s(routed.deadline_at, datetime.now(UTC))
+        asked = verifier.judge_request(judge, routed.request, draft.text)
+        started = time.perf_counter()
+        try:
+            graded = await self.client.complete(
+                judge.model, asked, policy.attempt_timeout(setup.spec, judge.model, left)
+            )
+        except ModelCallError as exc:
+            failed_ms = (time.perf_counter() - started) * 1000
+            await self._event(
+                routed, attempt, None, exc, failed_ms, setup=setup, cascade_step="judge"
+            )
+            return Verdict(False, f"the judge failed: {exc.code}"), 0.0
+        await self._event(routed, attempt, graded, None, setup=setup, cascade_step="judge")
+        return verifier.judge_verdict(judge, graded.body), graded.cost_usd
 
     async def _streamed(
         self, routed: RoutedRequest, attempt: policy.Attempt, stream: ChunkStream, timeout_s: float
@@ -664,9 +809,12 @@ class TierService:
         failed_ms: float = 0.0,
         status: AttemptStatus | None = None,
         setup: _Setup | None = None,
+        cascade_step: CascadeStep = "",
+        verdict: Verdict | None = None,
     ) -> None:
         """Publish the attempt's row; ``status`` overrides the one its outcome implies.
-        ``setup``: the config the attempt was made on (default: the one in force)."""
+        ``setup``: the config the attempt was made on (default: the one in force); in a cascade,
+        the step and (on the draft's row) the verifier's verdict."""
         usage = completion.usage if completion else None
         event = AttemptEvent(
             request_id=routed.request_id,
@@ -687,6 +835,9 @@ class TierService:
             response_sha256=policy.sha256_text(completion.text) if completion else "",
             tenant_hash=policy.tenant_hash(routed.request.metadata.tenant),
             worker_config_hash=(setup or self._setup).config.hash,
+            cascade_step=cascade_step,
+            verdict="" if verdict is None else ("accepted" if verdict.accepted else "rejected"),
+            verdict_reason="" if verdict is None else verdict.reason[:500],
             **_experiment_columns(routed),
         )
         await self.publisher.publish(self.topics.events, event, key=routed.request_id)
@@ -705,11 +856,28 @@ class _Setup:
     def of(cls, config: LoadedConfig, tier: str) -> _Setup:
         spec = config.tier(tier)
         candidates = [e.spec.candidate for e in config.experiments.values() if e.spec.tier == tier]
+        if spec.cascade is not None:  # the draft, and the judge if there is one
+            judge = spec.cascade.verify.judge
+            candidates += [spec.cascade.draft, *([judge.model] if judge else [])]
         abilities = {
             model: (capabilities.of(model), supported_parameters(model))
             for model in [*spec.models, *candidates]
         }
         return cls(config, spec, abilities)
+
+
+def _as_delta(choice: dict[str, Any]) -> dict[str, Any]:
+    """A whole answer's choice as one stream delta (an accepted draft, streamed after its
+    verdict)."""
+    message = choice.get("message") or {}
+    delta: dict[str, Any] = {"finish_reason": choice.get("finish_reason") or "stop"}
+    if message.get("content"):
+        delta["content"] = message["content"]
+    if message.get("tool_calls"):
+        delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(message["tool_calls"])]
+    if choice.get("logprobs"):
+        delta["logprobs"] = (choice["logprobs"] or {}).get("content") or []
+    return delta
 
 
 def _experiment_columns(routed: RoutedRequest) -> dict[str, Any]:

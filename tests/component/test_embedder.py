@@ -92,3 +92,16 @@ async def test_an_encoder_failure_reaches_every_waiting_caller() -> None:
         assert all(isinstance(r, RuntimeError) for r in results)
     finally:
         batcher.close()
+
+
+def test_texts_are_batched_with_texts_of_about_their_length() -> None:
+    from services.router.adapters.embedder import _by_length
+
+    lengths = [3, 40, 4, 41, 5, 120, 39, 3]
+    groups = _by_length([[0] * n for n in lengths])
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        sizes = [lengths[i] for i in group]
+        assert sizes == sorted(sizes)
+        assert max(sizes) * len(sizes) <= 1.25 * sum(sizes) or len(sizes) == 1
+    assert [lengths[i] for i in groups[-1]] == [120]  # the long one pads nobody

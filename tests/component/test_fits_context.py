@@ -63,3 +63,8 @@ def test_too_long_for_every_model_is_refused_naming_the_largest_window(router: R
 def test_a_pinned_model_is_not_moved(router: Router) -> None:
     with pytest.raises(MissingCapability, match=r"context window is 1,000 tokens \(little\)"):
         router.route(chat(1_500).model_copy(update={"model": "little"}), "replies")
+
+
+def test_a_tier_the_caller_named_is_not_swapped(router: Router) -> None:
+    with pytest.raises(MissingCapability, match=r"context window is 1,000 tokens \(little\)"):
+        router.route(chat(1_500).model_copy(update={"model": "small"}), "replies")

@@ -123,7 +123,9 @@ async def test_http_request_is_classified_published_and_answered(wired: Any) -> 
     assert resp.headers["x-switchboard-tier"] == "fast"
     assert resp.headers["x-switchboard-model"] == "stand-in"
     assert resp.json()["id"] == resp.headers["x-switchboard-request-id"] == routed[0].request_id
-    assert routed[0].rule == "short" and routed[0].reply_to.startswith("comp.replies.")
+    # the shipped config's semantic stage decided, and its score went with the request
+    assert routed[0].rule == "semantic:chit_chat" and routed[0].reply_to.startswith("comp.replies.")
+    assert routed[0].route_score is not None and routed[0].route_score >= 0.4
     assert routed[0].config_hash == resp.headers["x-switchboard-config-hash"]
     assert routed[0].deadline_at is not None
 
@@ -197,7 +199,7 @@ async def test_models_lists_the_tiers_and_the_models_with_capabilities(wired: An
         ("sim-balanced", "balanced", "pinned", "sim-balanced"),
         ("openai/sim-light", "fast", "pinned", "sim-light"),
         ("reasoning", "reasoning", "forced", None),
-        ("switchboard/auto", "fast", "short", None),
+        ("switchboard/auto", "fast", "semantic:chit_chat", None),
     ],
 )
 async def test_a_model_name_pins_the_model_through_its_tier(

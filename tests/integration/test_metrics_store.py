@@ -194,7 +194,16 @@ async def test_a_table_created_before_the_experiment_columns_gets_them_on_migrat
     store: ClickHouseStore,
 ) -> None:
     db = store.table.split(".")[0]
-    added = ("worker_config_hash", "experiment", "variant", "share_pct", "route_score")
+    added = (
+        "worker_config_hash",
+        "experiment",
+        "variant",
+        "share_pct",
+        "route_score",
+        "cascade_step",
+        "verdict",
+        "verdict_reason",
+    )
     lines = [line for line in DDL.splitlines() if not line.strip().startswith((*added, "INDEX"))]
     old_ddl = "\n".join(lines).replace("tenant_hash     String,", "tenant_hash     String")
     before = datetime.now(UTC) - timedelta(hours=1)  # inside the 7-day TTL

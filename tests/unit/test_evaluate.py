@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from services.common.routing_config import LoadedConfig, load_config
 from switchboard import evaluate as ev
@@ -16,9 +17,21 @@ ROOT = Path(__file__).resolve().parents[2]
 LONG = "Please summarise this report. " + "The quarter went well overall. " * 20
 
 
+def rules_only(directory: Path) -> Path:
+    """config/simulated.yaml without its semantic stage: the rules alone decide, so these
+    tests hold the eval's arithmetic to known decisions (the stage's are tested below)."""
+    raw = yaml.safe_load((ROOT / "config" / "simulated.yaml").read_text())
+    raw.pop("semantic")
+    for rule in raw["rules"]:
+        rule.pop("after_semantic", None)
+    path = directory / "rules-only.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 @pytest.fixture(scope="module")
-def config() -> LoadedConfig:
-    return load_config(ROOT / "config" / "simulated.yaml")
+def config(tmp_path_factory: pytest.TempPathFactory) -> LoadedConfig:
+    return load_config(rules_only(tmp_path_factory.mktemp("config")))
 
 
 def _write(tmp_path: Path, lines: list[Any]) -> Path:
@@ -142,7 +155,7 @@ def test_the_command_prints_json_and_holds_a_minimum(
 ) -> None:
     monkeypatch.setattr(ev, "read_observed", lambda hours: _observed())
     data = str(_write(tmp_path, ITEMS))
-    cfg = str(ROOT / "config" / "simulated.yaml")
+    cfg = str(rules_only(tmp_path))
     assert main(["eval", data, "--config", cfg, "--format", "json", "--baseline", "reasoning"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["accuracy"] == 0.75 and out["tiers"]["fast"]["routed"] == 2
@@ -170,3 +183,15 @@ def test_option_values_out_of_range_are_refused_by_name(
     cfg = str(ROOT / "config" / "simulated.yaml")
     assert main(["eval", data, "--config", cfg, *option]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_shipped_config_is_scored_with_its_semantic_stage(tmp_path: Path) -> None:
+    report = ev.evaluate(
+        _write(tmp_path, ITEMS),
+        load_config(ROOT / "config" / "simulated.yaml"),
+        observed=_observed(),
+    )
+    # the short maths question goes by its text now, not by its length
+    assert (report.scores.total, report.scores.right) == (4, 4)
+    assert report.scores.rules["semantic:maths"] == (1, 1)
+    assert report.scores.rules["images"] == (1, 1)

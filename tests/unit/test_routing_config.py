@@ -201,3 +201,41 @@ def test_a_pinned_request_is_tried_on_its_model_alone_unless_it_allows_fallback(
     assert pinned_models(fast, "openai/o3") == []
     tries = [(a.index, a.spec.label, a.retry) for a in attempts(fast, pinned_models(fast, "big"))]
     assert tries == [(0, "big", 0), (1, "big", 1)]
+
+
+@pytest.mark.parametrize(
+    ("tier", "key", "reason"),
+    [
+        ("{kind: cascade, models: [{model: openai/sim-reasoning}]}", "tiers.t", "exactly when"),
+        (
+            "{models: [{model: openai/a}], cascade: {draft: {model: openai/b}}}",
+            "tiers.t",
+            "exactly when",
+        ),
+        (
+            "{kind: cascade, models: [{model: openai/a}], cascade: {draft: {model: openai/b}, "
+            "verify: {must_match: ['(']}}}",
+            "tiers.t.cascade.verify.must_match",
+            "bad regex",
+        ),
+        (
+            "{kind: cascade, models: [{model: openai/a}], cascade: {draft: {model: openai/b}, "
+            "verify: {judge: {model: {model: openai/c}, rubric: x, min_score: 11}}}}",
+            "tiers.t.cascade.verify.judge.min_score",
+            "",
+        ),
+    ],
+)
+def test_a_bad_cascade_fails_at_load_naming_the_key(
+    tmp_path: Path, tier: str, key: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, f"tiers:\n  t: {tier}\ndefault: t\n"))
+    assert err.value.key.startswith(key) and reason in str(err.value)
+
+
+def test_the_cascade_example_loads() -> None:
+    config = load_config(ROOT / "config" / "examples" / "cascade.yaml")
+    cascade = config.tier("reasoning").cascade
+    assert cascade is not None and cascade.draft.label == "sim-light"
+    assert [m.label for m in config.tier("reasoning").models] == ["sim-reasoning"]

@@ -56,6 +56,9 @@ CREATE TABLE IF NOT EXISTS {db}.{table} (
     variant         LowCardinality(String) COMMENT 'baseline | candidate | shadow, or empty',
     share_pct       Float64 COMMENT 'the candidate share in force when the request was routed',
     route_score     Nullable(Float64) COMMENT 'the semantic stage''s best score, when it ran',
+    cascade_step    LowCardinality(String) COMMENT 'draft | judge | escalation in a cascade tier, or empty',
+    verdict         LowCardinality(String) COMMENT 'accepted | rejected on a draft''s row, or empty',
+    verdict_reason  String COMMENT 'what the draft failed, or passed',
     INDEX {index}
 ) ENGINE = MergeTree
 PARTITION BY toDate(ts)
@@ -72,6 +75,9 @@ ADDED_COLUMNS = (
     "variant LowCardinality(String) DEFAULT '' AFTER experiment",
     "share_pct Float64 DEFAULT 0 AFTER variant",
     "route_score Nullable(Float64) AFTER share_pct",
+    "cascade_step LowCardinality(String) DEFAULT '' AFTER route_score",
+    "verdict LowCardinality(String) DEFAULT '' AFTER cascade_step",
+    "verdict_reason String DEFAULT '' AFTER verdict",
 )
 # the same, for the record tables
 ADDED_RECORD_COLUMNS = {

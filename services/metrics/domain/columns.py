@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from schemas.v1 import SCHEMA_VERSION, AttemptEvent, AttemptStatus, Variant
+from schemas.v1 import SCHEMA_VERSION, AttemptEvent, AttemptStatus, CascadeStep, Variant
 
 # The llm_events columns (services/metrics/adapters/store.py DDL), as Arrow types.
 TABLE_SCHEMA = pa.schema(
@@ -66,6 +66,9 @@ TABLE_SCHEMA = pa.schema(
         ("variant", pa.string()),
         ("share_pct", pa.float64()),
         ("route_score", pa.float64()),
+        ("cascade_step", pa.string()),
+        ("verdict", pa.string()),
+        ("verdict_reason", pa.string()),
     ]
 )
 COLUMNS = tuple(TABLE_SCHEMA.names)
@@ -93,6 +96,8 @@ _PARSE_OPTIONS = pj.ParseOptions(explicit_schema=_READ_SCHEMA, unexpected_field_
 _NULLABLE = frozenset({"ttft_ms", "route_score"})
 _STATUSES = pa.array(get_args(AttemptStatus))
 _VARIANTS = pa.array(["", *get_args(Variant)])
+_STEPS = pa.array(get_args(CascadeStep))
+_VERDICTS = pa.array(["", "accepted", "rejected"])
 # The one timestamp form the fast path takes (AttemptEvent's own output), years 1900 to 2299.
 _TS_FORM = (
     r"^(19|2[0-2])\d\d-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
@@ -277,6 +282,9 @@ def _vouched(raw: pa.Table) -> pa.ChunkedArray:
         pc.match_substring_regex(raw.column("ts"), _TS_FORM),
         pc.is_in(raw.column("status"), value_set=_STATUSES),
         pc.is_in(raw.column("variant"), value_set=_VARIANTS),
+        pc.is_in(raw.column("cascade_step"), value_set=_STEPS),
+        pc.is_in(raw.column("verdict"), value_set=_VERDICTS),
+        pc.less_equal(pc.utf8_length(raw.column("verdict_reason")), 500),
         pc.and_(
             pc.greater_equal(raw.column("share_pct"), 0),
             pc.less_equal(raw.column("share_pct"), 100),
