@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +22,7 @@ from services.metrics.domain.report import cascade_sql
 from tests.integration.stack import Stack, StackOf, collect, openai_sdk, produce, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+ROOT = Path(__file__).resolve().parents[2]
 
 MATHS = [
     "Find x if 3x + 7 = 22 and explain each step",
@@ -183,3 +185,27 @@ async def test_a_kafka_job_goes_through_the_cascade(stack: Stack, simulator_url:
     assert (result["kind"], result["model"], result["attempts"]) == ("result", "sim-reasoning", 2)
     first, second = await rows(stack, request_id, 2)
     assert (first[3], first[4], second[3]) == ("draft", "rejected", "escalation")
+
+
+async def test_the_example_config_escalates_a_failing_draft(
+    stack_of: StackOf, simulator_url: str
+) -> None:
+    """config/examples/cascade.yaml as shipped: a maths question with no metadata goes to the
+    reasoning tier by the semantic stage, sim-light drafts, the draft is rejected, sim-reasoning
+    answers."""
+    text = (ROOT / "config" / "examples" / "cascade.yaml").read_text()
+    text = text.replace("${SWITCHBOARD_SIMULATOR_URL:-http://127.0.0.1:8090}", simulator_url)
+    text = text.replace(
+        "classifier: ../routes.json", f"classifier: {ROOT / 'config' / 'routes.json'}"
+    )
+    poor = await pick(simulator_url, MATHS, "poor")
+    async with stack_of(text, ["reasoning"]) as stack, openai_sdk(stack) as sdk:
+        answer = await sdk.chat.completions.with_raw_response.create(
+            model="switchboard/auto", messages=[{"role": "user", "content": poor}]
+        )
+        assert answer.headers["x-switchboard-tier"] == "reasoning"
+        assert answer.headers["x-switchboard-rule"] == "semantic:maths"
+        assert answer.parse().model == "sim-reasoning"
+        draft, escalation = await rows(stack, answer.headers["x-switchboard-request-id"], 2)
+    assert draft[1:5] == ["sim-light", "ok", "draft", "rejected"]
+    assert escalation[1:4] == ["sim-reasoning", "ok", "escalation"]
