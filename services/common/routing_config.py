@@ -657,25 +657,24 @@ def _classifier(path: Path, spec: RoutingConfig) -> ClassifierFile | None:
         classifier = ClassifierFile.read(where)
     except ValueError as exc:
         raise ConfigError(path, "semantic.classifier", str(exc)) from exc
-    if classifier.model != spec.semantic.model:
-        raise ConfigError(
-            path,
-            "semantic.classifier",
-            f"{where} was trained on {classifier.model!r} vectors, the stage uses "
-            f"{spec.semantic.model!r}",
+    stage = spec.semantic
+    wrong = []
+    if classifier.model != stage.model:
+        wrong.append(
+            f"{where} was trained on {classifier.model!r} vectors, the stage uses {stage.model!r}"
         )
-    if classifier.precision != spec.semantic.precision:
-        raise ConfigError(
-            path,
-            "semantic.classifier",
+    if classifier.precision != stage.precision:
+        wrong.append(
             f"{where} was trained on {classifier.precision} vectors, the stage runs at "
-            f"{spec.semantic.precision} (set semantic.precision, or train again)",
+            f"{stage.precision} (set semantic.precision, or train again)"
         )
-    for route, tier in classifier.routes:
-        if tier not in spec.tiers:
-            raise ConfigError(
-                path, "semantic.classifier", f"{where}: route {route!r} names unknown tier {tier!r}"
-            )
+    wrong += [
+        f"{where}: route {route!r} names unknown tier {tier!r}"
+        for route, tier in classifier.routes
+        if tier not in spec.tiers
+    ]
+    if wrong:
+        raise ConfigError(path, "semantic.classifier", wrong[0])
     return classifier
 
 

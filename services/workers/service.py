@@ -46,6 +46,7 @@ from schemas.v1 import (
     RoutedRequest,
     StreamChunk,
     StreamMark,
+    Usage,
 )
 from services.common import capabilities
 from services.common.capture import output_record
@@ -445,20 +446,14 @@ class TierService:
                 after.append(asyncio.create_task(self._mirror(routed, attempt, completion)))
             if after is not None and routed.capture:
                 after.append(asyncio.create_task(self._keep(routed, attempt, completion)))
-            return ChatResult(
-                request_id=routed.request_id,
-                tenant=request.metadata.tenant,
-                tier=self.tier,
-                model=attempt.spec.label,
-                provider=attempt.spec.provider,
-                rule=routed.rule,
-                config_hash=routed.config_hash,
-                attempts=attempt.index + 1,
-                latency_ms=(datetime.now(UTC) - routed.routed_at).total_seconds() * 1000,
-                completion={**completion.body, "model": attempt.spec.label},
-                usage=completion.usage,
-                cost_usd=completion.cost_usd,
-                stream=stream.mark if stream is not None else None,
+            return self._result(
+                routed,
+                attempt.spec,
+                attempt.index + 1,
+                {**completion.body, "model": attempt.spec.label},
+                completion.usage,
+                completion.cost_usd,
+                stream.mark if stream is not None else None,
             )
         if not errors and unable:
             return await self._refuse(routed, unable, delivery)
@@ -578,19 +573,31 @@ class TierService:
             mark = stream.mark
         if after is not None and routed.capture:
             after.append(asyncio.create_task(self._keep(routed, attempt, completion)))
+        return self._result(routed, spec, calls, body, completion.usage, cost, mark)
+
+    def _result(
+        self,
+        routed: RoutedRequest,
+        spec: ModelSpec,
+        attempts: int,
+        body: dict[str, Any],
+        usage: Usage,
+        cost_usd: float,
+        mark: StreamMark | None,
+    ) -> ChatResult:
         return ChatResult(
             request_id=routed.request_id,
-            tenant=request.metadata.tenant,
+            tenant=routed.request.metadata.tenant,
             tier=self.tier,
             model=spec.label,
             provider=spec.provider,
             rule=routed.rule,
             config_hash=routed.config_hash,
-            attempts=calls,
+            attempts=attempts,
             latency_ms=(datetime.now(UTC) - routed.routed_at).total_seconds() * 1000,
             completion=body,
-            usage=completion.usage,
-            cost_usd=cost,
+            usage=usage,
+            cost_usd=cost_usd,
             stream=mark,
         )
 

@@ -209,3 +209,40 @@ async def test_the_example_config_escalates_a_failing_draft(
         draft, escalation = await rows(stack, answer.headers["x-switchboard-request-id"], 2)
     assert draft[1:5] == ["sim-light", "ok", "draft", "rejected"]
     assert escalation[1:4] == ["sim-reasoning", "ok", "escalation"]
+
+
+async def test_a_judge_scores_drafts_the_other_checks_passed(
+    stack_of: StackOf, simulator_url: str
+) -> None:
+    """The judge (sim-balanced, asked for JSON {"score": n}) is called only for a draft that
+    passed the other checks; the simulator's JSON answer to that schema scores 0, under 7."""
+    judge = (
+        f"      judge: {{model: {{model: openai/sim-balanced, name: sim-balanced, "
+        f"api_base: '{simulator_url}/v1', capabilities: {{json_schema: true}}}}, "
+        "rubric: Answers the question asked, min_score: 7}\n"
+    )
+    text = config(simulator_url).replace(
+        "      verify: {refusals: true, min_chars: 20, json_valid: true}\n",
+        "      verify:\n        min_chars: 20\n" + judge.replace("      judge", "        judge"),
+    )
+    good = await pick(simulator_url, SUPPORT, "good")
+    poor = await pick(simulator_url, MATHS, "poor")
+    async with stack_of(text, ["careful"]) as stack, openai_sdk(stack) as sdk:
+        judged = await sdk.chat.completions.with_raw_response.create(
+            model="switchboard/auto", messages=[{"role": "user", "content": good}]
+        )
+        refused = await sdk.chat.completions.with_raw_response.create(
+            model="switchboard/auto", messages=[{"role": "user", "content": poor}]
+        )
+        assert judged.parse().model == "sim-reasoning"
+        assert judged.headers["x-switchboard-attempts"] == "3"
+        draft, judge_row, escalation = await rows(
+            stack, judged.headers["x-switchboard-request-id"], 3
+        )
+        # the poor draft failed a cheaper check first: no judge was asked
+        first, second = await rows(stack, refused.headers["x-switchboard-request-id"], 2)
+    assert draft[:6] == [0, "sim-light", "ok", "draft", "rejected", "judge score 0, under 7"]
+    assert judge_row[:4] == [1, "sim-balanced", "ok", "judge"]
+    assert escalation[:4] == [2, "sim-reasoning", "ok", "escalation"]
+    assert (first[3], first[4], second[3]) == ("draft", "rejected", "escalation")
+    assert first[5].startswith("refusal or doubt")

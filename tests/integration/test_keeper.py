@@ -140,6 +140,7 @@ async def _traffic(
             jobs = [
                 ChatRequest(
                     request_id=f"job-{uuid.uuid4().hex}",
+                    model="fast",  # the one tier this stack has a worker for
                     messages=[{"role": "user", "content": f"job {wave} {i}"}],
                 )
                 for i in range(6)
