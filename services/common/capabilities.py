@@ -51,14 +51,22 @@ class Capabilities:
     def fits(self, needs: Needs) -> bool:
         """Does the prompt fit the context window (an unknown window takes anything)?"""
         window = self.context_window
-        # a token is a byte at least: a prompt of fewer bytes fits without being counted
-        return window is None or needs.most_tokens <= window or needs.prompt_tokens <= window
+        # A token is a byte at least, and a character 4 bytes at most: a prompt that fits by
+        # those bounds is not counted (the count is a tokenizer pass).
+        if window is None or 4 * needs.chars <= window:
+            return True
+        return needs.most_tokens <= window or needs.prompt_tokens <= window
 
 
 @dataclass(frozen=True)
 class Needs:
     capabilities: tuple[str, ...]
-    text: str  # every message's text
+    texts: tuple[str, ...]  # each message's text
+    chars: int  # of the texts joined by newlines
+
+    @functools.cached_property
+    def text(self) -> str:
+        return "\n".join(self.texts)
 
     @functools.cached_property
     def prompt_tokens(self) -> int:
@@ -78,7 +86,8 @@ def needs(request: ChatRequest) -> Needs:
         wanted.append("json_schema")
     if any(m.image_count() for m in request.messages):
         wanted.append("vision")
-    return Needs(tuple(wanted), "\n".join(m.text() for m in request.messages))
+    texts = tuple(m.text() for m in request.messages)
+    return Needs(tuple(wanted), texts, sum(map(len, texts)) + max(len(texts) - 1, 0))
 
 
 @functools.lru_cache(maxsize=1)

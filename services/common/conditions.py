@@ -147,6 +147,7 @@ class _Node:
     pos: int
     literal: bool = False
     computed: bool = False
+    field: str | None = None  # the field this operand reads, when it is one
 
 
 class _Parser:
@@ -298,7 +299,7 @@ class _Parser:
 
     def field(self, name: str, pos: int) -> _Node:
         if name in self.fields:
-            return _Node(partial(_lookup, name), self.fields[name], pos)
+            return _Node(partial(_lookup, name), self.fields[name], pos, field=name)
         if self.tags and name.startswith(TAG_PREFIX):
             return _Node(partial(_lookup, name), str, pos)
         known = sorted(self.fields) + (["tags.<key>"] if self.tags else [])
@@ -410,7 +411,35 @@ def _compare(op: str, left: _Node, right: _Node, pos: int) -> _Node:
         a, b = lf(f), rf(f)
         return a is not None and b is not None and compare(a, b)
 
+    if left.field in BOUNDED and right.literal:
+        return _Node(_bounded(op, left.field, compare, ordered, rf), bool, pos)
     return _Node(ordered, bool, pos)
+
+
+# Fields whose value may cost something to compute (prompt_tokens: a tokenizer pass) and which
+# the features can bound from above for almost nothing (``upper_bound``): a comparison with a
+# number that the bound decides never computes the value.
+BOUNDED = frozenset({"prompt_tokens"})
+
+
+def _bounded(
+    op: str,
+    name: str,
+    compare: Callable[[Any, Any], bool],
+    exact: Predicate,
+    right: Predicate,
+) -> Predicate:
+    def run(f: Features) -> bool:
+        upper = getattr(f, "upper_bound", None)
+        hi, b = (upper(name) if upper else None), right(f)
+        if hi is not None and b is not None:
+            if op in ("<", "<=") and compare(hi, b):
+                return True  # value <= hi < b (or <= b)
+            if op in (">", ">=") and not compare(hi, b):
+                return False  # value <= hi <= b (or < b)
+        return bool(exact(f))
+
+    return run
 
 
 def _matches(left: _Node, right: _Node, pos: int) -> _Node:

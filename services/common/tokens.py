@@ -57,7 +57,8 @@ def count(text: str) -> int:
     if len(text) <= EXACT_CHARS:
         return len(encoding.encode_ordinary(text))
     sample = text[:SAMPLE_CHARS] + text[-SAMPLE_CHARS:]
-    return math.ceil(len(encoding.encode_ordinary(sample)) * len(text) / len(sample))
+    estimate = math.ceil(len(encoding.encode_ordinary(sample)) * len(text) / len(sample))
+    return min(estimate, len(text.encode()))  # a token is a byte at least
 
 
 def exact() -> bool:

@@ -71,21 +71,26 @@ class IngressHandler:
     async def __call__(self, records: Sequence[ConsumerRecord]) -> None:
         out: list[Outgoing] = []
         dead = 0
-        begun = [self._begin(record) for record in records]
-        waiting = [b for b in begun if isinstance(b, _Begun) and b.pending is not None]
-        if waiting:  # together: the semantic stage encodes the batch's texts in micro-batches
-            finished = await asyncio.gather(
-                *(self.router.finish(b.pending, b.config) for b in waiting if b.pending)
-            )
-            for b, decision in zip(waiting, finished, strict=True):
-                b.decision = decision
-        for record, outcome in zip(records, begun, strict=True):
-            refused = (
-                outcome if isinstance(outcome, Exception) else self._route(record, outcome, out)
-            )
+        waiting: list[tuple[ConsumerRecord, _Begun]] = []
+        for record in records:
+            begun = self._begin(record)
+            if isinstance(begun, _Begun) and begun.pending is not None:
+                waiting.append((record, begun))  # the semantic stage reads it, below
+                continue
+            refused = begun if isinstance(begun, Exception) else self._route(record, begun, out)
             if refused is not None:
                 out.extend(self._refusal(record, refused))
                 dead += 1
+        if waiting:  # together: the semantic stage encodes their texts in micro-batches
+            decisions = await asyncio.gather(
+                *(self.router.finish(b.pending, b.config) for _, b in waiting if b.pending)
+            )
+            for (record, begun), decision in zip(waiting, decisions, strict=True):
+                begun.decision = decision
+                refused = self._route(record, begun, out)
+                if refused is not None:
+                    out.extend(self._refusal(record, refused))
+                    dead += 1
         await self.publisher.publish_all(out)
         self.dead_letters += dead
         self.routed += len(records) - dead

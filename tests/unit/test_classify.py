@@ -109,3 +109,26 @@ def test_features_are_what_the_condition_language_documents() -> None:
     assert lazy.get("tags.missing") is None and lazy.get("nope", "dflt") == "dflt"
     with pytest.raises(KeyError):
         lazy["tags.missing"]
+
+
+@pytest.mark.parametrize("op", ["<", "<=", ">", ">="])
+@pytest.mark.parametrize("words", [1, 40, 499, 500, 501, 3000])
+def test_a_token_comparison_the_byte_bound_decides_never_counts(
+    op: str, words: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``prompt_tokens < N`` on a prompt of fewer than N bytes is true without a tokenizer
+    pass; where the bound cannot decide, the count does, and the answer is the same."""
+    from services.common import tokens
+    from services.common.conditions import compile_condition
+
+    request = chat({"role": "user", "content": " ".join(["word"] * words)})
+    exact = tokens.count(request.messages[0].text())
+    counted: list[int] = []
+    real = tokens.count
+    monkeypatch.setattr(tokens, "count", lambda text: counted.append(1) or real(text))
+    condition = compile_condition(f"prompt_tokens {op} 500")
+    got = condition.matches(Features(request))
+    assert got == {"<": exact < 500, "<=": exact <= 500, ">": exact > 500, ">=": exact >= 500}[op]
+    hi = len(request.messages[0].text().encode())  # tokens <= bytes
+    by_bound = {"<": hi < 500, "<=": hi <= 500, ">": hi <= 500, ">=": hi < 500}[op]
+    assert (not counted) == by_bound

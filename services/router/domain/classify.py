@@ -121,6 +121,16 @@ class Features(Mapping[str, Any]):
             self._texts = [m.text() for m in self.request.messages]
         return self._texts
 
+    def upper_bound(self, name: str) -> int | None:
+        """A cheap upper bound of a field the conditions may compare without computing it
+        (conditions.BOUNDED): a prompt has no more tokens than UTF-8 bytes."""
+        if name != "prompt_tokens" or name in self._cache:
+            return None
+        bound = self._cache.get("_prompt_bytes")
+        if bound is None:
+            bound = self._cache["_prompt_bytes"] = len(self.get("prompt").encode())
+        return int(bound)
+
     def get(self, name: str, default: Any = None) -> Any:
         cache = self._cache
         if name in cache:
