@@ -409,16 +409,17 @@ async def run_until_committed(
     return window
 
 
-def rules_only(bench: Bench, path: Path = CONFIG) -> Path:
-    """``path`` without its semantic stage, written to the scratch dir: the rule decisions this
-    scenario's targets are about (bench/semantic.py measures the stage)."""
+def rules_only(directory: Path, path: Path = CONFIG) -> Path:
+    """``path`` without its semantic stage, written into ``directory``: the rule decisions this
+    scenario's targets are about (bench/semantic.py measures the stage; tests/unit/test_evaluate.py
+    holds the eval's arithmetic to rule decisions)."""
     import yaml
 
     raw = yaml.safe_load(path.read_text())
     raw.pop("semantic", None)
     for rule in raw.get("rules", []):
         rule.pop("after_semantic", None)
-    out = bench.work_dir / f"rules-only-{path.name}"
+    out = directory / f"rules-only-{path.name}"
     out.write_text(yaml.safe_dump(raw, sort_keys=False))
     return out
 
@@ -466,7 +467,7 @@ def run(bench: Bench) -> Section:
     # kept the router waiting half the time, with 300k routing fell to a few hundred a second,
     # the broker at 80-90% CPU), so the run stays at a size where the router is the limit.
     messages = bench.scale(100_000, 2_000)
-    config = load_config(rules_only(bench))
+    config = load_config(rules_only(bench.work_dir))
     stages = time_stages(request_payloads(bench.scale(100_000, 5_000), seed=11), config)
     overhead = experiment_overhead(
         request_payloads(bench.scale(20_000, 2_000), seed=13),

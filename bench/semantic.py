@@ -28,24 +28,21 @@ from typing import Any
 
 from bench.common import ROOT, Bench, Section, percentile
 from bench.decisions import CONFIG, request_payload, route_all, rules_only
-from schemas.v1 import AUTO_MODEL, ChatRequest
+from schemas.v1 import ChatRequest
 from services.common.routing_config import load_config
 from services.router.adapters.embedder import Encoder
 from services.router.domain.classify import classify
 from services.router.domain.semantic import text_of
 from services.router.stage import SemanticStage
+from switchboard.evaluate import load_items
 
 EVAL_SET = ROOT / "eval" / "routing-set.jsonl"
 BATCHES = (1, 4, 16)
 
 
 def eval_requests() -> list[ChatRequest]:
-    out = []
-    for line in EVAL_SET.read_text().splitlines():
-        raw = json.loads(line)
-        messages = raw.get("messages") or [{"role": "user", "content": raw["prompt"]}]
-        out.append(ChatRequest.model_validate({"model": AUTO_MODEL, "messages": messages}))
-    return out
+    tiers = load_config(CONFIG).tier_names
+    return [item.request for item in load_items(EVAL_SET, tiers)]
 
 
 def decision_cost(requests: list[ChatRequest]) -> dict[str, Any]:
@@ -57,11 +54,8 @@ def decision_cost(requests: list[ChatRequest]) -> dict[str, Any]:
     startup_s = time.perf_counter() - started
     if stage is None:
         raise RuntimeError(f"{CONFIG} has no semantic section")
+    semantic = stage.matcher(config)
     try:
-
-        def semantic(pending: Any) -> Any:
-            return stage.match_now(pending, config)
-
         for request in requests[:20]:
             classify(request, config, semantic)
         on, off = [], []
@@ -158,7 +152,7 @@ def run(bench: Bench) -> Section:
     messages = bench.scale(4_000, 300)
     payloads = unique_payloads(messages * 15, seed=17)
     runs = {
-        "off": (load_config(rules_only(bench)), payloads),
+        "off": (load_config(rules_only(bench.work_dir)), payloads),
         "on": (load_config(CONFIG), payloads[:messages]),
     }
     routers: dict[str, Any] = {}

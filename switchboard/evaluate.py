@@ -135,7 +135,7 @@ def route_all(items: Sequence[Item], config: LoadedConfig) -> list[Routed]:
     """Each item's decision, and the time it took (the fastest of ``TIMING_ROUNDS``; with a
     semantic stage, of 2, each encoding the text afresh)."""
     stage = SemanticStage.for_config(config)
-    semantic = None if stage is None else (lambda pending: stage.match_now(pending, config))
+    semantic = None if stage is None else stage.matcher(config)
     rounds = TIMING_ROUNDS if stage is None else 2
     best = [math.inf] * len(items)
     decisions = [classify(item.request, config, semantic) for item in items]  # and a warm-up

@@ -192,23 +192,23 @@ class TierCapabilities:
             )
 
 
-def largest_window(config: LoadedConfig) -> tuple[str, int] | None:
-    """The model with the largest known context window of any tier: (label, tokens)."""
-    known = [
+def _windows(config: LoadedConfig) -> list[tuple[str, int]]:
+    """Every model of the config whose context window is known: (label, tokens)."""
+    return [
         (spec.label, window)
         for tier in config.spec.tiers.values()
         for spec in tier.models
         if (window := of(spec).context_window) is not None
     ]
+
+
+def largest_window(config: LoadedConfig) -> tuple[str, int] | None:
+    """The model with the largest known context window of any tier: (label, tokens)."""
+    known = _windows(config)
     return max(known, key=lambda k: k[1]) if known else None
 
 
 def smallest_window(config: LoadedConfig) -> int | None:
     """The smallest known context window of the config's models (``fits_context``'s bound)."""
-    known = [
-        window
-        for tier in config.spec.tiers.values()
-        for spec in tier.models
-        if (window := of(spec).context_window) is not None
-    ]
-    return min(known) if known else None
+    known = _windows(config)
+    return min(w for _, w in known) if known else None

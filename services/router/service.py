@@ -16,7 +16,14 @@ from services.common.capture import input_record
 from services.common.control import LiveExperiments
 from services.common.kafka import Outgoing, Publisher
 from services.common.routing_config import LoadedConfig, TierSpec
-from services.router.domain.classify import PINNED, Decision, Pending, first_stage, settle
+from services.router.domain.classify import (
+    PINNED,
+    Decision,
+    Pending,
+    classify,
+    first_stage,
+    settle,
+)
 from services.router.domain.images import MAX_IMAGE_BYTES, check_images
 from services.router.stage import SemanticStage
 
@@ -130,8 +137,7 @@ class Router:
         check_images(request, self.max_image_bytes)
         if decided is None:
             config = self.config
-            stage = first_stage(request, config)
-            decision = stage if isinstance(stage, Decision) else settle(stage, config, None)
+            decision = classify(request, config)
         else:
             decision, config = decided
         tier = config.tier(decision.tier)

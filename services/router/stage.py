@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
@@ -103,6 +104,10 @@ class SemanticStage:
         routes = self._routes(config)
         vector = self.batcher.encode_now([pending.text])
         return routes.best(vector, _signals(routes, pending))[0]
+
+    def matcher(self, config: LoadedConfig) -> Callable[[Pending], Match]:
+        """``match_now`` for ``config``: what ``classify`` takes as its semantic stage."""
+        return functools.partial(self.match_now, config=config)
 
     def close(self) -> None:
         self.batcher.close()

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import partial
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -398,31 +399,34 @@ def _known_model(name: str, state: SimulatorState) -> str:
     return model
 
 
-def _forced_fault(request: Request) -> FaultKind | None:
-    value = request.headers.get(FAULT_HEADER)
+E = TypeVar("E", bound=StrEnum)
+
+
+def _header_choice(request: Request, header: str, choices: type[E]) -> E | None:
+    """The member of ``choices`` the header names (None: no header); another value is a 400
+    naming the header and what it takes."""
+    value = request.headers.get(header)
     if value is None:
         return None
     try:
-        return FaultKind(value.strip().lower())
+        return choices(value.strip().lower())
     except ValueError:
-        allowed = ", ".join(k.value for k in FaultKind)
+        allowed = ", ".join(c.value for c in choices)
         raise SimulatorError(
-            400, f"Invalid {FAULT_HEADER} {value!r}; one of: {allowed}.", param=FAULT_HEADER
+            400, f"Invalid {header} {value!r}; one of: {allowed}.", param=header
         ) from None
+
+
+def _forced_fault(request: Request) -> FaultKind | None:
+    return _header_choice(request, FAULT_HEADER, FaultKind)
 
 
 def _prompt_class(request: Request, body: ChatCompletionRequest) -> PromptClass:
     """The class the request's header names, else the classifier's, of the last user message."""
-    value = request.headers.get(CLASS_HEADER)
-    if value is None:
-        return classify(last_user_text([m.model_dump() for m in body.messages]))
-    try:
-        return PromptClass(value.strip().lower())
-    except ValueError:
-        allowed = ", ".join(c.value for c in PromptClass)
-        raise SimulatorError(
-            400, f"Invalid {CLASS_HEADER} {value!r}; one of: {allowed}.", param=CLASS_HEADER
-        ) from None
+    forced = _header_choice(request, CLASS_HEADER, PromptClass)
+    if forced is not None:
+        return forced
+    return classify(last_user_text([m.model_dump() for m in body.messages]))
 
 
 def _count_served(state: SimulatorState, answer: _Answer) -> None:

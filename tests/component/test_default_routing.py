@@ -43,7 +43,7 @@ def test_a_request_with_no_metadata_goes_where_its_text_says(
 ) -> None:
     config, stage = shipped
     request = ChatRequest(messages=[{"role": "user", "content": prompt}])
-    decision = classify(request, config, lambda pending: stage.match_now(pending, config))
+    decision = classify(request, config, stage.matcher(config))
     assert decision.tier == tier
     if route != "any":  # the route the classifier names (any fast route will do for support)
         assert decision.rule == f"semantic:{route}"

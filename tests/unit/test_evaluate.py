@@ -7,26 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from bench.decisions import rules_only
 from services.common.routing_config import LoadedConfig, load_config
 from switchboard import evaluate as ev
 from switchboard.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 LONG = "Please summarise this report. " + "The quarter went well overall. " * 20
-
-
-def rules_only(directory: Path) -> Path:
-    """config/simulated.yaml without its semantic stage: the rules alone decide, so these
-    tests hold the eval's arithmetic to known decisions (the stage's are tested below)."""
-    raw = yaml.safe_load((ROOT / "config" / "simulated.yaml").read_text())
-    raw.pop("semantic")
-    for rule in raw["rules"]:
-        rule.pop("after_semantic", None)
-    path = directory / "rules-only.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 @pytest.fixture(scope="module")

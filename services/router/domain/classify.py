@@ -3,6 +3,7 @@ or the default."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -169,16 +170,10 @@ def features(request: ChatRequest) -> dict[str, Any]:
 PINNED = "pinned"  # the rule of a request that named a model
 
 
-_WINDOWS: dict[str, int | None] = {}
-
-
+@functools.lru_cache(maxsize=8)
 def _window(config: LoadedConfig) -> int | None:
     """The config's smallest context window, worked out once per config."""
-    if config.hash not in _WINDOWS:
-        if len(_WINDOWS) > 64:
-            _WINDOWS.clear()
-        _WINDOWS[config.hash] = smallest_window(config)
-    return _WINDOWS[config.hash]
+    return smallest_window(config)
 
 
 @dataclass(frozen=True)
