@@ -43,7 +43,10 @@ async def test_a_chunked_upload_over_the_limit_gets_a_413_and_is_not_kept(
         tracemalloc.stop()
     assert resp.status_code == 413, resp.text
     assert resp.json()["error"]["code"] == "request_too_large"
-    assert kept_mib < 1, f"{kept_mib:.1f} MiB kept of a {sent} MiB upload"
+    # The stack's other parts run in this process too: a Kafka consumer's fetch in flight at the
+    # second reading holds up to 1 MiB (aiokafka's max_partition_fetch_bytes). A kept body would
+    # be 8 MiB (the limit) or more.
+    assert kept_mib < 4, f"{kept_mib:.1f} MiB kept of a {sent} MiB upload"
 
 
 async def upload(stack: Stack, body: AsyncIterator[bytes]) -> httpx.Response:
