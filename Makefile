@@ -29,10 +29,19 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -e '.[dev,bench,semantic]'
 	touch $(STAMP)
 
+# Debian's Chromium: the browser test of the report page (tests/e2e/test_report_page.py) opens
+# it headless. Installed once, with apt-get (sudo when not root).
+CHROMIUM := /usr/bin/chromium
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 up: setup
 	$(VENV)/bin/switchboard up
 
-test: setup
+test: setup $(CHROMIUM)
 	$(PY) -m pytest -n 3 --dist loadgroup --durations=15 -m 'not serial'
 	$(PY) -m pytest -m serial
 	$(PY) -m faults

@@ -30,6 +30,7 @@ from bench import (
     ingest,
     jobs,
     redis_sizing,
+    report,
     semantic,
     startup,
     stream,
@@ -51,6 +52,7 @@ SCENARIOS: dict[str, Callable[[Bench], Section]] = {
     "metrics": ingest.run,
     "jobs": jobs.run,
     "redis": redis_sizing.run,
+    "report": report.run,
 }
 
 

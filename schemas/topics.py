@@ -15,6 +15,10 @@ DECISIONS_TABLE = "decisions"
 SHADOW_TABLE = "llm_shadow"
 FEEDBACK_TABLE = "llm_feedback"
 PAYLOADS_TABLE = "llm_payloads"
+# llm_events by minute, tier, model, variant and config (a materialized view feeds it)
+EVENTS_1M_TABLE = "llm_events_1m"
+# the ClickHouse schema migrations applied (services/metrics/adapters/migrations.py)
+MIGRATIONS_TABLE = "schema_migrations"
 # what a query of llm_payloads carries to the metrics query endpoint (`switchboard sql --payloads`)
 PAYLOADS_HEADER = "x-switchboard-payloads"
 DEFAULT_DATABASE = "switchboard"

@@ -590,6 +590,8 @@ AttemptStatus = Literal["ok", "error", "timeout", "rate_limited", "skipped", "cu
 
 
 CascadeStep = Literal["", "draft", "judge", "escalation"]
+# AttemptEvent.input_noise: '' or names of lower-case words joined by commas
+INPUT_NOISE_FORM = r"^([a-z_]+(,[a-z_]+)*)?$"
 
 
 class AttemptEvent(_Message):
@@ -641,6 +643,22 @@ class AttemptEvent(_Message):
     )
     verdict_reason: str = Field(
         default="", max_length=500, description="What the draft failed, or 'passed'."
+    )
+    retry: int = Field(
+        default=0,
+        ge=0,
+        le=ATTEMPT_MAX,
+        description="0 on the first try of this model within the request, then 1, 2, ...",
+    )
+    input_noise: str = Field(
+        default="",
+        max_length=100,
+        pattern=INPUT_NOISE_FORM,
+        description="Why the input counts as noisy, comma-separated (tagged, truncated, garbled, "
+        "very_long), or '' for a clean one.",
+    )
+    context_window: TokenCount = Field(
+        default=0, description="The model's maximum input tokens; 0 when unknown."
     )
 
 

@@ -11,18 +11,24 @@ Where the answer comes from, in order:
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import sys
-from datetime import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from schemas.topics import EVENTS_TABLE, PAYLOADS_HEADER, PAYLOADS_TABLE
+from schemas.topics import PAYLOADS_HEADER, PAYLOADS_TABLE
 from services.metrics.config import MetricsSettings
-from services.metrics.domain.report import cascade_sql, decision_matrix_sql
+from services.metrics.domain import report
+from services.metrics.domain.report import ReportError, parse_when
+from switchboard import progress
 
 STACK_FILE = "stack.json"
 
@@ -116,7 +122,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def format_table(columns: list[str], rows: list[list[Any]]) -> str:
+def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     numeric = [
@@ -124,7 +130,7 @@ def format_table(columns: list[str], rows: list[list[Any]]) -> str:
         for i in range(len(columns))
     ]
 
-    def line(values: list[str]) -> str:
+    def line(values: Sequence[str]) -> str:
         return "  ".join(
             v.rjust(w) if numeric[i] else v.ljust(w)
             for i, (v, w) in enumerate(zip(values, widths, strict=True))
@@ -153,31 +159,96 @@ def sql_command(sql: str, fmt: str = "table", payloads: bool = False) -> int:
     return 0
 
 
-def report_command(hours: float, fmt: str = "table", cascades: bool = False) -> int:
-    """The decision matrix; in a table, then the cascades' figures when there are any.
-    ``cascades``: only those (the way to have them as JSON)."""
+@dataclass(frozen=True)
+class ReportArgs:
+    since: str = "24h"
+    until: str | None = None
+    tenant: str | None = None
+    fmt: str = "table"
+    output: str | None = None
+    source: str = "auto"
+    cascades: bool = False
+
+
+def _answers(asked: dict[str, str], settings: MetricsSettings) -> report.Results:
+    results: report.Results = {}
+    with progress.steps("report", len(asked)) as advance:
+        for name, sql in asked.items():
+            results[name] = run_query(sql, settings)
+            advance(what=name)
+    return results
+
+
+def _write(text: str, output: str | None) -> None:
+    if output is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return
+    Path(output).write_text(text, encoding="utf-8")
+    print(f"report: wrote {output} ({len(text.encode()) / 1e6:.1f} MB)", file=sys.stderr)
+
+
+def _csv(found: report.Report) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(found.columns)
+    writer.writerows([["" if v is None else v for v in row] for row in found.rows()])
+    return out.getvalue()
+
+
+def report_command(args: ReportArgs) -> int:
+    """The decision matrix (table, csv, json, or an html page with charts); in a table, then
+    the cascades' figures when there are any. ``cascades``: only those."""
     settings = MetricsSettings()
-    table = f"{settings.clickhouse_database}.{EVENTS_TABLE}"
+    db = settings.clickhouse_database
+    now = datetime.now(UTC)
     try:
-        if not cascades:
-            columns, rows = run_query(decision_matrix_sql(table, hours), settings)
-        if cascades or fmt == "table":
-            cascade_columns, cascade_rows = run_query(cascade_sql(table, hours), settings)
-    except QueryFailed as exc:
+        window = report.Window(
+            parse_when(args.since, now),
+            parse_when(args.until, now) if args.until else now,
+            args.tenant,
+        )
+        source = report.choose_source(window, args.source, now)
+        if args.cascades:
+            columns, rows = run_query(report.cascade_sql(db, window), settings)
+            if args.fmt == "table":
+                print(f"Cascades, {window.describe()} (cost and time per request, all its calls):")
+            _print(columns, rows, "json" if args.fmt == "json" else "table")
+            return 0
+        asked = report.queries(db, window, source, charts=args.fmt == "html")
+        if args.fmt == "table":
+            asked["cascades"] = report.cascade_sql(db, window)
+        results = _answers(asked, settings)
+    except (QueryFailed, ReportError) as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 1
-    if cascades:
-        if fmt == "table":
-            print(f"Cascades, last {hours:g} h (cost and time per request, all its calls):")
-        _print(cascade_columns, cascade_rows, fmt)
-        return 0
-    if fmt == "table":
-        print(f"Decision matrix, last {hours:g} h (latency over successful attempts, ms):")
-    _print(columns, rows, fmt)
-    if fmt == "table" and cascade_rows:
-        print(
-            f"\nCascades, last {hours:g} h: drafts rejected and escalated, and cost and time per "
-            "request (all its calls) against the strong model alone (from the escalated requests):"
-        )
-        _print(cascade_columns, cascade_rows, fmt)
+    found = report.assemble(window, source, results)
+    if args.fmt == "html":
+        from services.metrics.domain.report_html import render
+
+        _write(render(found), args.output)
+    elif args.fmt == "csv":
+        _write(_csv(found), args.output)
+    elif args.fmt == "json":
+        _write(json.dumps(found.matrix, default=str, indent=2), args.output)
+    else:
+        _print_matrix(found, results["cascades"])
     return 0
+
+
+def _print_matrix(found: report.Report, cascades: tuple[list[str], list[list[Any]]]) -> None:
+    title = f"Decision matrix, {found.window.describe()}, from {found.source}:"
+    columns = [c for c in found.columns if c != "notes"]
+    rows = [row[:-1] for row in found.rows()]
+    progress.print_table(columns, rows, format_table, title)
+    notes = [(i, row["notes"]) for i, row in enumerate(found.matrix, 1) if row["notes"]]
+    if notes:
+        print("Blank figures, by row:")
+        for i, note in notes:
+            print(f"  {i}: {note}")
+    cascade_columns, cascade_rows = cascades
+    if cascade_rows:
+        print(
+            "\nCascades: drafts rejected and escalated, and cost and time per request (all its "
+            "calls) against the strong model alone (from the escalated requests):"
+        )
+        _print(cascade_columns, cascade_rows, "table")

@@ -9,7 +9,7 @@ switchboard canary status [NAME]     experiments: share in force, status, recent
 switchboard canary promote|rollback|pause|resume NAME
 switchboard simulator                the provider simulator (not a model)
 switchboard sql "<query>"            read-only SQL on the metrics store, printed as a table
-switchboard report [--hours H]       the decision matrix per tier and model, and cascades
+switchboard report [--since 24h]     the decision matrix (table, csv, json, or html with charts)
 switchboard check-config [PATH]      validate a routing config and print its hash
 switchboard eval DATA.jsonl          score a routing config on labelled prompts
 switchboard train DATA.jsonl -o F    fit the semantic stage's route classifier
@@ -194,9 +194,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="allow a query of llm_payloads (captured prompts and answers, redacted)",
     )
-    report = sub.add_parser("report", help="decision matrix per tier and model")
-    report.add_argument("--hours", type=float, default=24.0, help="look back this many hours")
-    report.add_argument("--format", choices=["table", "json"], default="table")
+    report = sub.add_parser(
+        "report",
+        help="decision matrix per tier, model, variant and config",
+        description="Latency (p50/p95/p99, TTFT), error rate on all and on noisy inputs, cost "
+        "per 1k tokens, context-window use, fallback and escalation rates, per tier, model, "
+        "variant and config hash. --format html draws the charts into one self-contained page.",
+    )
+    report.add_argument(
+        "--since", default="24h", help="start: a duration back from now (30m, 24h, 7d) or ISO time"
+    )
+    report.add_argument("--until", default=None, help="end, the same way (default: now)")
+    report.add_argument("--hours", type=float, default=None, help="the same as --since <H>h")
+    report.add_argument("--tenant", default=None, help="only this tenant's requests")
+    report.add_argument("--format", choices=["table", "csv", "json", "html"], default="table")
+    report.add_argument("-o", "--output", default=None, help="write to this file, not stdout")
+    report.add_argument(
+        "--source",
+        choices=["auto", "events", "aggregate"],
+        default="auto",
+        help="llm_events (exact, 7 days, per tenant) or llm_events_1m (per minute); auto: the "
+        "aggregate for ranges over 24 h",
+    )
     report.add_argument(
         "--cascades", action="store_true", help="only the cascade tiers' escalation figures"
     )
@@ -286,11 +305,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         from switchboard.train import train_command
 
         return train_command(args.data, args.output, args.config, args.folds)
-    from switchboard.analyst import report_command, sql_command
+    from switchboard.analyst import ReportArgs, report_command, sql_command
 
     if args.command == "sql":
         return sql_command(args.query, args.format, args.payloads)
-    return report_command(args.hours, args.format, args.cascades)
+    if args.format == "html" and not args.output:
+        parser.error("report --format html: name the file with -o FILE")
+    return report_command(
+        ReportArgs(
+            since=f"{args.hours:g}h" if args.hours is not None else args.since,
+            until=args.until,
+            tenant=args.tenant,
+            fmt=args.format,
+            output=args.output,
+            source=args.source,
+            cascades=args.cascades,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from services.common.capabilities import litellm_entry, needs
 from services.common.routing_config import LoadedConfig, ModelSpec
 from services.router.domain.classify import classify
 from services.router.stage import SemanticStage
+from switchboard import progress
 from switchboard.analyst import format_table
 
 DEFAULT_OUTPUT_TOKENS = 250.0  # output tokens per answer when the metrics store has none
@@ -138,12 +139,17 @@ def route_all(items: Sequence[Item], config: LoadedConfig) -> list[Routed]:
     semantic = None if stage is None else stage.matcher(config)
     rounds = TIMING_ROUNDS if stage is None else 2
     best = [math.inf] * len(items)
-    decisions = [classify(item.request, config, semantic) for item in items]  # and a warm-up
-    for _ in range(rounds):
-        for i, item in enumerate(items):
-            start = time.perf_counter_ns()
-            classify(item.request, config, semantic)
-            best[i] = min(best[i], (time.perf_counter_ns() - start) / 1000)
+    with progress.steps("eval: routing the prompts", len(items) * (1 + rounds)) as advance:
+        decisions = []
+        for item in items:  # and a warm-up
+            decisions.append(classify(item.request, config, semantic))
+            advance()
+        for _ in range(rounds):
+            for i, item in enumerate(items):
+                start = time.perf_counter_ns()
+                classify(item.request, config, semantic)
+                best[i] = min(best[i], (time.perf_counter_ns() - start) / 1000)
+                advance()
     if stage is not None:
         stage.close()
     return [
@@ -412,7 +418,8 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}%"
 
 
-def render(report: Report) -> str:
+def render(report: Report, format_table: progress.TableText = format_table) -> str:
+    """The report as text; ``format_table`` draws each table (plain, or rich on a terminal)."""
     s = report.scores
     tiers = [t.tier for t in s.tiers]
     out = [
@@ -558,7 +565,7 @@ def eval_command(
     if fmt == "json":
         print(json.dumps(report.as_dict(), indent=2))
     else:
-        print(render(report))
+        print(render(report, progress.table_text(format_table)))
     if min_accuracy is not None and report.scores.accuracy < min_accuracy:
         print(
             f"eval: accuracy {_pct(report.scores.accuracy)} is below {_pct(min_accuracy)}",

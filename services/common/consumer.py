@@ -15,6 +15,8 @@ caller where there is one) and the partition moves on. A batch that fails so is 
 record at fault is alone. On shutdown, in-flight work gets ``drain_timeout_s`` to finish; what does
 not finish is not committed and is redelivered to the next owner. A fetch or commit loop that
 dies stops the process (``retry.supervise``) rather than leave its partitions held and unread.
+While they run, both report their partitions' lag (``telemetry.watch_lag``: the
+switchboard_kafka_consumer_lag gauge, computed when ``/metrics`` is scraped).
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
+from services.common import telemetry
 from services.common.fences import is_filler
 from services.common.kafka import METADATA_MAX_AGE_MS
 from services.common.offsets import OffsetTracker
@@ -83,6 +87,62 @@ def consumer_not_ready(consumer: ConcurrentConsumer | BatchConsumer, group: str)
     if not consumer.assigned.is_set():
         return f"joining consumer group {group}: no partition assignment received yet"
     return None
+
+
+class CommitPoints:
+    """Per assigned partition, where the group's commit point is known to be: the offset of the
+    first record fetched since the partition came (a fetch starts at the commit point), then
+    each commit of this member. What ``partition_lags`` subtracts from the highwater."""
+
+    def __init__(self) -> None:
+        self.points: dict[TopicPartition, int] = {}
+
+    def fetched(self, tp: TopicPartition, records: Sequence[ConsumerRecord]) -> None:
+        if records and tp not in self.points:
+            self.points[tp] = records[0].offset
+
+    def committed(self, points: Mapping[Any, int]) -> None:
+        self.points.update(points)
+
+    def forget(self, tps: Iterable[TopicPartition]) -> None:
+        for tp in tps:
+            self.points.pop(tp, None)
+
+
+def partition_lags(consumer: AIOKafkaConsumer, points: CommitPoints) -> list[tuple[str, int, int]]:
+    """(topic, partition, lag) of each partition assigned to ``consumer`` whose lag is known:
+    the highwater its last fetch saw, less the commit point (``points``; for a partition nothing
+    was fetched from yet, the fetch position, which is where the group's commit point left it).
+    A partition not fetched yet has no highwater and is left out. Runs on the event loop (a
+    scrape), between the consumer's own steps: nothing changes under it.
+    """
+    lags = []
+    for tp in consumer.assignment():
+        try:
+            high = consumer.highwater(tp)
+        except AssertionError:  # no longer assigned
+            continue
+        done = points.points.get(tp)
+        if done is None:
+            done = _fetch_position(consumer, tp)
+        if high is None or done is None:
+            continue
+        lags.append((tp.topic, tp.partition, max(high - done, 0)))
+    return lags
+
+
+def _fetch_position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """The offset ``consumer`` fetches ``tp`` from next, or None while it is being reset.
+
+    aiokafka's public ``position()`` is a coroutine that may wait for the reset; a scrape must
+    not wait, so this reads the subscription state it keeps (private: this function is the only
+    place that does, and it answers None if that state is not where it was in aiokafka 0.14).
+    """
+    try:
+        state = consumer._subscription.subscription.assignment.state_value(tp)
+        return int(state.position) if state is not None and state.has_valid_position else None
+    except (AttributeError, AssertionError, KeyError, TypeError):
+        return None
 
 
 async def close_consumer(consumer: AIOKafkaConsumer) -> None:
@@ -198,6 +258,8 @@ class ConcurrentConsumer:
         self._poison = _Poison(on_poison, self._stopping)
         self._loop_task: asyncio.Task[None] | None = None
         self._commit_task: asyncio.Task[None] | None = None
+        self._group = group_id
+        self._points = CommitPoints()
         self.assigned = asyncio.Event()
 
     @property
@@ -205,9 +267,14 @@ class ConcurrentConsumer:
         """Records handed to ``on_poison`` (dead-lettered) since the start."""
         return self._poison.count
 
+    def lags(self) -> list[tuple[str, int, int]]:
+        """``partition_lags`` of this consumer (switchboard_kafka_consumer_lag)."""
+        return partition_lags(self._consumer, self._points)
+
     async def start(self) -> None:
         self._consumer.subscribe(self._topics, listener=_Rebalance(self))
         await self._consumer.start()
+        telemetry.watch_lag(self._group, self)
         self._loop_task = asyncio.create_task(self._fetch_loop(), name="consume")
         self._commit_task = asyncio.create_task(self._commit_loop(), name="commit")
         supervise(self._loop_task, "the Kafka fetch loop", self._stopping)
@@ -231,6 +298,7 @@ class ConcurrentConsumer:
                 continue
             batches = await self._consumer.getmany(timeout_ms=200, max_records=free)
             for tp, records in batches.items():
+                self._points.fetched(tp, records)
                 for record in records:
                     self._tracker.started(tp, record.offset)
                     if is_filler(record):
@@ -241,6 +309,7 @@ class ConcurrentConsumer:
                     self._tasks[task] = tp
             for tp in await self._lost_partitions(self._consumer):
                 self._tracker.forget(tp)  # its offsets start again at the beginning
+                self._points.forget([tp])
 
     async def _process(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         what = f"handling {tp.topic}[{tp.partition}]@{record.offset}"
@@ -270,6 +339,7 @@ class ConcurrentConsumer:
         try:
             await self._consumer.commit(dict(points))  # type: ignore[arg-type]
             self._tracker.committed(points)
+            self._points.committed(points)
         except Exception as exc:  # a rebalance in progress; the next commit carries it
             log.warning("commit failed (%s); will retry with the next completion", exc)
             self._finished.set()
@@ -285,6 +355,7 @@ class ConcurrentConsumer:
         await self._commit()
         for tp in revoked:
             self._tracker.forget(tp)
+        self._points.forget(revoked)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -306,6 +377,7 @@ class ConcurrentConsumer:
                 "since the previous commit will be delivered again",
                 LAST_COMMIT_S,
             )
+        telemetry.forget_lag(self)
         await close_consumer(self._consumer)
 
 
@@ -326,6 +398,7 @@ class _BatchRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         await self.owner.release()
+        self.owner._points.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         if self.owner.on_assign is not None:
@@ -446,6 +519,8 @@ class BatchConsumer:
         self._poison = _Poison(on_poison, self._stopping)
         self._fetch_task: asyncio.Task[None] | None = None
         self._commit_task: asyncio.Task[None] | None = None
+        self._group = group_id
+        self._points = CommitPoints()
         self.assigned = asyncio.Event()
 
     @property
@@ -453,9 +528,14 @@ class BatchConsumer:
         """Records handed to ``on_poison`` (dead-lettered) since the start."""
         return self._poison.count
 
+    def lags(self) -> list[tuple[str, int, int]]:
+        """``partition_lags`` of this consumer (switchboard_kafka_consumer_lag)."""
+        return partition_lags(self._consumer, self._points)
+
     async def start(self) -> None:
         self._consumer.subscribe(self._topics, listener=_BatchRebalance(self))
         await self._consumer.start()
+        telemetry.watch_lag(self._group, self)
         self._fetch_task = asyncio.create_task(self._fetch_loop(), name="consume-batch")
         self._commit_task = asyncio.create_task(self._commit_loop(), name="commit-batch")
         supervise(self._fetch_task, "the Kafka fetch loop", self._stopping)
@@ -468,7 +548,7 @@ class BatchConsumer:
 
     async def _fetch_loop(self) -> None:
         while not self._stopping.is_set():
-            await self._lost_partitions(self._consumer)
+            self._points.forget(await self._lost_partitions(self._consumer))
             await self._slots.acquire()
             try:
                 records, points = await self._gather()
@@ -500,6 +580,7 @@ class BatchConsumer:
                 timeout_ms=min(left_ms, 200), max_records=self._max_records - len(records)
             )
             for tp, recs in batches.items():
+                self._points.fetched(tp, recs)
                 if recs:
                     records.extend(r for r in recs if not is_filler(r))
                     points[tp] = recs[-1].offset + 1
@@ -569,6 +650,8 @@ class BatchConsumer:
                 await self._consumer.commit(points)
             except (CommitFailedError, IllegalStateError) as exc:
                 log.warning("batch not committed, its partitions moved (%s); redelivered", exc)
+            else:
+                self._points.committed(points)
 
         try:
             await retry_transient("committing", commit, self._stopping)
@@ -609,4 +692,5 @@ class BatchConsumer:
             if self._batches:
                 await asyncio.wait([b.task for b in self._batches])
             await cancel_and_wait(self._commit_task)
+        telemetry.forget_lag(self)
         await close_consumer(self._consumer)

@@ -1,4 +1,5 @@
-"""Process plumbing shared by the services: logging, signals, the HTTP server, health routes."""
+"""Process plumbing shared by the services: logging, signals, the HTTP server, health routes,
+``GET /metrics``."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from typing import Any
 
 import uvicorn
 import uvloop
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.common import retry
@@ -138,6 +140,17 @@ def health_routes(not_ready: NotReady) -> list[Route]:
         return JSONResponse({"status": "ready"})
 
     return [Route("/health", health), Route("/ready", ready)]
+
+
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: this process's series in Prometheus' text format (docs/metrics.md).
+    No key, like ``/health``: it carries counts and timings, never a request's content."""
+    return Response(generate_latest(REGISTRY), headers={"content-type": CONTENT_TYPE_LATEST})
+
+
+def metrics_route() -> Route:
+    """The ``/metrics`` route every service's HTTP app mounts beside ``health_routes``."""
+    return Route("/metrics", metrics)
 
 
 class PortInUse(OSError):

@@ -18,7 +18,13 @@ from services.common.config_watch import ConfigWatch
 from services.common.control import ControlReader, ensure_control_topic
 from services.common.kafka import ProducerPublisher, ensure_topics
 from services.common.routing_config import LoadedConfig, load_config
-from services.common.runtime import health_routes, serve_until_signal, start_http, stop_http
+from services.common.runtime import (
+    health_routes,
+    metrics_route,
+    serve_until_signal,
+    start_http,
+    stop_http,
+)
 from services.controller.adapters.figures import EndpointFigures
 from services.controller.adapters.leader import Leadership
 from services.controller.config import ControllerSettings
@@ -118,7 +124,7 @@ async def run(settings: ControllerSettings) -> None:
     app = ControllerApp(settings)
     http = None
     if settings.controller_port:
-        web = Starlette(routes=health_routes(app.not_ready))
+        web = Starlette(routes=[*health_routes(app.not_ready), metrics_route()])
         http = await start_http(web, settings.controller_host, settings.controller_port)
     try:
         await app.start()

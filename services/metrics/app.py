@@ -2,7 +2,9 @@
 
 The query endpoint exists because an embedded (chDB) store can be opened by one process only:
 while the metrics service owns it, ``switchboard sql`` and ``switchboard report`` ask here. It
-also answers ``GET /health`` and ``GET /ready`` (``MetricsApp.not_ready`` says what ready means).
+also answers ``GET /report`` (the decision matrix and its charts, services/metrics/report_endpoint.py),
+``GET /health``, ``GET /ready`` (``MetricsApp.not_ready`` says what ready means) and
+``GET /metrics`` (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from schemas.topics import PAYLOADS_HEADER, PAYLOADS_TABLE
+from schemas.topics import DEFAULT_DATABASE, PAYLOADS_HEADER, PAYLOADS_TABLE
 from services.common import fences
 from services.common.consumer import BatchConsumer, consumer_not_ready
 from services.common.kafka import KafkaBatchPublisher, ensure_topics
@@ -27,6 +29,7 @@ from services.common.runtime import (
     HttpServer,
     NotReady,
     health_routes,
+    metrics_route,
     serve_until_signal,
     start_http,
     stop_http,
@@ -34,6 +37,7 @@ from services.common.runtime import (
 from services.metrics.adapters.store import ClickHouseStore, EventStore
 from services.metrics.config import MetricsSettings
 from services.metrics.handlers import BatchHandler, RecordsHandler
+from services.metrics.report_endpoint import report_route
 
 log = logging.getLogger("switchboard.metrics")
 MAX_SQL_BYTES = 100_000
@@ -46,7 +50,10 @@ async def _ready_anyway() -> None:
 
 
 def query_app(
-    store: EventStore, token: str | None, not_ready: NotReady = _ready_anyway
+    store: EventStore,
+    token: str | None,
+    not_ready: NotReady = _ready_anyway,
+    database: str = DEFAULT_DATABASE,
 ) -> Starlette:
     async def query(request: Request) -> Response:
         if token and not secrets.compare_digest(
@@ -83,7 +90,14 @@ def query_app(
         payload = json.dumps({"columns": columns, "rows": rows}, default=str)
         return Response(payload, media_type="application/json")
 
-    return Starlette(routes=[Route("/query", query, methods=["POST"]), *health_routes(not_ready)])
+    return Starlette(
+        routes=[
+            Route("/query", query, methods=["POST"]),
+            report_route(store, token, database),
+            *health_routes(not_ready),
+            metrics_route(),
+        ]
+    )
 
 
 class MetricsApp:
@@ -162,7 +176,7 @@ class MetricsApp:
         token = (
             self.settings.metrics_token.get_secret_value() if self.settings.metrics_token else None
         )
-        app = query_app(self.store, token, self.not_ready)
+        app = query_app(self.store, token, self.not_ready, self.settings.clickhouse_database)
         self._http = await start_http(app, self.settings.metrics_host, self.settings.metrics_port)
 
     @property

@@ -17,6 +17,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from schemas.control import Feedback
 from schemas.topics import Topics
+from services.common import telemetry
 from services.common.deadletter import from_record
 from services.common.kafka import BatchPublisher, Outgoing
 from services.common.retry import Transient
@@ -113,6 +114,7 @@ class BatchHandler:
         letter = from_record(record, self.name, exc).model_dump_json().encode()
         await self.publisher.publish_all([Outgoing(self.topics.dead_letter, letter)])
         self.dead_letters += 1
+        telemetry.dead_lettered("metrics", record.topic)
 
     async def __call__(self, records: Sequence[ConsumerRecord]) -> None:
         assignment = self._unsettled.assignment
@@ -123,6 +125,7 @@ class BatchHandler:
         table = await self._not_stored(decoded, records)
         await self.store.insert_table(table, dedup_token(table.column("event_id").combine_chunks()))
         self.inserted += table.num_rows
+        telemetry.EVENTS_WRITTEN.inc(table.num_rows)
         if decoded.refused:
             letters = [
                 from_record(records[i], self.name, exc).model_dump_json().encode()
@@ -132,6 +135,8 @@ class BatchHandler:
                 [Outgoing(self.topics.dead_letter, v) for v in letters]
             )
             self.dead_letters += len(letters)
+            for i, _ in decoded.refused:
+                telemetry.dead_lettered("metrics", records[i].topic)
         self._unsettled.settle(records, assignment)
 
     async def _not_stored(self, decoded: Decoded, records: Sequence[ConsumerRecord]) -> pa.Table:
@@ -196,6 +201,7 @@ class RecordsHandler:
                 ]
                 await self.publisher.publish_all(letters)
                 self.refused += len(letters)
+                telemetry.dead_lettered("metrics", topic, len(letters))
 
     async def _feedback_refusals(self, feedback: list[Feedback]) -> list[str | None]:
         ids = sorted({f.request_id for f in feedback})
@@ -220,6 +226,7 @@ class RecordsHandler:
         letter = from_record(record, self.name, exc).model_dump_json().encode()
         await self.publisher.publish_all([Outgoing(self.topics.dead_letter, letter)])
         self.dead_letters += 1
+        telemetry.dead_lettered("metrics", record.topic)
 
 
 class FeedbackTooEarly(Transient):

@@ -31,6 +31,7 @@ class ApiError(Exception):
         code: str | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        upstream: bool = False,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = (
@@ -41,6 +42,7 @@ class ApiError(Exception):
             param,
         )
         self.headers = headers
+        self.upstream = upstream  # the worker side's error (a ChatError), not the router's
 
     def body(self) -> dict[str, Any]:
         return {
@@ -75,7 +77,15 @@ def from_outcome(error: ChatError) -> ApiError:
     headers = {"x-switchboard-request-id": error.request_id}
     if error.tier:
         headers["x-switchboard-tier"] = error.tier
-    return ApiError(status, error.message, type=kind, code=error.code, param=param, headers=headers)
+    return ApiError(
+        status,
+        error.message,
+        type=kind,
+        code=error.code,
+        param=param,
+        headers=headers,
+        upstream=True,
+    )
 
 
 def key_reused() -> ApiError:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,6 +14,7 @@ from aiokafka import ConsumerRecord
 from pydantic import TypeAdapter, ValidationError
 
 from schemas.v1 import ChatError, ChatRequest, Reply, StreamChunk
+from services.common import telemetry
 from services.common.capabilities import MissingCapability
 from services.common.deadletter import describe, from_record
 from services.common.kafka import BatchPublisher, Outgoing, Publisher
@@ -49,6 +52,7 @@ class _Begun:
     config: LoadedConfig
     decision: Decision | None = None
     pending: Pending | None = None
+    rules_s: float = 0.0  # how long the rules took (the semantic stage's time is added to it)
 
 
 class IngressHandler:
@@ -70,30 +74,52 @@ class IngressHandler:
 
     async def __call__(self, records: Sequence[ConsumerRecord]) -> None:
         out: list[Outgoing] = []
-        dead = 0
+        # (tier, status) → requests: counted once the batch is published
+        tally: Counter[tuple[str, telemetry.RouterStatus]] = Counter()
         waiting: list[tuple[ConsumerRecord, _Begun]] = []
         for record in records:
             begun = self._begin(record)
-            if isinstance(begun, _Begun) and begun.pending is not None:
+            if isinstance(begun, Exception):
+                self._count(record, begun, out, tally)
+            elif begun.pending is not None:
                 waiting.append((record, begun))  # the semantic stage reads it, below
-                continue
-            refused = begun if isinstance(begun, Exception) else self._route(record, begun, out)
-            if refused is not None:
-                out.extend(self._refusal(record, refused))
-                dead += 1
+            else:
+                telemetry.decided(begun.rules_s)
+                self._count(record, self._route(record, begun, out), out, tally)
         if waiting:  # together: the semantic stage encodes their texts in micro-batches
-            decisions = await asyncio.gather(
-                *(self.router.finish(b.pending, b.config) for _, b in waiting if b.pending)
-            )
+            decisions = await asyncio.gather(*(self._finish(b) for _, b in waiting))
             for (record, begun), decision in zip(waiting, decisions, strict=True):
                 begun.decision = decision
-                refused = self._route(record, begun, out)
-                if refused is not None:
-                    out.extend(self._refusal(record, refused))
-                    dead += 1
+                self._count(record, self._route(record, begun, out), out, tally)
         await self.publisher.publish_all(out)
+        dead = sum(n for (_, status), n in tally.items() if status != "routed")
         self.dead_letters += dead
         self.routed += len(records) - dead
+        telemetry.router_handled(tally)
+        if dead:
+            telemetry.dead_lettered("router", self.router.topics.ingress, dead)
+
+    def _count(
+        self,
+        record: ConsumerRecord,
+        routed: str | Exception,
+        out: list[Outgoing],
+        tally: Counter[tuple[str, telemetry.RouterStatus]],
+    ) -> None:
+        """Tally ``record``, routed to a tier or refused (its refusal appended to ``out``)."""
+        if isinstance(routed, Exception):
+            out.extend(self._refusal(record, routed))
+            tally["", "rejected" if _bad_input(routed) else "error"] += 1
+        else:
+            tally[routed, "routed"] += 1
+
+    async def _finish(self, begun: _Begun) -> Decision:
+        """The semantic stage's part of ``begun``'s decision, timed with the rules' part."""
+        assert begun.pending is not None
+        started = time.perf_counter()
+        decision = await self.router.finish(begun.pending, begun.config)
+        telemetry.decided(begun.rules_s + time.perf_counter() - started)
+        return decision
 
     def _begin(self, record: ConsumerRecord) -> _Begun | Exception:
         """``record`` parsed and decided by the rules; ``_Begun`` when the semantic stage is
@@ -108,17 +134,18 @@ class IngressHandler:
                     "'stream': true is served over HTTP (server-sent events); a Kafka job's "
                     "answer is one ChatResult on the results topic: omit 'stream'"
                 )
+            started = time.perf_counter()
             stage, config = self.router.begin(request)
+            rules_s = time.perf_counter() - started
         except Exception as exc:  # pure computation: whatever fails is this record's
             return exc
         if isinstance(stage, Pending):
-            return _Begun(request, config, pending=stage)
-        return _Begun(request, config, decision=stage)
+            return _Begun(request, config, pending=stage, rules_s=rules_s)
+        return _Begun(request, config, decision=stage, rules_s=rules_s)
 
-    def _route(
-        self, record: ConsumerRecord, begun: _Begun, out: list[Outgoing]
-    ) -> Exception | None:
-        """Append what ``begun`` turns into to ``out``; the exception when it is a dead letter."""
+    def _route(self, record: ConsumerRecord, begun: _Begun, out: list[Outgoing]) -> str | Exception:
+        """Append what ``begun`` turns into to ``out``: the tier it is routed to; the exception
+        when it is a dead letter."""
         payload: bytes | None = record.value
         request = begun.request
         assert begun.decision is not None
@@ -135,7 +162,7 @@ class IngressHandler:
             out.append(self.router.encode(routed, payload))
             if (kept := self.router.captured(routed)) is not None:
                 out.append(kept)
-            return None
+            return routed.tier
         except Exception as exc:  # routing is pure computation: whatever fails is this record's
             return exc
 
@@ -146,18 +173,9 @@ class IngressHandler:
         letter = from_record(record, self.name, exc)
         out = [Outgoing(topics.dead_letter, letter.model_dump_json().encode())]
         if request_id := _request_id_of(record.value):
-            refused = isinstance(
-                exc,
-                ValidationError
-                | UnknownModel
-                | BadImage
-                | MissingCapability
-                | TooLarge
-                | NotStreamed,
-            )
             error = ChatError(
                 request_id=request_id,
-                code="invalid_request" if refused else "internal_error",
+                code="invalid_request" if _bad_input(exc) else "internal_error",
                 message=describe(exc),
             )
             out.append(
@@ -169,6 +187,15 @@ class IngressHandler:
         """The consumer's ``on_poison``: a record the batch failed on for no transient reason."""
         await self.publisher.publish_all(self._refusal(record, exc))
         self.dead_letters += 1
+        telemetry.router_handled({("", "rejected" if _bad_input(exc) else "error"): 1})
+        telemetry.dead_lettered("router", record.topic)
+
+
+def _bad_input(exc: Exception) -> bool:
+    """Is ``exc`` the request's own fault (``invalid_request``), not the router's?"""
+    return isinstance(
+        exc, ValidationError | UnknownModel | BadImage | MissingCapability | TooLarge | NotStreamed
+    )
 
 
 class ReplyHandler:
@@ -190,6 +217,7 @@ class ReplyHandler:
             log.error("unreadable reply dead-lettered: %s", describe(exc))
             await self.publisher.publish(self.dead_letter, from_record(record, self.name, exc))
             self.dead_letters += 1
+            telemetry.dead_lettered("router", record.topic)
             return
         if isinstance(reply, StreamChunk):
             self.replies.chunk(reply)

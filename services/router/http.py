@@ -36,10 +36,12 @@ from schemas.v1 import (
 from services.common import capabilities
 from services.common.capabilities import MissingCapability
 from services.common.routing_config import LoadedConfig
+from services.common.runtime import metrics
 from services.router.domain.classify import UnknownModel
 from services.router.domain.images import BadImage
 from services.router.errors import ApiError, from_outcome, invalid, key_reused, param_path
 from services.router.replies import ReplyTopics
+from services.router.request_metrics import Note, RequestMetrics, note_of
 from services.router.service import (
     KeyReused,
     PendingReplies,
@@ -47,7 +49,13 @@ from services.router.service import (
     fingerprint,
     idempotent_request_id,
 )
-from services.router.streaming import RelayResponse, StreamRelay, error_event, until_disconnect
+from services.router.streaming import (
+    DONE,
+    RelayResponse,
+    StreamRelay,
+    error_event,
+    until_disconnect,
+)
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +240,10 @@ def _deadline_passed(routed: RoutedRequest) -> ApiError:
     )
 
 
-async def _answer(ctx: HttpContext, chat: ChatRequest, reply_to: str) -> JSONResponse:
+async def _answer(ctx: HttpContext, chat: ChatRequest, reply_to: str, note: Note) -> JSONResponse:
     content = fingerprint(chat) if chat.metadata.idempotency_key else None
     routed = await _route(ctx, chat, reply_to, content)
+    note.tier = routed.tier
     future, first = _expect(ctx, chat, content)
     try:
         if first:
@@ -256,6 +265,7 @@ async def _stream(
     reply_to: str,
     release: Callable[[], None],
     receive: Callable[[], Awaitable[Any]],
+    note: Note,
 ) -> Response:
     """``stream=true``: publish, wait for the first chunk (an error before it is an ordinary
     HTTP error, with its status), then answer with the events (services/router/streaming.py).
@@ -264,6 +274,7 @@ async def _stream(
     content = fingerprint(chat) if chat.metadata.idempotency_key else None
     try:
         routed = await _route(ctx, chat, reply_to, content)
+        note.tier = routed.tier
         future, first = _expect(ctx, chat, content)
     except BaseException:
         release()
@@ -301,6 +312,8 @@ async def _stream(
             if ctx.replies.callers(chat.request_id) <= 1 and not future.done():
                 await _cancel(ctx, chat.request_id)
             return Response(status_code=499)  # nobody reads it
+        if ended and opening[-1] != DONE:  # whole, and still not an answer (a broken stream's)
+            note.status = "error"
         headers = {
             "x-switchboard-request-id": chat.request_id,
             "x-switchboard-tier": routed.tier,
@@ -308,9 +321,10 @@ async def _stream(
             "x-switchboard-rule": routed.rule,
             "x-switchboard-config-hash": routed.config_hash,
         }
-        events = _events(relay, opening, ended, queue, future, deadline, routed)
+        events = _events(relay, opening, ended, queue, future, deadline, routed, note)
 
         async def left() -> None:
+            note.status = "cancelled"
             # the last caller of the request left before its end: stop the model call
             if ctx.replies.callers(chat.request_id) <= 1 and not future.done():
                 await _cancel(ctx, chat.request_id)
@@ -401,23 +415,32 @@ async def _events(
     future: asyncio.Future[Outcome],
     deadline: float,
     routed: RoutedRequest,
+    note: Note,
 ) -> AsyncIterator[bytes]:
+    """The events after the opening ones; a stream that ends without ``[DONE]`` (an error
+    event) sets the request's ``note.status``."""
     for event in opening:
         yield event
     while not ended:
         try:
             item = await _next_reply(queue, future, deadline)
         except ApiError as exc:  # the wait was failed for every caller (the broker went away)
+            note.status = "unavailable" if exc.status == 503 else "error"
             yield error_event(exc)
             return
         if item is None:
+            note.status = "timeout"
             yield error_event(_deadline_passed(routed))
             return
         if isinstance(item, StreamChunk):
             for event in relay.take(item):
                 yield event
             continue
-        for event in relay.finish(item):
+        last = relay.finish(item)
+        if not last or last[-1] != DONE:
+            deadline_passed = isinstance(item, ChatError) and item.code == "deadline_exceeded"
+            note.status = "timeout" if deadline_passed else "error"
+        for event in last:
             yield event
         ended = True
 
@@ -528,6 +551,7 @@ def api(ctx: HttpContext) -> APIRouter:
     async def chat_completions(body: ChatCompletionBody, request: Request) -> Response:
         chat = to_chat_request(body, request.headers.get("idempotency-key"))
         request.state.request_id = chat.request_id  # for the 500 of an unexpected error
+        note = note_of(request)  # what RequestMetrics counts the request as
         # the reply topic (generation) is kept while this caller waits on it: for a stream,
         # until its response ends
         reply_to = ctx.reply_topics.take()
@@ -536,9 +560,14 @@ def api(ctx: HttpContext) -> APIRouter:
             if chat.stream:
                 handed = True  # _stream releases it: at once, or when its response ends
                 return await _stream(
-                    ctx, chat, reply_to, lambda: ctx.reply_topics.release(reply_to), request.receive
+                    ctx,
+                    chat,
+                    reply_to,
+                    lambda: ctx.reply_topics.release(reply_to),
+                    request.receive,
+                    note,
                 )
-            return await _answer(ctx, chat, reply_to)
+            return await _answer(ctx, chat, reply_to, note)
         finally:
             if not handed:
                 ctx.reply_topics.release(reply_to)
@@ -559,6 +588,8 @@ def api(ctx: HttpContext) -> APIRouter:
             return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    # no key, like /health: counts and timings only (docs/metrics.md)
+    routes.add_route("/metrics", metrics, include_in_schema=False)
     return routes
 
 
@@ -575,6 +606,8 @@ _HTTP_CODES = {
 def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        if exc.upstream:
+            note_of(request).upstream = True
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -612,6 +645,7 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
 
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
     app.add_middleware(UnexpectedErrors)
+    app.add_middleware(RequestMetrics)  # outermost: it sees every answer, the 413s and 500s too
 
 
 class UnexpectedErrors:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from schemas.control import CapturedPayload
 from schemas.topics import Topics
 from schemas.v1 import CancelRequest, ChatRequest, Outcome, RoutedRequest, StreamChunk
+from services.common import telemetry
 from services.common.capabilities import MissingCapability, TierCapabilities, largest_window
 from services.common.capture import input_record
 from services.common.control import LiveExperiments
@@ -104,9 +106,11 @@ class Router:
 
     async def decide(self, request: ChatRequest) -> tuple[Decision, LoadedConfig]:
         """The tier for ``request`` and the config that chose it (``begin``, then ``finish``)."""
+        started = time.perf_counter()
         stage, config = self.begin(request)
         if isinstance(stage, Pending):
-            return await self.finish(stage, config), config
+            stage = await self.finish(stage, config)
+        telemetry.decided(time.perf_counter() - started)
         return stage, config
 
     def route(

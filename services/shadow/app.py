@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 
 from schemas.control import ShadowRequest
-from services.common import fences
+from services.common import fences, telemetry
 from services.common.config_watch import ConfigWatch
 from services.common.consumer import ConcurrentConsumer, consumer_not_ready
 from services.common.deadletter import from_record
@@ -24,6 +24,7 @@ from services.common.routing_config import LoadedConfig, load_config
 from services.common.runtime import (
     HttpServer,
     health_routes,
+    metrics_route,
     serve_until_signal,
     start_http,
     stop_http,
@@ -82,6 +83,7 @@ class ShadowApp:
         letter = from_record(record, self.name, exc)
         await self.publisher.publish(self.settings.topics.dead_letter, letter)
         self.dead_letters += 1
+        telemetry.dead_lettered("shadow", record.topic)
 
     async def not_ready(self) -> str | None:
         if self._phase != "running":
@@ -90,7 +92,7 @@ class ShadowApp:
 
     async def start(self) -> None:
         if self.settings.shadow_port:
-            web = Starlette(routes=health_routes(self.not_ready))
+            web = Starlette(routes=[*health_routes(self.not_ready), metrics_route()])
             self._http = await start_http(web, self.settings.shadow_host, self.settings.shadow_port)
         topics = self.settings.topics
         await ensure_topics(

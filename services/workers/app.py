@@ -1,7 +1,7 @@
 """``WorkerApp(settings)``: one tier's worker, wired; ``run(settings)``: serve until a signal.
 
-With ``worker_port`` set, the worker answers ``GET /health`` and ``GET /ready`` there
-(``WorkerApp.not_ready`` says what ready means).
+With ``worker_port`` set, the worker answers ``GET /health``, ``GET /ready`` and ``GET /metrics``
+there (``WorkerApp.not_ready`` says what ready means; docs/metrics.md lists the series).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from services.common.routing_config import load_config
 from services.common.runtime import (
     HttpServer,
     health_routes,
+    metrics_route,
     serve_until_signal,
     start_http,
     stop_http,
@@ -113,7 +114,7 @@ class WorkerApp:
     async def start(self) -> None:
         """Serve ``/health`` and ``/ready`` first (alive, not ready while the rest starts)."""
         if self.settings.worker_port:
-            app = Starlette(routes=health_routes(self.not_ready))
+            app = Starlette(routes=[*health_routes(self.not_ready), metrics_route()])
             self._http = await start_http(app, self.settings.worker_host, self.settings.worker_port)
         try:
             await self._start_consuming()

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from schemas.topics import Topics
 from schemas.v1 import ChatError, RoutedRequest
+from services.common import telemetry
 from services.common.deadletter import describe, from_record
 from services.common.kafka import Publisher
 from services.workers.service import KeyReused, TierService
@@ -33,6 +34,7 @@ class RecordHandler:
     ) -> None:
         self.service, self.publisher, self.topics, self.name = service, publisher, topics, name
         self.dead_letters = 0
+        self.metrics = telemetry.TierMetrics(service.tier)
 
     async def __call__(self, record: ConsumerRecord) -> None:
         try:
@@ -41,14 +43,19 @@ class RecordHandler:
             letter = from_record(record, self.name, exc)
             await self.publisher.publish(self.topics.dead_letter, letter)
             self.dead_letters += 1
+            telemetry.dead_lettered("worker", record.topic)
+            self.metrics.finished("rejected")
             return
-        await self.service.process(routed, f"{record.topic}:{record.partition}:{record.offset}")
+        delivery = f"{record.topic}:{record.partition}:{record.offset}"
+        self.metrics.finished(await self.service.process(routed, delivery))
 
     async def poisoned(self, record: ConsumerRecord, exc: Exception) -> None:
         """The consumer's ``on_poison``: handling ``record`` failed for no transient reason.
         Dead-letter it and answer its caller, so neither the partition nor the caller waits."""
         await self.publisher.publish(self.topics.dead_letter, from_record(record, self.name, exc))
         self.dead_letters += 1
+        telemetry.dead_lettered("worker", record.topic)
+        self.metrics.finished("rejected" if isinstance(exc, KeyReused) else "error")
         try:
             routed = parse(record.value, self.service.tier, self.topics)
         except (ValidationError, Misrouted):

@@ -41,6 +41,7 @@ from schemas.v1 import (
     AttemptStatus,
     CascadeStep,
     ChatError,
+    ChatRequest,
     ChatResult,
     Outcome,
     RoutedRequest,
@@ -48,7 +49,7 @@ from schemas.v1 import (
     StreamMark,
     Usage,
 )
-from services.common import capabilities
+from services.common import capabilities, telemetry
 from services.common.capture import output_record
 from services.common.config_watch import Refused as ConfigRefused
 from services.common.deadletter import dead_letter
@@ -60,11 +61,17 @@ from services.common.routing_config import (
     ModelSpec,
     TierSpec,
 )
-from services.workers.adapters.llm import Completion, ModelClient, supported_parameters
+from services.common.telemetry import WorkerStatus
+from services.workers.adapters.llm import (
+    Completion,
+    DeltaListener,
+    ModelClient,
+    supported_parameters,
+)
 from services.workers.adapters.outcomes import OutcomeStore, Sending, Stored
 from services.workers.adapters.sent import DELIVERY_HEADER, SentCheck
 from services.workers.cancels import Cancels
-from services.workers.domain import policy, verifier
+from services.workers.domain import noise, policy, verifier
 from services.workers.domain.verifier import Verdict
 from services.workers.errors import ModelCallError, RateLimited
 from services.workers.stream import ChunkStream
@@ -106,6 +113,23 @@ def is_final(outcome: Outcome) -> bool:
     return isinstance(outcome, ChatResult) or not outcome.retryable
 
 
+# error codes whose request is not counted as a plain error (switchboard_worker_requests_total)
+_ERROR_STATUS: dict[str, WorkerStatus] = {
+    "deadline_exceeded": "timeout",
+    "cancelled": "cancelled",
+    "model_not_found": "rejected",
+    "unsupported_parameter": "rejected",
+    "unsupported_capability": "rejected",
+}
+
+
+def finished(outcome: Outcome) -> WorkerStatus:
+    """The status a request answered with ``outcome`` is counted under."""
+    if isinstance(outcome, ChatResult):
+        return "ok"
+    return _ERROR_STATUS.get(outcome.code, "error")
+
+
 class TierService:
     def __init__(
         self,
@@ -125,7 +149,8 @@ class TierService:
         self._setup = _Setup.of(config, tier)
         self.topics = topics
         self.publisher = publisher
-        self.client = client
+        self.metrics = telemetry.TierMetrics(tier)
+        self.client = _InFlight(client, self.metrics.in_flight)
         self.outcomes = outcomes
         self.sent = sent
         self.topic_exists = topic_exists
@@ -157,14 +182,15 @@ class TierService:
             raise ConfigRefused(f"it has no tier {self.tier!r}, which this worker serves")
         self._setup = _Setup.of(config, self.tier)
 
-    async def process(self, routed: RoutedRequest, delivery: str) -> None:
-        """Answer ``routed``, which arrived as ``delivery`` (``topic:partition:offset``)."""
+    async def process(self, routed: RoutedRequest, delivery: str) -> WorkerStatus:
+        """Answer ``routed``, which arrived as ``delivery`` (``topic:partition:offset``); what
+        became of it (switchboard_worker_requests_total's status)."""
         request_id = routed.request_id
         key = routed.outcome_key or request_id
         async with self._one_sender(delivery):
             stored, note = await self.outcomes.lookup(key, request_id, delivery)
             if note is not None and await self._answered(request_id, delivery, note):
-                return
+                return "duplicate"
             if stored is not None and stored.fingerprint and routed.fingerprint:
                 if stored.fingerprint != routed.fingerprint:
                     raise KeyReused(
@@ -176,7 +202,7 @@ class TierService:
                 self.replayed += 1
                 # a note read above is this worker's now (its own, or taken over)
                 await self._send_once(routed, previous, delivery, noted=note is not None)
-                return
+                return "replayed"
         # The successful attempt's event is published, then the outcome stored, then the answer
         # sent. A redelivery after a crash finds the outcome stored (and then answers from it)
         # only if the event is already on the events topic, so a crash cannot lose the event.
@@ -187,7 +213,7 @@ class TierService:
         try:
             outcome = await self._answer(routed, events, delivery, after)
             if outcome is None:
-                return  # re-routed to the fallback tier, which answers
+                return "rerouted"  # to the fallback tier, which answers
             payload = outcome.model_dump_json().encode()
             await asyncio.gather(*events)
             async with self._one_sender(delivery):
@@ -199,8 +225,9 @@ class TierService:
                 else:
                     earlier = await self.outcomes.sending(request_id, delivery, routed.reply_to)
                 if earlier is not None and await self._answered(request_id, delivery, earlier):
-                    return
+                    return "duplicate"
                 await self._publish(routed.reply_to, outcome, request_id, delivery)
+                return finished(outcome)
         finally:
             if events or after:
                 await asyncio.gather(*events, *after)
@@ -390,6 +417,8 @@ class TierService:
                 )
             if attempt.retry and errors and not errors[-1].transient:
                 continue  # a permanent error: this model will not change its mind
+            if errors and not attempt.retry:
+                self.metrics.fallbacks.inc()  # the next model of the tier, after a failure
             if attempt.retry:
                 await asyncio.sleep(policy.backoff_s(setup.spec, attempt.retry))
             timeout = policy.attempt_timeout(setup.spec, attempt.spec, left)
@@ -475,6 +504,7 @@ class TierService:
                 }
             )
             topic = self.topics.tier(fallback)
+            self.metrics.fallbacks.inc()
             async with self._one_sender(delivery):
                 earlier = await self.outcomes.sending(routed.request_id, delivery, topic)
                 if earlier is None or not await self._answered(
@@ -781,6 +811,7 @@ class TierService:
                 exc=Refused(error.message),
             )
             await self.publisher.publish(self.topics.dead_letter, letter, key=routed.request_id)
+            telemetry.dead_lettered("worker", topic)
         return error
 
     def _error(
@@ -823,6 +854,8 @@ class TierService:
         ``setup``: the config the attempt was made on (default: the one in force); in a cascade,
         the step and (on the draft's row) the verifier's verdict."""
         usage = completion.usage if completion else None
+        setup = setup or self._setup
+        able = setup.abilities.get(attempt.spec)
         event = AttemptEvent(
             request_id=routed.request_id,
             tier=self.tier,
@@ -841,13 +874,46 @@ class TierService:
             cost_usd=completion.cost_usd if completion else 0.0,
             response_sha256=policy.sha256_text(completion.text) if completion else "",
             tenant_hash=policy.tenant_hash(routed.request.metadata.tenant),
-            worker_config_hash=(setup or self._setup).config.hash,
+            worker_config_hash=setup.config.hash,
             cascade_step=cascade_step,
             verdict="" if verdict is None else ("accepted" if verdict.accepted else "rejected"),
             verdict_reason="" if verdict is None else verdict.reason[:500],
+            retry=attempt.retry,
+            input_noise=noise.input_noise(routed.request),
+            context_window=(able[0].context_window or 0) if able else 0,
             **_experiment_columns(routed),
         )
+        self.metrics.call(
+            event.model,
+            event.status,
+            event.latency_ms / 1000,
+            ttft_s=None if event.ttft_ms is None else event.ttft_ms / 1000,
+            tokens_in=event.tokens_in,
+            tokens_out=event.tokens_out,
+            cost_usd=event.cost_usd,
+            retry=attempt.retry > 0,
+        )
         await self.publisher.publish(self.topics.events, event, key=routed.request_id)
+
+
+class _InFlight:
+    """A ``ModelClient`` whose calls in flight are counted on ``gauge``."""
+
+    def __init__(self, client: ModelClient, gauge: Any) -> None:
+        self._client, self._gauge = client, gauge
+
+    async def complete(
+        self,
+        spec: ModelSpec,
+        request: ChatRequest,
+        timeout_s: float,
+        on_delta: DeltaListener | None = None,
+    ) -> Completion:
+        self._gauge.inc()
+        try:
+            return await self._client.complete(spec, request, timeout_s, on_delta)
+        finally:
+            self._gauge.dec()
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,59 @@ from openai import OpenAI
 from pydantic import BaseModel
 
 from services.common.routing_config import load_config
+from services.metrics.adapters.migrations import MIGRATIONS
 from switchboard.embedded import free_port
 from tests.e2e.canary_walkthrough import walk_through_a_canary
+from tests.e2e.test_report_page import rendered_charts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def check_report_page(up: Up, data_dir: Path, state: dict[str, Any]) -> None:
+    """The page from the CLI renders in Chromium; the metrics service serves it too, behind its
+    key; every migration is recorded; the router exposes Prometheus series."""
+    page = data_dir / "r.html"
+    made = subprocess.run(
+        [sys.executable, "-m", "switchboard.cli", "report", "--format", "html", "-o", str(page)],
+        cwd=ROOT,
+        env={**up.env, "SWITCHBOARD_DATA_DIR": str(data_dir)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert made.returncode == 0, made.stderr
+    charts = rendered_charts(page)
+    assert all(charts.drawn[name] for name in ("latency-cdf", "over-time", "cost", "window-use"))
+    assert {"sim-light", "sim-reasoning"} <= charts.legends["latency-cdf"]
+    assert not charts.drawn["canary"]  # no experiment ran: the chart says so instead
+
+    url, token = state["metrics_url"], state["metrics_token"]
+    assert httpx.get(f"{url}/report", timeout=30).status_code == 401
+    key = {"authorization": f"Bearer {token}"}
+    served = httpx.get(f"{url}/report", params={"since": "1h"}, headers=key, timeout=60)
+    assert served.status_code == 200 and 'id="chart-latency-cdf"' in served.text
+    rows = httpx.get(f"{url}/report", params={"format": "json"}, headers=key, timeout=60).json()
+    assert {(r["tier"], r["model"]) for r in rows} == {
+        ("fast", "sim-light"),
+        ("reasoning", "sim-reasoning"),
+    }
+    refused = httpx.get(f"{url}/report", params={"sinse": "1h"}, headers=key, timeout=30)
+    assert (refused.status_code, refused.json()["error"]["param"]) == (400, "sinse")
+
+    applied = httpx.post(
+        f"{url}/query",
+        json={"sql": "SELECT version FROM switchboard.schema_migrations FINAL ORDER BY version"},
+        headers=key,
+        timeout=30,
+    ).json()["rows"]
+    assert [v for (v,) in applied] == [m.version for m in MIGRATIONS]
+
+    exposed = httpx.get(
+        state["ready_urls"]["router"].removesuffix("/ready") + "/metrics", timeout=10
+    )
+    assert "switchboard_router_requests_total" in exposed.text
+    assert "switchboard_router_request_duration_seconds_bucket" in exposed.text
 
 
 class Up:
@@ -267,9 +315,11 @@ def test_up_routes_with_the_openai_sdk_records_rows_and_stops_clean(
     for (tier, _), row in matrix.items():
         assert (row["requests"], row["attempts"], float(row["error_rate"])) == (1, 1, 0.0)
         assert 0 < float(row["p50_ms"]) <= float(row["p95_ms"]) <= float(row["p99_ms"])
-        assert float(row["total_cost_usd"]) >= 0 and int(row["output_tokens"]) > 0
+        assert float(row["cost_usd"]) >= 0 and int(row["tokens_out"]) > 0
+        assert 0 < row["window_use_max"] < 1  # the simulator's models have known windows
         if tier in usage:  # what the caller was told it used is what the row holds
-            assert int(row["input_tokens"]) + int(row["output_tokens"]) == usage[tier]
+            assert int(row["tokens_in"]) + int(row["tokens_out"]) == usage[tier]
+    check_report_page(up, data_dir, state)
 
     # structured outputs and a tool call on the default config, with the SDK's own helpers
     parsed = client.chat.completions.parse(

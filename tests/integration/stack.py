@@ -22,6 +22,7 @@ from services.router.app import create_app
 from services.router.config import RouterSettings
 from services.workers.app import WorkerApp
 from services.workers.config import WorkerSettings
+from switchboard.embedded import free_port
 from tests.hangs import print_tasks
 
 API_KEY = "sk-test-key"
@@ -72,9 +73,11 @@ async def running_stack(
     router: dict[str, Any] | None = None,
     embedded_run_dir: Path | None = None,
     metrics_port: int = 0,
+    worker_http: bool = False,
 ) -> AsyncIterator[Stack]:
     """The services in this process; ``router`` adds RouterSettings fields; ``metrics_port``
-    serves the metrics query endpoint (0: none). With
+    serves the metrics query endpoint (0: none); ``worker_http`` gives each worker its
+    ``/health``, ``/ready`` and ``/metrics`` on a free port (``WorkerApp.http_port``). With
     ``embedded_run_dir`` they hold their writes when the embedded broker's keeper asks."""
     base = common(bootstrap, redis_url, prefix, config)
     if embedded_run_dir is not None:
@@ -82,7 +85,14 @@ async def running_stack(
     metrics = MetricsApp(
         MetricsSettings(**base, data_dir=data_dir, metrics_port=metrics_port, batch_size=500)
     )
-    workers = {t: WorkerApp(WorkerSettings(**base, tier=t, drain_timeout_s=5)) for t in tiers}
+    workers = {
+        t: WorkerApp(
+            WorkerSettings(
+                **base, tier=t, drain_timeout_s=5, worker_port=free_port() if worker_http else 0
+            )
+        )
+        for t in tiers
+    }
     app = create_app(RouterSettings(**base, api_key=API_KEY, port=0, **(router or {})))
     started: list[Any] = []
     http: tuple[HttpServer, asyncio.Task[None]] | None = None

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from services.metrics.domain.report import cascade_sql
+from services.metrics.domain.report import Window, cascade_sql
 from tests.integration.stack import Stack, StackOf, collect, openai_sdk, produce, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -122,7 +122,7 @@ async def test_a_poor_draft_escalates_and_a_good_one_is_the_answer(
 
     # switchboard report's cascade figures: one of two escalated, and cheaper than the strong
     # model alone
-    columns, [row] = await stack.metrics.store.query(cascade_sql("switchboard.llm_events", 1))
+    columns, [row] = await stack.metrics.store.query(cascade_sql("switchboard", Window.last(1)))
     figures = dict(zip(columns, row, strict=True))
     assert (figures["tier"], figures["requests"], figures["escalated"]) == ("careful", 2, 1)
     assert figures["escalation_rate"] == 0.5

@@ -17,12 +17,8 @@ from schemas.topics import EVENTS_TABLE
 from schemas.v1 import AttemptEvent
 from services.common.retry import is_transient
 from services.metrics.adapters import store as store_module
-from services.metrics.adapters.store import (
-    DDL,
-    EVENT_ID_INDEX,
-    ClickHouseStore,
-    StoreUnavailable,
-)
+from services.metrics.adapters.migrations import EVENTS_FIRST_DDL, MIGRATIONS
+from services.metrics.adapters.store import ClickHouseStore, StoreUnavailable
 from services.metrics.domain.columns import TABLE_SCHEMA
 from tests.integration.stack import wait_until
 
@@ -40,6 +36,8 @@ def rows(n: int, ts: datetime, start: int = 0) -> pa.Table:
         "attempt": [0] * n,
         "tokens_in": [0] * n,
         "tokens_out": [0] * n,
+        "retry": [0] * n,
+        "context_window": [0] * n,
         "latency_ms": [1.0] * n,
         "ttft_ms": [None] * n,
         "cost_usd": [0.0] * n,
@@ -121,16 +119,16 @@ async def test_a_table_created_before_the_index_gets_it_on_migrate(
     store: ClickHouseStore,
 ) -> None:
     db = store.table.split(".")[0]
-    old_ddl = re.sub(r",\n    INDEX \{index\}\n", "\n", DDL)
-    assert "INDEX" not in old_ddl
+    old_ddl = [EVENTS_FIRST_DDL, *MIGRATIONS[1].statements]  # llm_events before any index
 
     def create_old(client: Any) -> None:
         client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
-        client.command(old_ddl.format(db=db, table=EVENTS_TABLE))
+        for statement in old_ddl:
+            client.command(statement.replace("{db}", db))
 
     await run(store, create_old)
-    table = rows(4 * GRANULE, NOW)
-    await store.insert_table(table, "before")
+    table = rows(4 * GRANULE, NOW).drop_columns(["retry", "input_noise", "context_window"])
+    await run(store, lambda c: c.insert_arrow(store.table, table))
     assert skip_index_granules(await store.lookup_plan(table.slice(0, 1))) is None
     await store.migrate()
     await store.migrate()  # again: nothing to add or build
@@ -144,22 +142,25 @@ async def test_a_table_created_before_the_index_gets_it_on_migrate(
                 parameters={"db": db, "t": EVENTS_TABLE},
             ).result_rows[0],
         )
-        assert done[0] == 1, f"one MATERIALIZE INDEX expected, found {done[0]}"
-        return bool(done[1])
+        # one MATERIALIZE INDEX a skip index (event_id, request_id)
+        assert done[0] == 2, f"two MATERIALIZE INDEX expected, found {done[0]}"
+        return bool(done[1] == 2)
 
-    await wait_until(built, 60, "the index built for the parts inserted before it")
+    await wait_until(built, 60, "the indexes built for the parts inserted before them")
     indexes = await run(
         store,
         lambda c: (
             c.query(
-                "SELECT expr, type_full FROM system.data_skipping_indices"
-                " WHERE database = {db:String}",
+                "SELECT name, expr, type_full FROM system.data_skipping_indices"
+                " WHERE database = {db:String} ORDER BY name",
                 parameters={"db": db},
             ).result_rows
         ),
     )
-    assert indexes == [("event_id", "bloom_filter")]
-    assert EVENT_ID_INDEX.startswith("event_id_idx event_id TYPE bloom_filter")
+    assert indexes == [
+        ("event_id_idx", "event_id", "bloom_filter"),
+        ("request_id_idx", "request_id", "bloom_filter"),
+    ]
     granules = skip_index_granules(await store.lookup_plan(table.slice(0, 1)))
     assert granules is not None and granules[0] < granules[1]
 
@@ -194,23 +195,13 @@ async def test_a_table_created_before_the_experiment_columns_gets_them_on_migrat
     store: ClickHouseStore,
 ) -> None:
     db = store.table.split(".")[0]
-    added = (
-        "worker_config_hash",
-        "experiment",
-        "variant",
-        "share_pct",
-        "route_score",
-        "cascade_step",
-        "verdict",
-        "verdict_reason",
-    )
-    lines = [line for line in DDL.splitlines() if not line.strip().startswith((*added, "INDEX"))]
-    old_ddl = "\n".join(lines).replace("tenant_hash     String,", "tenant_hash     String")
+    old_ddl = EVENTS_FIRST_DDL  # llm_events as first shipped
+    assert "worker_config_hash" not in old_ddl
     before = datetime.now(UTC) - timedelta(hours=1)  # inside the 7-day TTL
 
     def create_old(client: Any) -> None:
         client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
-        client.command(old_ddl.format(db=db, table=EVENTS_TABLE))
+        client.command(old_ddl.replace("{db}", db))
         client.command(
             f"INSERT INTO {db}.{EVENTS_TABLE} (ts, event_id, request_id, tier, model, provider,"
             " rule, config_hash, attempt, status, error_code, tokens_in, tokens_out, latency_ms,"

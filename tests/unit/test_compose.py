@@ -65,7 +65,11 @@ READY_PROBE_S = {
     "shadow": 0.0,  # the shadow worker reads its consumer's flags
 }
 # Values for the variables compose requires (`${VAR:?message}`), when a test must resolve them.
-REQUIRED_STANDINS = {"SWITCHBOARD_API_KEY": "test-api-key", "CLICKHOUSE_PASSWORD": "test-password"}
+REQUIRED_STANDINS = {
+    "SWITCHBOARD_API_KEY": "test-api-key",
+    "CLICKHOUSE_PASSWORD": "test-password",
+    "GRAFANA_ADMIN_PASSWORD": "test-grafana-password",
+}
 
 _VAR = re.compile(r"\$(?:\$|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\})")
 
@@ -305,6 +309,8 @@ def test_compose_requires_the_secrets_instead_of_defaulting_them(
         resolved_env(router, {})
     with pytest.raises(KeyError, match="CLICKHOUSE_PASSWORD"):
         resolved_env(services["clickhouse"], {})
+    with pytest.raises(KeyError, match="GRAFANA_ADMIN_PASSWORD"):
+        resolved_env(services["grafana"], {})
 
 
 # --- workers and tiers ----------------------------------------------------------------------------

@@ -174,8 +174,9 @@ class FakeService:
     def __init__(self) -> None:
         self.processed: list[RoutedRequest] = []
 
-    async def process(self, routed: RoutedRequest, delivery: str) -> None:
+    async def process(self, routed: RoutedRequest, delivery: str) -> str:
         self.processed.append(routed)
+        return "ok"
 
 
 @RUNS

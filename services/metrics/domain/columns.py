@@ -38,7 +38,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from schemas.v1 import SCHEMA_VERSION, AttemptEvent, AttemptStatus, CascadeStep, Variant
+from schemas.v1 import (
+    INPUT_NOISE_FORM,
+    SCHEMA_VERSION,
+    AttemptEvent,
+    AttemptStatus,
+    CascadeStep,
+    Variant,
+)
 
 # The llm_events columns (services/metrics/adapters/store.py DDL), as Arrow types.
 TABLE_SCHEMA = pa.schema(
@@ -69,6 +76,9 @@ TABLE_SCHEMA = pa.schema(
         ("cascade_step", pa.string()),
         ("verdict", pa.string()),
         ("verdict_reason", pa.string()),
+        ("retry", pa.uint16()),
+        ("input_noise", pa.string()),
+        ("context_window", pa.uint32()),
     ]
 )
 COLUMNS = tuple(TABLE_SCHEMA.names)
@@ -79,6 +89,8 @@ _WIDE_TYPES = {
     "attempt": pa.int64(),
     "tokens_in": pa.int64(),
     "tokens_out": pa.int64(),
+    "retry": pa.int64(),
+    "context_window": pa.int64(),
 }
 _WIDE_SCHEMA = pa.schema(
     [pa.field(f.name, _WIDE_TYPES.get(f.name, f.type)) for f in TABLE_SCHEMA]
@@ -112,6 +124,8 @@ _LIMITS: dict[str, tuple[Any, Any, str]] = {
     "attempt": (0, _UINT16_MAX, "UInt16"),
     "tokens_in": (0, _UINT32_MAX, "UInt32"),
     "tokens_out": (0, _UINT32_MAX, "UInt32"),
+    "retry": (0, _UINT16_MAX, "UInt16"),
+    "context_window": (0, _UINT32_MAX, "UInt32"),
     "ts": (_TS_MIN, _TS_MAX, "DateTime64(3)"),
 }
 # Rows as stored, plus the input record each came from.
@@ -285,6 +299,8 @@ def _vouched(raw: pa.Table) -> pa.ChunkedArray:
         pc.is_in(raw.column("cascade_step"), value_set=_STEPS),
         pc.is_in(raw.column("verdict"), value_set=_VERDICTS),
         pc.less_equal(pc.utf8_length(raw.column("verdict_reason")), 500),
+        pc.less_equal(pc.utf8_length(raw.column("input_noise")), 100),
+        pc.match_substring_regex(raw.column("input_noise"), INPUT_NOISE_FORM),
         pc.and_(
             pc.greater_equal(raw.column("share_pct"), 0),
             pc.less_equal(raw.column("share_pct"), 100),
@@ -318,7 +334,7 @@ def _vouched(raw: pa.Table) -> pa.ChunkedArray:
 
 def _misfit(event: AttemptEvent) -> Unstorable | None:
     """An integer its column cannot hold, checked before Arrow (whose int64 it may overflow)."""
-    for name in ("attempt", "tokens_in", "tokens_out"):
+    for name in ("attempt", "tokens_in", "tokens_out", "retry", "context_window"):
         low, high, _ = _LIMITS[name]
         if not low <= getattr(event, name) <= high:
             return _unstorable(name, getattr(event, name))
@@ -347,7 +363,7 @@ def _apply_store_limits(wide: pa.Table) -> tuple[pa.Table, list[tuple[int, Excep
         for name, (low, high, _) in _LIMITS.items()
     }
     ok = fits["attempt"]
-    for name in ("tokens_in", "tokens_out", "ts"):
+    for name in ("tokens_in", "tokens_out", "retry", "context_window", "ts"):
         ok = pc.and_(ok, fits[name])
     ok = pc.fill_null(ok, False)
     refused: list[tuple[int, Exception]] = []

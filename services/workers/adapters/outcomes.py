@@ -35,6 +35,8 @@ from typing import Any, Protocol
 
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from services.common import telemetry
+
 log = logging.getLogger(__name__)
 
 OUTCOME_TTL_S = 24 * 3600  # the default of the worker setting outcome_ttl_s
@@ -139,8 +141,9 @@ class RedisOutcomeStore:
         self._warned_at = -_WARN_EVERY_S
         self.unavailable = 0  # calls that found Redis unreachable
 
-    def _unavailable(self, what: str, exc: Exception) -> None:
+    def _unavailable(self, operation: str, what: str, exc: Exception) -> None:
         self.unavailable += 1
+        telemetry.redis_failed("worker", operation)
         now = time.monotonic()
         if now - self._warned_at >= _WARN_EVERY_S:
             self._warned_at = now
@@ -160,7 +163,7 @@ class RedisOutcomeStore:
         try:
             await self._redis.set(self._lease + self.owner, b"1", px=LEASE_MS)
         except Exception as exc:
-            self._unavailable("lease not renewed", exc)
+            self._unavailable("lease", "lease not renewed", exc)
 
     async def _keep_renewing(self) -> None:
         while True:
@@ -184,7 +187,7 @@ class RedisOutcomeStore:
                     self._cache.mget(*kept), self._redis.mget(*self._keys(request_id, delivery))
                 )
         except Exception as exc:
-            self._unavailable("redeliveries are not recognised", exc)
+            self._unavailable("lookup", "redeliveries are not recognised", exc)
             return None, None
         stored = None
         if isinstance(outcome, bytes):
@@ -196,7 +199,7 @@ class RedisOutcomeStore:
         try:
             note, done = await self._redis.mget(*self._keys(request_id, delivery))
         except Exception as exc:
-            self._unavailable("note not read", exc)
+            self._unavailable("note", "note not read", exc)
             return None
         return _sending(note, done)
 
@@ -216,7 +219,7 @@ class RedisOutcomeStore:
                     await pipe.execute()
                     return await self.sending(request_id, delivery, topic)
         except Exception as exc:
-            self._unavailable("outcome not stored", exc)
+            self._unavailable("put", "outcome not stored", exc)
             return None
         return _sending(earlier, None)
 
@@ -226,7 +229,7 @@ class RedisOutcomeStore:
                 self._note(pipe, request_id, delivery, topic)
                 (earlier,) = await pipe.execute()
         except Exception as exc:
-            self._unavailable("delivery not noted", exc)
+            self._unavailable("sending", "delivery not noted", exc)
             return None
         return _sending(earlier, None)
 
@@ -240,13 +243,13 @@ class RedisOutcomeStore:
         try:
             await self._redis.set(self._keys(request_id, delivery)[1], b"1", ex=self._ttl_s)
         except Exception as exc:
-            self._unavailable("answer not marked sent", exc)
+            self._unavailable("sent", "answer not marked sent", exc)
 
     async def alive(self, owner: str) -> bool:
         try:
             return bool(await self._redis.exists(self._lease + owner))
         except Exception as exc:
-            self._unavailable("owner's lease not read", exc)
+            self._unavailable("alive", "owner's lease not read", exc)
             return False
 
     async def take_over(self, request_id: str, delivery: str, note: Sending) -> bool:
@@ -257,7 +260,7 @@ class RedisOutcomeStore:
                 _TAKE_OVER, 1, key, note.raw, mine, self._ttl_s
             )
         except Exception as exc:
-            self._unavailable("note not taken over", exc)
+            self._unavailable("take_over", "note not taken over", exc)
             return True
         return bool(taken)
 
@@ -265,6 +268,7 @@ class RedisOutcomeStore:
         try:
             return bool(await self._redis.ping())
         except Exception:
+            telemetry.redis_failed("worker", "ping")
             return False
 
     async def close(self) -> None:
