@@ -56,7 +56,8 @@ def steps(description: str, total: int, stream: TextIO | None = None) -> Iterato
     def line(steps: int = 1, what: str | None = None) -> None:
         state["done"] += steps
         now = time.monotonic()
-        if state["done"] >= total or now - state["said"] >= PLAIN_EVERY_S:
+        finished = state["done"] >= total and now - started >= 1.0  # a quick one says nothing
+        if finished or now - state["said"] >= PLAIN_EVERY_S:
             state["said"] = now
             after = f" ({what})" if what else ""
             print(
