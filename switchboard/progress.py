@@ -69,6 +69,49 @@ def steps(description: str, total: int, stream: TextIO | None = None) -> Iterato
     yield line
 
 
+class Update(Protocol):
+    def __call__(self, name: str, completed: int) -> None: ...
+
+
+@contextmanager
+def counters(
+    description: str, names: Sequence[str], total: int, stream: TextIO | None = None
+) -> Iterator[Update]:
+    """Several counts toward one ``total`` (``update(name, completed)``): a bar each on a
+    terminal, else one line with all of them every ``PLAIN_EVERY_S`` and one at the end."""
+    stream = stream or sys.stderr
+    if attached(stream):
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
+        width = max(len(n) for n in names)
+        with Progress(*columns, console=Console(file=stream)) as progress:
+            tasks = {n: progress.add_task(n.ljust(width), total=total) for n in names}
+            yield lambda name, completed: progress.update(tasks[name], completed=completed)
+        return
+    started = time.monotonic()
+    counts = dict.fromkeys(names, 0)
+    said = [started]
+
+    def say() -> None:
+        parts = ", ".join(f"{n} {c}/{total}" for n, c in counts.items())
+        print(
+            f"{description}: {parts}, {time.monotonic() - started:.0f} s", file=stream, flush=True
+        )
+
+    def update(name: str, completed: int) -> None:
+        counts[name] = completed
+        if time.monotonic() - said[0] >= PLAIN_EVERY_S:
+            said[0] = time.monotonic()
+            say()
+
+    yield update
+    say()
+
+
 TableText = Callable[[Sequence[str], Sequence[Sequence[Any]]], str]
 
 

@@ -46,7 +46,6 @@ from typing import Any, Literal
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from schemas.control import (
     MAX_RUN,
@@ -67,6 +66,7 @@ from services.common.sql import literal, tenant_hash
 from services.common.tansu import log_ends
 from services.metrics.config import MetricsSettings
 from services.metrics.domain.replay_report import replay_report_sql, slice_rows
+from switchboard import progress
 from switchboard.analyst import QueryFailed, format_table, run_query
 from switchboard.canary import Location, locate
 
@@ -391,28 +391,20 @@ async def send_and_follow(
     await publisher.start()
     topic = settings.topics.shadow
     total = len(mirrors)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
     landed = 0
-    with Progress(*columns, transient=False) as progress:
-        sent_bar = progress.add_task("sent    ", total=total)
-        done_bar = progress.add_task("compared", total=total)
+    with progress.counters("replay", ["sent", "compared"], total) as update:
         try:
             started = time.monotonic()
             next_poll = started + POLL_S
             for i, mirror in enumerate(mirrors):
                 await publisher.publish(topic, mirror, key=mirror.routed.request_id)
-                progress.update(sent_bar, completed=i + 1)
+                update("sent", i + 1)
                 pause = started + (i + 1) / rate - time.monotonic()
                 if pause > 0:
                     await asyncio.sleep(pause)
                 if time.monotonic() >= next_poll:
                     landed = await asyncio.to_thread(_landed, settings, run)
-                    progress.update(done_bar, completed=landed)
+                    update("compared", landed)
                     next_poll = time.monotonic() + POLL_S
         finally:
             await publisher.stop()
@@ -424,7 +416,7 @@ async def send_and_follow(
             now_landed = await asyncio.to_thread(_landed, settings, run)
             if now_landed != landed:
                 landed, last_change = now_landed, time.monotonic()
-                progress.update(done_bar, completed=landed)
+                update("compared", landed)
     return landed
 
 
