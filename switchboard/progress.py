@@ -29,19 +29,25 @@ def attached(stream: TextIO | None = None) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+def _bars(stream: TextIO, transient: bool) -> Progress:
+    """rich bars on ``stream``: what each piece is, the bar, done of total, time so far."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(file=stream),
+        transient=transient,
+    )
+
+
 @contextmanager
 def steps(description: str, total: int, stream: TextIO | None = None) -> Iterator[Advance]:
     """``advance(n, what)`` after each piece of work; a bar on a terminal, else a line every
     ``PLAIN_EVERY_S`` and one at the end, on stderr (stdout stays the command's answer)."""
     stream = stream or sys.stderr
     if attached(stream):
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=Console(file=stream), transient=True) as progress:
+        with _bars(stream, transient=True) as progress:
             task = progress.add_task(description, total=total)
 
             def bar(steps: int = 1, what: str | None = None) -> None:
@@ -81,14 +87,8 @@ def counters(
     terminal, else one line with all of them every ``PLAIN_EVERY_S`` and one at the end."""
     stream = stream or sys.stderr
     if attached(stream):
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-        )
         width = max(len(n) for n in names)
-        with Progress(*columns, console=Console(file=stream)) as progress:
+        with _bars(stream, transient=False) as progress:
             tasks = {n: progress.add_task(n.ljust(width), total=total) for n in names}
             yield lambda name, completed: progress.update(tasks[name], completed=completed)
         return
