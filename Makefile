@@ -26,7 +26,7 @@ UV_VERSION := 0.9.2
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet uv==$(UV_VERSION)
-	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -e '.[dev,bench,semantic]'
+	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -e '.[dev,bench,semantic,embedded]'
 	touch $(STAMP)
 
 # Debian's Chromium: the browser test of the report page (tests/e2e/test_report_page.py) opens

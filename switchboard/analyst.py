@@ -75,7 +75,10 @@ def _direct(settings: MetricsSettings, sql: str) -> tuple[list[str], list[list[A
 
     async def go() -> tuple[list[str], list[list[Any]]]:
         store = ClickHouseStore(
-            settings.store_url, settings.clickhouse_database, settings.payload_retention_days
+            settings.store_url,
+            settings.clickhouse_database,
+            settings.payload_retention_days,
+            settings.store_credentials,
         )
         try:
             await store.migrate()

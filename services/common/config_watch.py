@@ -33,6 +33,7 @@ from services.common.consumer import close_consumer, follow
 from services.common.control import ensure_control_topic
 from services.common.kafka import partitions_of
 from services.common.routing_config import ConfigError, LoadedConfig, load_config_text
+from services.common.topic_layout import TopicLayout
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,10 @@ class ConfigWatch:
         client_id: str,
         current: LoadedConfig,
         apply: Callable[[LoadedConfig], None],
+        layout: TopicLayout | None = None,
     ) -> None:
         self._bootstrap, self._topic, self._client_id = bootstrap, topic, client_id
+        self._layout = layout
         self.current = current
         self._apply = apply
         self._file = Path(current.path)
@@ -65,7 +68,7 @@ class ConfigWatch:
         self._hup = False
 
     async def start(self, sighup: bool = True) -> None:
-        await ensure_control_topic(self._bootstrap, self._topic)
+        await ensure_control_topic(self._bootstrap, self._topic, self._layout)
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
             client_id=self._client_id,

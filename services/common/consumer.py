@@ -15,6 +15,8 @@ caller where there is one) and the partition moves on. A batch that fails so is 
 record at fault is alone. On shutdown, in-flight work gets ``drain_timeout_s`` to finish; what does
 not finish is not committed and is redelivered to the next owner. A fetch or commit loop that
 dies stops the process (``retry.supervise``) rather than leave its partitions held and unread.
+When every slot is busy, both loops pause their partitions and keep polling, so a member whose
+handlers take minutes stays in its group (``group_timeouts`` says for how long it may not poll).
 While they run, both report their partitions' lag (``telemetry.watch_lag``: the
 switchboard_kafka_consumer_lag gauge, computed when ``/metrics`` is scraped).
 """
@@ -33,7 +35,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from services.common import telemetry
 from services.common.fences import is_filler
-from services.common.kafka import METADATA_MAX_AGE_MS
+from services.common.kafka import MAX_MESSAGE_BYTES, METADATA_MAX_AGE_MS
 from services.common.offsets import OffsetTracker
 from services.common.retry import cancel_and_wait, describe_error, retry_transient, supervise
 from services.common.tansu import LostPartitionCheck, log_ends
@@ -46,8 +48,55 @@ BatchHandler = Callable[[Sequence[ConsumerRecord]], Awaitable[None]]
 PoisonHandler = Callable[[ConsumerRecord, Exception], Awaitable[None]]
 
 SESSION_TIMEOUT_MS = 6_000  # the least a Kafka broker accepts by default
+# What one fetch may bring back from all its partitions together
+FETCH_MAX_BYTES = 64 * 1024 * 1024
 # aiokafka retries a commit while Kafka is unreachable with no end: a stop waits this long for it
 LAST_COMMIT_S = 10.0
+# What a member's timeouts allow beyond the longest it may be busy: a commit, a round trip.
+MARGIN_MS = 5_000
+# While every slot is busy, the fetch loops poll this many times per max poll interval.
+BUSY_POLLS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class GroupTimeouts:
+    """A consumer-group member's timeouts, in milliseconds (``group_timeouts``)."""
+
+    session_ms: int
+    heartbeat_ms: int
+    rebalance_ms: int
+    max_poll_interval_ms: int
+
+    @property
+    def busy_poll_s(self) -> float:
+        """How long a fetch loop with every slot busy waits for one before it polls anyway."""
+        return self.max_poll_interval_ms / 1000 / BUSY_POLLS
+
+
+def group_timeouts(
+    session_timeout_ms: int, drain_timeout_s: float, longest_call_s: float = 0.0
+) -> GroupTimeouts:
+    """How long a member may be silent, or away from its fetch loop, before it loses its place.
+
+    - Session: a member that stops heartbeating (crashed) loses its partitions after this long.
+      It heartbeats every sixth of it, so the living members notice a rebalance sooner.
+    - Rebalance: how long the broker waits for the members to rejoin. A member first finishes
+      the in-flight work of the partitions it gives up, for up to the drain timeout.
+    - Max poll interval: aiokafka leaves the group when its fetch loop has not polled for this
+      long (a client-side check, next to the heartbeat). The loops poll at least every
+      ``busy_poll_s`` however long handlers take (they pause their partitions while every slot
+      is busy), but a stop drains in-flight work, up to the drain timeout, without polling; the
+      bound is above that, and above the longest a handler may take (``longest_call_s``: a
+      worker's tier's request timeout), so a loop that did wait for a call keeps its place.
+    """
+    drain_ms = int(drain_timeout_s * 1000)
+    longest_ms = max(drain_ms, int(longest_call_s * 1000))
+    return GroupTimeouts(
+        session_ms=session_timeout_ms,
+        heartbeat_ms=max(250, session_timeout_ms // 6),
+        rebalance_ms=max(session_timeout_ms, drain_ms + MARGIN_MS),
+        max_poll_interval_ms=max(session_timeout_ms, longest_ms + MARGIN_MS),
+    )
 
 
 def _consumer(
@@ -56,25 +105,23 @@ def _consumer(
     group_id: str,
     fetch_max_wait_ms: int,
     client_id: str,
-    session_timeout_ms: int,
-    drain_timeout_s: float,
+    timeouts: GroupTimeouts,
+    max_message_bytes: int,
 ) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=group_id,
         client_id=client_id,
         enable_auto_commit=False,
-        # a member that stops heartbeating (crashed) loses its partitions after this long; a
-        # short heartbeat also makes the living members notice a rebalance sooner
-        session_timeout_ms=session_timeout_ms,
-        heartbeat_interval_ms=max(250, session_timeout_ms // 6),
-        # a member finishing its in-flight work before giving partitions up (up to the drain
-        # timeout) must not be dropped from the group for it
-        rebalance_timeout_ms=max(session_timeout_ms, int(drain_timeout_s * 1000) + 5_000),
+        session_timeout_ms=timeouts.session_ms,
+        heartbeat_interval_ms=timeouts.heartbeat_ms,
+        rebalance_timeout_ms=timeouts.rebalance_ms,
+        max_poll_interval_ms=timeouts.max_poll_interval_ms,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=fetch_max_wait_ms,
-        max_partition_fetch_bytes=16 * 1024 * 1024,
-        fetch_max_bytes=64 * 1024 * 1024,
+        # the largest record fits in one partition's share of a fetch (SWITCHBOARD_MAX_MESSAGE_BYTES)
+        max_partition_fetch_bytes=max_message_bytes,
+        fetch_max_bytes=max(FETCH_MAX_BYTES, max_message_bytes),
         metadata_max_age_ms=METADATA_MAX_AGE_MS,
     )
 
@@ -185,6 +232,56 @@ async def follow(
             await after_poll()
 
 
+class _Pauses:
+    """Which assigned partitions a consumer does not fetch from, and why: every one while all
+    its slots are busy (``busy``), and those a rebalance listener holds until it is ready for
+    them (``hold``). The one place that pauses and resumes, so that one reason ending does not
+    resume a partition another still holds, and no resume reaches a partition that went.
+    """
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self._consumer = consumer
+        self._busy = False
+        self._held: set[TopicPartition] = set()
+
+    def busy(self, busy: bool) -> None:
+        if busy != self._busy:
+            self._busy = busy
+            self.apply()
+
+    def hold(self, tps: Iterable[TopicPartition]) -> None:
+        self._held.update(tps)
+        self.apply()
+
+    def release(self, tps: Iterable[TopicPartition]) -> None:
+        self._held.difference_update(tps)
+        self.apply()
+
+    def apply(self) -> None:
+        """Pause and resume the assigned partitions as the reasons say; also after every
+        assignment, as aiokafka starts each partition of one unpaused, kept ones too."""
+        assigned = self._consumer.assignment()
+        stop = set(assigned) if self._busy else self._held & assigned
+        paused = self._consumer.paused()  # assigned ones only
+        if stop - paused:
+            self._consumer.pause(*(stop - paused))
+        if paused - stop:
+            self._consumer.resume(*(paused - stop))
+
+
+async def _poll_paused(consumer: AIOKafkaConsumer, pauses: _Pauses) -> None:
+    """Poll with every assigned partition paused: no record comes, and aiokafka sees the member
+    poll (it leaves the group after ``max_poll_interval_ms`` without one). A paused partition's
+    prefetched records are dropped and fetched again after the resume."""
+    pauses.busy(True)
+    pauses.apply()  # a partition assigned since the last pause
+    for tp, records in (await consumer.getmany(timeout_ms=0, max_records=1)).items():
+        # assigned while the poll waited for a rebalance to end, before it could be paused:
+        # put back, to be read when a slot is free
+        consumer.seek(tp, records[0].offset)
+    pauses.apply()
+
+
 class _Poison:
     """Hands records no handler can take to ``on_poison``, and counts them."""
 
@@ -218,6 +315,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.owner.release(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.owner._pauses.apply()  # every slot may be busy
         self.owner.assigned.set()
 
 
@@ -235,16 +333,21 @@ class ConcurrentConsumer:
         drain_timeout_s: float = 30.0,
         session_timeout_ms: int = SESSION_TIMEOUT_MS,
         on_poison: PoisonHandler | None = None,
+        longest_call_s: float = 0.0,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
+        # ``longest_call_s``: the longest a handler call may take (group_timeouts)
+        self.timeouts = group_timeouts(session_timeout_ms, drain_timeout_s, longest_call_s)
         self._consumer = _consumer(
             bootstrap,
             topics,
             group_id,
             fetch_max_wait_ms,
             client_id,
-            session_timeout_ms,
-            drain_timeout_s,
+            self.timeouts,
+            max_message_bytes,
         )
+        self._pauses = _Pauses(self._consumer)
         self._topics = list(topics)
         self._handler = handler
         self._concurrency = concurrency
@@ -293,9 +396,9 @@ class ConcurrentConsumer:
         while not self._stopping.is_set():
             free = self._concurrency - len(self._tasks)
             if free <= 0:
-                self._slot_free.clear()
-                await self._slot_free.wait()
+                await self._wait_for_slot()
                 continue
+            self._pauses.busy(False)
             batches = await self._consumer.getmany(timeout_ms=200, max_records=free)
             for tp, records in batches.items():
                 self._points.fetched(tp, records)
@@ -310,6 +413,17 @@ class ConcurrentConsumer:
             for tp in await self._lost_partitions(self._consumer):
                 self._tracker.forget(tp)  # its offsets start again at the beginning
                 self._points.forget([tp])
+
+    async def _wait_for_slot(self) -> None:
+        """Every slot is busy: wait for one, and when none frees within ``busy_poll_s``, poll
+        with the partitions paused. Pausing at once would drop the prefetched records each
+        time the slots fill, and a busy worker's slots fill after nearly every record."""
+        self._slot_free.clear()
+        try:
+            async with asyncio.timeout(self.timeouts.busy_poll_s):
+                await self._slot_free.wait()
+        except TimeoutError:
+            await _poll_paused(self._consumer, self._pauses)
 
     async def _process(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         what = f"handling {tp.topic}[{tp.partition}]@{record.offset}"
@@ -401,14 +515,15 @@ class _BatchRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.owner._points.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        pauses = self.owner._pauses
         if self.owner.on_assign is not None:
-            consumer = self.owner._consumer
             # aiokafka fetches for new partitions while this runs: none is read before on_assign
-            consumer.pause(*assigned)
+            pauses.hold(assigned)
             try:
                 self.owner.on_assign(await self._unsettled(list(assigned)))
             finally:
-                consumer.resume(*(tp for tp in assigned if tp in consumer.assignment()))
+                pauses.release(assigned)
+        pauses.apply()  # every slot may be busy
         self.owner.assigned.set()
 
     async def _unsettled(self, assigned: list[TopicPartition]) -> dict[TopicPartition, range]:
@@ -488,20 +603,23 @@ class BatchConsumer:
         session_timeout_ms: int = SESSION_TIMEOUT_MS,
         on_assign: Callable[[dict[TopicPartition, range]], None] | None = None,
         on_poison: PoisonHandler | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         # called when partitions are assigned, before any is read, with the offsets of each that
         # a previous owner may have handled and not committed (_BatchRebalance)
         self.on_assign = on_assign
         self._bootstrap = bootstrap  # where _BatchRebalance reads the partitions' ends
+        self.timeouts = group_timeouts(session_timeout_ms, drain_timeout_s)
         self._consumer = _consumer(
             bootstrap,
             topics,
             group_id,
             fetch_max_wait_ms,
             client_id,
-            session_timeout_ms,
-            drain_timeout_s,
+            self.timeouts,
+            max_message_bytes,
         )
+        self._pauses = _Pauses(self._consumer)
         self._topics = list(topics)
         self._handler = handler
         self._max_records = max_records
@@ -549,7 +667,8 @@ class BatchConsumer:
     async def _fetch_loop(self) -> None:
         while not self._stopping.is_set():
             self._points.forget(await self._lost_partitions(self._consumer))
-            await self._slots.acquire()
+            await self._take_slot()
+            self._pauses.busy(False)
             try:
                 records, points = await self._gather()
             except BaseException:
@@ -561,6 +680,17 @@ class BatchConsumer:
             self._batches.append(_Batch(asyncio.create_task(self._handle(records)), points))
             self._gathering = False
             self._queued.set()
+
+    async def _take_slot(self) -> None:
+        """A batch slot; while every one is busy, a poll with the partitions paused every
+        ``busy_poll_s`` (``ConcurrentConsumer._wait_for_slot``)."""
+        while True:
+            try:
+                async with asyncio.timeout(self.timeouts.busy_poll_s):
+                    await self._slots.acquire()
+                return
+            except TimeoutError:
+                await _poll_paused(self._consumer, self._pauses)
 
     async def _gather(self) -> tuple[list[ConsumerRecord], dict[TopicPartition, int]]:
         """One batch: what one poll returns, or with ``linger_ms``, what arrives until then.

@@ -25,6 +25,7 @@ from services.common import experiments
 from services.common.consumer import close_consumer, follow
 from services.common.kafka import Publisher, partitions_of
 from services.common.routing_config import Experiment, LoadedConfig
+from services.common.topic_layout import TopicLayout
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +33,22 @@ _FETCH_WAIT_MS = 200  # how long a fetch waits for a new state: the worst case o
 CATCH_UP_S = 30.0  # how long a reader waits to read the topic up to its end on start
 
 
-async def ensure_control_topic(bootstrap: str, topic: str) -> None:
-    """Create the control topic, one partition, compacted, if it does not exist yet."""
+async def ensure_control_topic(
+    bootstrap: str, topic: str, layout: TopicLayout | None = None
+) -> None:
+    """Create a compacted topic of one partition (the control or the config topic), if it does
+    not exist yet; ``layout`` gives its replicas and sizes."""
+    layout = layout or TopicLayout()
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
     try:
         await admin.start()
         if topic in set(await admin.list_topics()):
             return
         with contextlib.suppress(TopicAlreadyExistsError):
+            configs = {**layout.configs(topic), "cleanup.policy": "compact"}
+            configs.pop("retention.ms", None)
             await admin.create_topics(
-                [NewTopic(topic, 1, 1, topic_configs={"cleanup.policy": "compact"})]
+                [NewTopic(topic, 1, layout.replication_factor, topic_configs=configs)]
             )
     finally:
         await admin.close()

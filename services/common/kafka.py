@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from services.common.fences import Fences
 from services.common.tansu import resend_past_unknown_errors
+from services.common.topic_layout import DEFAULT_MAX_MESSAGE_BYTES, TopicLayout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,8 +66,13 @@ track_every_topic()
 
 JSON_HEADERS = {"content-type": "application/json"}
 _JSON_HEADER_LIST = [("content-type", b"application/json")]
-# Largest message a producer sends; oversized requests are refused at the door instead.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Largest record, unless SWITCHBOARD_MAX_MESSAGE_BYTES says otherwise: producers' request size,
+# topics' max.message.bytes and consumers' fetch sizes all follow the one setting
+# (services/common/topic_layout.py). Oversized requests are refused at the door instead.
+MAX_MESSAGE_BYTES = DEFAULT_MAX_MESSAGE_BYTES
+# What Kafka adds to a record's key and value in a batch of its own (batch header, record
+# framing, our headers): a value this much under the limit is taken by the broker.
+RECORD_OVERHEAD_BYTES = 4 * 1024
 # How often clients refresh topic metadata (aiokafka's default is 5 minutes): a consumer notices
 # a topic's new or re-created partitions this soon.
 METADATA_MAX_AGE_MS = 5_000
@@ -133,10 +139,50 @@ def partitions_for_keys(keys: Sequence[bytes], partitions: int) -> list[int]:
     return out
 
 
+class RecordTooLarge(ValueError):
+    """A record over ``SWITCHBOARD_MAX_MESSAGE_BYTES``: refused before it is sent, since the
+    broker would refuse it too. Not transient: a consumer dead-letters the record behind it."""
+
+    def __init__(self, topic: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"a {size:,}-byte record for {topic} is over the {limit:,}-byte limit "
+            "(SWITCHBOARD_MAX_MESSAGE_BYTES; the topics' max.message.bytes)"
+        )
+        self.topic, self.size, self.limit = topic, size, limit
+
+
+def check_size(topic: str, size: int, limit: int) -> None:
+    """Refuse a record whose key, value and headers come to ``size`` bytes, if with Kafka's
+    framing it would be over ``limit``."""
+    if size + RECORD_OVERHEAD_BYTES > limit:
+        raise RecordTooLarge(topic, size, limit)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicState:
+    """What ``ensure_topics`` found or did for one topic."""
+
+    name: str
+    partitions: int  # the partitions it has now
+    wanted: int
+    created: bool
+
+    @property
+    def too_few(self) -> bool:
+        return self.partitions < self.wanted
+
+
 async def ensure_topics(
-    bootstrap: str, names: Iterable[str], partitions: int, timeout_s: float = 30.0
-) -> None:
-    """Create the topics that do not exist yet; waits for the broker up to ``timeout_s``."""
+    bootstrap: str,
+    names: Iterable[str],
+    partitions: int,
+    timeout_s: float = 30.0,
+    layout: TopicLayout | None = None,
+) -> list[TopicState]:
+    """Create the topics that do not exist yet, as ``layout`` says (services/common/topic_layout.py);
+    waits for the broker up to ``timeout_s``. An existing topic with fewer partitions than
+    ``partitions`` is logged as a warning: its consumer group never has more busy members."""
+    layout = layout or TopicLayout()
     wanted = sorted(set(names))
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
@@ -149,19 +195,50 @@ async def ensure_topics(
                 try:
                     await admin.create_topics(
                         [
-                            NewTopic(n, num_partitions=partitions, replication_factor=1)
+                            NewTopic(
+                                n,
+                                num_partitions=partitions,
+                                replication_factor=layout.replication_factor,
+                                topic_configs=layout.configs(n),
+                            )
                             for n in missing
                         ]
                     )
                 except TopicAlreadyExistsError:
                     pass  # another service created it first
-            return
+            states = [TopicState(n, partitions, partitions, True) for n in missing]
+            present = [n for n in wanted if n in existing]
+            if present:
+                counts = await _partition_counts(admin, present)
+                states += [TopicState(n, counts.get(n, 0), partitions, False) for n in present]
+            for state in states:
+                if state.too_few:
+                    log.warning(
+                        "topic %s has %d partitions, fewer than the %d configured "
+                        "(SWITCHBOARD_PARTITIONS): at most %d members of its consumer group "
+                        "work. Raise it with kafka-topics.sh --alter --partitions %d (README "
+                        "'Topics').",
+                        state.name,
+                        state.partitions,
+                        state.wanted,
+                        state.partitions,
+                        state.wanted,
+                    )
+            return states
         except KafkaConnectionError:
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.2)
         finally:
             await admin.close()
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
+    return {
+        t["topic"]: len(t["partitions"])
+        for t in await admin.describe_topics(names)
+        if t["error_code"] == 0
+    }
 
 
 async def topic_exists(bootstrap: str, name: str) -> bool:
@@ -214,9 +291,15 @@ class BrokerPublisher:
     With ``fences`` (embedded broker only), a publish waits while the keeper compacts its topic.
     """
 
-    def __init__(self, broker: KafkaBroker, fences: Fences | None = None) -> None:
+    def __init__(
+        self,
+        broker: KafkaBroker,
+        fences: Fences | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
         self._broker = broker
         self._fences = fences
+        self._limit = max_message_bytes
 
     async def publish(
         self,
@@ -226,6 +309,7 @@ class BrokerPublisher:
         headers: Mapping[str, str] | None = None,
     ) -> None:
         body = message.model_dump_json().encode()
+        check_size(topic, len(body), self._limit)
 
         def send() -> Awaitable[Any]:
             return self._broker.publish(
@@ -262,6 +346,7 @@ class ProducerPublisher:
         client_id: str,
         fences: Fences | None = None,
         idempotent: bool = False,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
@@ -269,10 +354,11 @@ class ProducerPublisher:
             acks="all",
             enable_idempotence=idempotent,
             linger_ms=0,
-            max_request_size=MAX_MESSAGE_BYTES,
+            max_request_size=max_message_bytes,
             metadata_max_age_ms=METADATA_MAX_AGE_MS,
         )
         self._fences = fences
+        self._limit = max_message_bytes
 
     async def start(self) -> None:
         await self._producer.start()
@@ -288,6 +374,7 @@ class ProducerPublisher:
         headers: Mapping[str, str] | None = None,
     ) -> None:
         body = message.model_dump_json().encode()
+        check_size(topic, len(body), self._limit)
         raw_headers = [(k, v.encode()) for k, v in {**JSON_HEADERS, **(headers or {})}.items()]
 
         def send() -> Awaitable[Any]:
@@ -298,7 +385,12 @@ class ProducerPublisher:
         await _send_fenced(self._fences, topic, send)
 
 
-def make_broker(bootstrap: str, client_id: str, idempotent: bool = False) -> KafkaBroker:
+def make_broker(
+    bootstrap: str,
+    client_id: str,
+    idempotent: bool = False,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+) -> KafkaBroker:
     """FastStream's broker for one-at-a-time publishes. ``idempotent``: Kafka drops a record a
     producer retry sent twice (``CommonSettings.idempotent_producer``; the embedded broker has no
     idempotent producers). Either way duplicates from redelivery are absorbed downstream
@@ -311,8 +403,9 @@ def make_broker(bootstrap: str, client_id: str, idempotent: bool = False) -> Kaf
         linger_ms=1,
         # aiokafka's default 16 KB batch holds a handful of results: under load, publishers
         # queued behind full batches (docs/hot-path.md)
-        max_batch_size=BATCH_BYTES,
-        max_request_size=MAX_MESSAGE_BYTES,
+        # a batch over the topics' max.message.bytes would be refused whole
+        max_batch_size=min(BATCH_BYTES, max_message_bytes),
+        max_request_size=max_message_bytes,
         metadata_max_age_ms=METADATA_MAX_AGE_MS,
         logger=logging.getLogger(f"switchboard.kafka.{client_id}"),
         # FastStream logs "Received"/"Processed" per message at this level: two lines per
@@ -354,9 +447,11 @@ class KafkaBatchPublisher:
         client_id: str,
         fences: Fences | None = None,
         idempotent: bool = False,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self._bootstrap, self._client_id = bootstrap, client_id
         self._fences, self._idempotent = fences, idempotent
+        self._limit = max_message_bytes
         self._producer: AIOKafkaProducer | None = None
         self._spread = itertools.count()
 
@@ -367,8 +462,9 @@ class KafkaBatchPublisher:
             acks="all",
             enable_idempotence=self._idempotent,
             linger_ms=0,
-            max_batch_size=BATCH_BYTES,
-            max_request_size=max(MAX_MESSAGE_BYTES, BATCH_BYTES),
+            # a batch over the topics' max.message.bytes would be refused whole
+            max_batch_size=min(BATCH_BYTES, self._limit),
+            max_request_size=self._limit,
         )
         await self._producer.start()
 
@@ -398,6 +494,8 @@ class KafkaBatchPublisher:
     async def publish_all(self, messages: Sequence[Outgoing]) -> None:
         if not messages:
             return
+        for message in messages:
+            check_size(message.topic, len(message.value) + len(message.key or b""), self._limit)
         if self._fences is None:
             await self._publish_all(messages)
             return

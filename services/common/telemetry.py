@@ -106,6 +106,12 @@ DEAD_LETTERS = Counter(
     "Dead letters published, by the service that wrote them and the topic the message came from.",
     ["service", "topic"],
 )
+ANSWERS_DROPPED = Counter(
+    "switchboard_answers_dropped_total",
+    "Answers a worker dropped because the reply topic of the router that took the request no "
+    "longer exists (that router and its caller are gone).",
+    ["tier"],
+)
 REDIS_ERRORS = Counter(
     "switchboard_redis_errors_total",
     "Redis calls that raised (the worker then fails open).",
@@ -169,6 +175,10 @@ def decided(seconds: float) -> None:
 def dead_lettered(service: str, topic: str, n: int = 1) -> None:
     """``n`` dead letters of messages from ``topic`` were published by ``service``."""
     _dead_letters(service, topic).inc(n)
+
+
+def answer_dropped(tier: str) -> None:
+    ANSWERS_DROPPED.labels(tier).inc()
 
 
 def redis_failed(service: str, operation: str) -> None:

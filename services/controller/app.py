@@ -41,7 +41,11 @@ class ControllerApp:
         self.name = f"controller-{os.getpid()}"
         self.fences = fences.for_process(settings.run_dir, settings.embedded_broker, self.name)
         self.publisher = ProducerPublisher(
-            settings.kafka_bootstrap, self.name, self.fences, settings.idempotent_producer
+            settings.kafka_bootstrap,
+            self.name,
+            self.fences,
+            settings.idempotent_producer,
+            settings.max_message_bytes,
         )
         self.reader = ControlReader(
             settings.kafka_bootstrap, topics.control, f"{self.name}-control"
@@ -56,6 +60,7 @@ class ControllerApp:
             topics.controller_group,
             self.name,
             settings.kafka_session_timeout_ms,
+            settings.topic_layout,
         )
         self.controller = Controller(
             self.config, topics, self.publisher, self.figures, self.reader.states,
@@ -63,7 +68,7 @@ class ControllerApp:
         )  # fmt: skip
         self.config_watch = ConfigWatch(
             settings.kafka_bootstrap, topics.config, f"{self.name}-config", self.config,
-            self._apply,
+            self._apply, settings.topic_layout
         )  # fmt: skip
         self._loop: asyncio.Task[None] | None = None
         self._ready = False
@@ -82,9 +87,13 @@ class ControllerApp:
 
     async def start(self) -> None:
         topics = self.settings.topics
-        await ensure_control_topic(self.settings.kafka_bootstrap, topics.control)
+        layout = self.settings.topic_layout
+        await ensure_control_topic(self.settings.kafka_bootstrap, topics.control, layout)
         await ensure_topics(
-            self.settings.kafka_bootstrap, [topics.decisions], self.settings.partitions
+            self.settings.kafka_bootstrap,
+            [topics.decisions],
+            self.settings.partitions,
+            layout=layout,
         )
         if self.fences is not None:
             await self.fences.start()

@@ -106,11 +106,18 @@ class MetricsApp:
         name = f"metrics-{os.getpid()}"
         topics = settings.topics
         self.store = ClickHouseStore(
-            settings.store_url, settings.clickhouse_database, settings.payload_retention_days
+            settings.store_url,
+            settings.clickhouse_database,
+            settings.payload_retention_days,
+            settings.store_credentials,
         )
         self.fences = fences.for_process(settings.run_dir, settings.embedded_broker, name)
         self.publisher = KafkaBatchPublisher(
-            settings.kafka_bootstrap, name, self.fences, settings.idempotent_producer
+            settings.kafka_bootstrap,
+            name,
+            self.fences,
+            settings.idempotent_producer,
+            settings.max_message_bytes,
         )
         self.handler = BatchHandler(self.store, self.publisher, topics, name)
         self.consumer = BatchConsumer(
@@ -128,6 +135,7 @@ class MetricsApp:
             # records a crashed owner may have inserted and not committed are looked up first
             on_assign=self.handler.assigned,
             on_poison=self.handler.poisoned,
+            max_message_bytes=settings.max_message_bytes,
         )
         # the low-volume topics (decisions, shadow comparisons): one consumer for all of them
         self.records = RecordsHandler(self.store, self.publisher, topics, name)
@@ -142,6 +150,7 @@ class MetricsApp:
             linger_ms=settings.insert_linger_ms,
             session_timeout_ms=settings.kafka_session_timeout_ms,
             on_poison=self.records.poisoned,
+            max_message_bytes=settings.max_message_bytes,
         )
         self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
         self._phase = "starting"
@@ -165,6 +174,7 @@ class MetricsApp:
             self.settings.kafka_bootstrap,
             [topics.events, topics.dead_letter, *self.records.tables],
             self.settings.partitions,
+            layout=self.settings.topic_layout,
         )
         if self.fences is not None:
             await self.fences.start()

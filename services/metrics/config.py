@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from schemas.topics import DEFAULT_DATABASE
-from services.common.settings import CommonSettings
+from services.common.settings import ENV_PREFIX, CommonSettings, refuse_password_in_url
 
 
 class MetricsSettings(CommonSettings):
     clickhouse_url: str | None = Field(
         default=None,
         description=(
-            "Where events are written: `http(s)://user:password@host:8123` for a ClickHouse "
-            "server, `chdb:///<absolute dir>` for in-process ClickHouse (chDB). "
+            "Where events are written: `http(s)://host:8123` for a ClickHouse server (its user "
+            "and password in clickhouse_user and clickhouse_password, never in the URL), "
+            "`chdb:///<absolute dir>` for in-process ClickHouse (chDB). "
             "Unset: chDB in `<data_dir>/chdb`."
         ),
+    )
+    clickhouse_user: str | None = Field(
+        default=None, description="User of the ClickHouse server (unset: the server's `default`)."
+    )
+    clickhouse_password: SecretStr | None = Field(
+        default=None, description="Password of clickhouse_user."
     )
     data_dir: Path = Field(
         default=Path(".switchboard"), description="Local state of the embedded stack."
@@ -58,6 +67,43 @@ class MetricsSettings(CommonSettings):
         description="Bearer token the query endpoint requires (set by `switchboard up`).",
     )
 
+    @field_validator("clickhouse_url")
+    @classmethod
+    def _no_password_in_url(cls, url: str | None) -> str | None:
+        return refuse_password_in_url(url, "clickhouse_url", "SWITCHBOARD_CLICKHOUSE_PASSWORD")
+
+    @model_validator(mode="after")
+    def _endpoint_is_guarded(self) -> Self:
+        """The query endpoint answers SQL over every table: reachable from other hosts only
+        with a token."""
+        if self.metrics_port and self.metrics_token is None and not is_loopback(self.metrics_host):
+            raise ValueError(
+                f"{ENV_PREFIX}METRICS_HOST={self.metrics_host} serves the SQL query endpoint "
+                f"beyond this host without a token: set {ENV_PREFIX}METRICS_TOKEN (or the secret "
+                f"file /run/secrets/switchboard_metrics_token), bind it to 127.0.0.1, or turn it "
+                f"off with {ENV_PREFIX}METRICS_PORT=0"
+            )
+        return self
+
+    @property
+    def store_credentials(self) -> dict[str, str]:
+        """``username``/``password`` for clickhouse_connect.get_client, those that are set."""
+        out = {}
+        if self.clickhouse_user:
+            out["username"] = self.clickhouse_user
+        if self.clickhouse_password is not None:
+            out["password"] = self.clickhouse_password.get_secret_value()
+        return out
+
     @property
     def store_url(self) -> str:
         return self.clickhouse_url or f"chdb://{(self.data_dir / 'chdb').resolve()}"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything

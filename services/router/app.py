@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -28,7 +29,7 @@ from services.router.errors import ApiError
 from services.router.feedback import Owners, feedback_api
 from services.router.handlers import IngressHandler, ReplyHandler
 from services.router.http import HttpContext, api, install_error_handlers, key_dependency
-from services.router.replies import ReplyReader, ReplyTopics
+from services.router.replies import ReplyReader, ReplySweeper, ReplyTopics
 from services.router.service import PendingReplies, Router
 from services.router.stage import SemanticStage
 from services.router.watch import BrokerWatch
@@ -43,9 +44,12 @@ def create_app(settings: RouterSettings) -> FastAPI:
     topics = settings.topics
     name = f"router-{settings.instance_id}"
     reply_topics = ReplyTopics(topics.replies(settings.instance_id), settings.reply_generation_size)
-    broker = make_broker(settings.kafka_bootstrap, name, settings.idempotent_producer)
+    layout = settings.topic_layout
+    broker = make_broker(
+        settings.kafka_bootstrap, name, settings.idempotent_producer, settings.max_message_bytes
+    )
     holds = fences.for_process(settings.run_dir, settings.embedded_broker, name)
-    publisher = BrokerPublisher(broker, holds)
+    publisher = BrokerPublisher(broker, holds, settings.max_message_bytes)
     control = ControlReader(settings.kafka_bootstrap, topics.control, f"{name}-control")
     live = LiveExperiments(config, control.states)
     owners = None
@@ -57,7 +61,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
         config, settings.semantic_threads, settings.semantic_max_batch
     )
     router = Router(config, topics, publisher, settings.max_image_bytes, live, semantic)
-    pending: set[asyncio.Task[None]] = set()
+    pending: set[asyncio.Task[Any]] = set()
 
     async def prepare(new: LoadedConfig) -> None:
         """Build the new config's semantic routes off the event loop, then apply it; a config
@@ -79,12 +83,13 @@ def create_app(settings: RouterSettings) -> FastAPI:
 
     def apply(new: LoadedConfig) -> None:
         loop = asyncio.get_running_loop()
-        work = [
+        work: list[Coroutine[Any, Any, Any]] = [
             # a tier the new config adds gets its topic (its workers must be started to serve it)
             ensure_topics(
                 settings.kafka_bootstrap,
                 [topics.tier(t) for t in new.tier_names],
                 settings.partitions,
+                layout=layout,
             )
         ]
         if new.spec.semantic is None:
@@ -97,21 +102,37 @@ def create_app(settings: RouterSettings) -> FastAPI:
             task.add_done_callback(pending.discard)
 
     config_watch = ConfigWatch(
-        settings.kafka_bootstrap, topics.config, f"{name}-config", config, apply
+        settings.kafka_bootstrap,
+        topics.config,
+        f"{name}-config",
+        config,
+        apply,
+        settings.topic_layout,
     )
     replies = PendingReplies()
     batch_publisher = KafkaBatchPublisher(
-        settings.kafka_bootstrap, f"{name}-ingress", holds, settings.idempotent_producer
+        settings.kafka_bootstrap,
+        f"{name}-ingress",
+        holds,
+        settings.idempotent_producer,
+        settings.max_message_bytes,
     )
     ingress = IngressHandler(router, batch_publisher, name, settings.max_body_bytes)
     on_reply = ReplyHandler(replies, publisher, topics.dead_letter, name)
 
+    sweeper = ReplySweeper(
+        settings.kafka_bootstrap,
+        topics,
+        reply_topics.slots,
+        grace_s=settings.reply_retention_minutes * 60,
+    )
     reader = ReplyReader(
         settings.kafka_bootstrap,
         reply_topics,
         on_reply,
         settings.fetch_wait_interactive_ms,
         f"{name}-replies",
+        layout,
     )
 
     @asynccontextmanager
@@ -127,8 +148,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
             topics.feedback,
             topics.payloads,
         ]
-        await ensure_topics(settings.kafka_bootstrap, shared, settings.partitions)
-        await ensure_control_topic(settings.kafka_bootstrap, topics.control)
+        await ensure_topics(settings.kafka_bootstrap, shared, settings.partitions, layout=layout)
+        await ensure_control_topic(settings.kafka_bootstrap, topics.control, layout)
         watch = BrokerWatch(
             settings.kafka_bootstrap,
             lambda: reply_topics.current,
@@ -139,6 +160,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
             settings.ready_stall_s,
             reply_topics.partitions,
             holds.holding if holds is not None else lambda topic: False,
+            layout,
         )
         ctx.broker_ready = lambda: watch.ready
         ctx.not_ready = watch.not_ready
@@ -166,13 +188,16 @@ def create_app(settings: RouterSettings) -> FastAPI:
             max_in_flight=INGRESS_IN_FLIGHT,
             session_timeout_ms=settings.kafka_session_timeout_ms,
             on_poison=ingress.poisoned,
+            max_message_bytes=settings.max_message_bytes,
         )
         await consumer.start()
         await watch.start()
+        sweeper.start()
         log.info("router %s: config %s (hash %s)", settings.instance_id, config.path, config.hash)
         try:
             yield
         finally:
+            await sweeper.stop()
             await watch.stop()
             await consumer.stop()
             await batch_publisher.stop()
@@ -194,10 +219,11 @@ def create_app(settings: RouterSettings) -> FastAPI:
                 await holds.stop()
             if router.semantic is not None:
                 router.semantic.close()
-            try:
-                await reader.delete_all()
-            except Exception as exc:  # the broker may be gone already
-                log.warning("could not delete reply topics %s: %s", reply_topics.live(), exc)
+            if not reader.keeps_topic:
+                try:
+                    await reader.delete_all()
+                except Exception as exc:  # the broker may be gone already
+                    log.warning("could not delete reply topics %s: %s", reply_topics.live(), exc)
 
     app = FastAPI(title="Switchboard router", version="1", lifespan=lifespan)
     key = settings.api_key.get_secret_value() if settings.api_key else None
@@ -215,6 +241,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
     app.state.ingress = ingress
     app.state.broker = broker
     app.state.reply_reader = reader
+    app.state.reply_sweeper = sweeper
     app.state.on_reply = on_reply
     app.state.pid = os.getpid()
     app.state.config_watch = config_watch

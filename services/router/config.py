@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import uuid
+from typing import Self
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from schemas.topics import DEFAULT_DATABASE
-from services.common.settings import CommonSettings
+from services.common.settings import ENV_PREFIX, CommonSettings
 from services.router.domain.images import MAX_IMAGE_BYTES
 
 
@@ -19,9 +22,13 @@ class RouterSettings(CommonSettings):
         description="Bearer key the HTTP API requires. `switchboard up` generates one when unset.",
     )
     instance_id: str = Field(
-        default_factory=lambda: uuid.uuid4().hex[:12],
+        default_factory=lambda data: host_instance_id(data["port"]),
         pattern=r"^[A-Za-z0-9_-]{1,64}$",
-        description="Names this router's reply topic; unique per running router.",
+        description=(
+            "Names this router's reply topic; unique per running router. Default: the host name "
+            "(the container's or pod's) and the port, so a restarted router reads the reply "
+            "topic it had; a random id when the port is 0 (any free port)."
+        ),
     )
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted."
@@ -103,3 +110,29 @@ class RouterSettings(CommonSettings):
     reply_grace_s: float = Field(
         default=5.0, ge=0, description="How long past a request's deadline the router still waits."
     )
+
+    @model_validator(mode="after")
+    def _body_fits_a_record(self) -> Self:
+        """A request the door takes must fit in one Kafka record on the tier topic."""
+        if self.max_body_bytes + ENVELOPE_BYTES > self.max_message_bytes:
+            raise ValueError(
+                f"{ENV_PREFIX}MAX_BODY_BYTES={self.max_body_bytes} leaves no room in a Kafka "
+                f"record of {ENV_PREFIX}MAX_MESSAGE_BYTES={self.max_message_bytes}: keep the "
+                f"body at least {ENVELOPE_BYTES} bytes under it (the routed request adds its "
+                "routing fields)"
+            )
+        return self
+
+
+# What routing adds to a request's body on its way to a tier topic, at most (its routing fields,
+# ids and headers; measured under 2 KiB), with room to spare.
+ENVELOPE_BYTES = 64 * 1024
+
+
+def host_instance_id(port: int) -> str:
+    """The host's name (a compose container's id, a Kubernetes pod's name) and ``port``: what
+    stays the same when the router restarts there, and differs between routers sharing a host."""
+    if not port:
+        return uuid.uuid4().hex[:12]
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()).strip("-")[:50] or "router"
+    return f"{host}-{port}"

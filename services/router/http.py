@@ -10,7 +10,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -35,6 +35,7 @@ from schemas.v1 import (
 )
 from services.common import capabilities
 from services.common.capabilities import MissingCapability
+from services.common.kafka import RecordTooLarge
 from services.common.routing_config import LoadedConfig
 from services.common.runtime import metrics
 from services.router.domain.classify import UnknownModel
@@ -178,6 +179,24 @@ async def _publish(ctx: HttpContext, routed: RoutedRequest) -> None:
         )
     try:
         await asyncio.wait_for(ctx.router.publish(routed), PUBLISH_TIMEOUT_S)
+    except RecordTooLarge as exc:
+        raise ApiError(
+            413,
+            f"the request, routed, is {exc.size:,} bytes: over the {exc.limit:,}-byte Kafka "
+            "record limit (SWITCHBOARD_MAX_MESSAGE_BYTES). Send images by URL or smaller.",
+            type="invalid_request_error",
+            code="request_too_large",
+            param="messages",
+        ) from exc
+    except MessageSizeTooLargeError as exc:
+        raise ApiError(
+            413,
+            "Kafka refused the request as too large: its brokers' message.max.bytes is below "
+            "SWITCHBOARD_MAX_MESSAGE_BYTES (README 'Production'). Send images by URL or smaller.",
+            type="invalid_request_error",
+            code="request_too_large",
+            param="messages",
+        ) from exc
     except (TimeoutError, KafkaError) as exc:
         raise ApiError(
             503,

@@ -27,11 +27,14 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from schemas.topics import Topics
 from services.common.consumer import close_consumer
-from services.common.kafka import MAX_MESSAGE_BYTES, delete_topics, ensure_topics
+from services.common.kafka import delete_topics, ensure_topics
 from services.common.retry import cancel_and_wait, describe_error, retry_transient, supervise
+from services.common.topic_layout import TopicLayout
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +133,10 @@ class ReplyReader:
         handler: Callable[[ConsumerRecord], Awaitable[None]],
         fetch_max_wait_ms: int,
         client_id: str,
+        layout: TopicLayout | None = None,
     ) -> None:
         self._bootstrap = bootstrap
+        self._layout = layout or TopicLayout()
         self.topics = topics
         self._handler = handler
         self.consumer = AIOKafkaConsumer(
@@ -140,7 +145,7 @@ class ReplyReader:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=fetch_max_wait_ms,
-            max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
+            max_partition_fetch_bytes=self._layout.max_message_bytes,
         )
         self._wanted: set[str] = {topics.current}
         self._applied = asyncio.Event()
@@ -151,9 +156,14 @@ class ReplyReader:
 
     async def start(self) -> None:
         current, partitions = self.topics.current, self.topics.partitions
-        await ensure_topics(self._bootstrap, [current], partitions)
+        await ensure_topics(self._bootstrap, [current], partitions, layout=self._layout)
         await self.consumer.start()
-        self.consumer.assign([TopicPartition(current, p) for p in range(partitions)])
+        assigned = [TopicPartition(current, p) for p in range(partitions)]
+        self.consumer.assign(assigned)
+        if not self.topics.size:
+            # A topic kept from this router's previous run (a restart; ``keeps_topic``): what
+            # it holds answered callers that are gone. Nothing is sent before start returns.
+            await self.consumer.seek_to_end(*assigned)
         self._tasks.append(asyncio.create_task(self._read(), name="reply-reader"))
         supervise(self._tasks[-1], "the reply reader", self._stopping)
         if self.topics.size:
@@ -165,6 +175,15 @@ class ReplyReader:
             await cancel_and_wait(task)
         self._tasks.clear()
         await close_consumer(self.consumer)
+
+    @property
+    def keeps_topic(self) -> bool:
+        """Whether the reply topic outlives a clean stop: on Kafka, yes; a restart on this host
+        reads it again, and answers still coming for this run's callers are stored at once
+        instead of each holding a worker until Kafka says the topic is gone. ``ReplySweeper``
+        deletes it if no router comes back for it. On the embedded broker (generations) the
+        slots are deleted: it keeps everything in memory."""
+        return not self.topics.size
 
     async def delete_all(self) -> None:
         """Delete every reply topic (the router is stopping)."""
@@ -246,4 +265,106 @@ class ReplyReader:
     async def _empty(self, topic: str) -> None:
         """Delete ``topic`` and create it again (see ``SLOT_PARTITIONS``)."""
         await delete_topics(self._bootstrap, [topic])
-        await ensure_topics(self._bootstrap, [topic], SLOT_PARTITIONS, timeout_s=5.0)
+        await ensure_topics(
+            self._bootstrap, [topic], SLOT_PARTITIONS, timeout_s=5.0, layout=self._layout
+        )
+
+
+class ReplySweeper:
+    """Deletes reply topics that no running router reads: those of routers that crashed, or of
+    a redeploy's replaced pods (a clean stop deletes its own). Every router runs one.
+
+    A router is running while it is a member of the router group (its ingress consumer; a
+    member's id begins with its client id, ``router-<instance>-ingress``). A reply topic whose
+    router has not been a member for ``grace_s`` (the reply retention: answers older than that
+    are gone anyway) is deleted. Deleting twice does no harm, so routers need not agree on who
+    sweeps.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        own: Callable[[], list[str]],
+        grace_s: float,
+        every_s: float | None = None,
+    ) -> None:
+        self._bootstrap, self._topics, self._own = bootstrap, topics, own
+        self._grace_s = grace_s
+        self._every_s = every_s if every_s is not None else max(10.0, min(grace_s / 4, 300.0))
+        self._orphaned_since: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.deleted: list[str] = []
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="reply-sweeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await cancel_and_wait(self._task)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception as exc:  # the broker may be away: the next round tries again
+                log.warning("reply topics: sweep failed (%s); trying again", describe_error(exc))
+            await asyncio.sleep(self._every_s)  # a period, not a wait for something
+
+    async def sweep(self) -> list[str]:
+        """One round: note reply topics with no running router; delete those past the grace."""
+        now = asyncio.get_running_loop().time()
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap, request_timeout_ms=10_000)
+        try:
+            await admin.start()
+            names = [t for t in await admin.list_topics() if self._topics.is_router_reply_topic(t)]
+            alive = await _router_members(admin, self._topics.router_group)
+            own = set(self._own())
+            orphaned = {
+                t
+                for t in names
+                if t not in own
+                and not any(m.startswith(_client_of(self._topics, t)) for m in alive)
+            }
+            for topic in list(self._orphaned_since):
+                if topic not in orphaned:
+                    del self._orphaned_since[topic]
+            for topic in orphaned:
+                self._orphaned_since.setdefault(topic, now)
+            due = sorted(
+                t for t, since in self._orphaned_since.items() if now - since >= self._grace_s
+            )
+            if due:
+                await admin.delete_topics(due)
+                for topic in due:
+                    del self._orphaned_since[topic]
+                self.deleted.extend(due)
+                log.info(
+                    "reply topics: deleted %s (no router has read them for %.0f s)",
+                    due,
+                    self._grace_s,
+                )
+            return due
+        finally:
+            await admin.close()
+
+
+def instance_of(topics: Topics, topic: str) -> str:
+    """The router instance a reply topic belongs to (a slot's ``.s<N>`` suffix dropped)."""
+    instance = topic.removeprefix(topics.reply_prefix)
+    base, _, slot = instance.rpartition(".s")
+    return base if base and slot.isdigit() else instance
+
+
+def _client_of(topics: Topics, topic: str) -> str:
+    return f"router-{instance_of(topics, topic)}-ingress-"
+
+
+async def _router_members(admin: AIOKafkaAdminClient, group: str) -> list[str]:
+    """The member ids of the router group now (empty: no router runs, or none joined yet)."""
+    out: list[str] = []
+    for response in await admin.describe_consumer_groups([group]):
+        for described in response.to_object()["groups"]:
+            out.extend(m["member_id"] for m in described["members"])
+    return out

@@ -40,6 +40,7 @@ from services.common.consumer import close_consumer
 from services.common.kafka import delete_topics, ensure_topics
 from services.common.retry import cancel_and_wait
 from services.common.tansu import log_ends, rewind_lost
+from services.common.topic_layout import TopicLayout
 from services.router.errors import ApiError
 from services.router.service import PendingReplies
 
@@ -63,8 +64,10 @@ class BrokerWatch:
         stall_s: float = 60.0,
         reply_partitions: int = 1,
         compacting: Callable[[str], bool] = lambda topic: False,
+        layout: TopicLayout | None = None,
     ) -> None:
         self._bootstrap = bootstrap
+        self._layout = layout
         self._reply_topic = reply_topic  # the current one: it changes on the embedded broker
         self._topics = list(topics)  # the shared topics the router creates at start
         self._partitions = partitions
@@ -224,7 +227,9 @@ class BrokerWatch:
         them (the broker keeps such writes and a topic created over them refuses produce
         requests for a while; see ``services.common.tansu.UNKNOWN_ERROR_RETRY_S``)."""
         try:
-            await ensure_topics(self._bootstrap, missing, self._partitions, PROBE_TIMEOUT_S)
+            await ensure_topics(
+                self._bootstrap, missing, self._partitions, PROBE_TIMEOUT_S, self._layout
+            )
         except Exception:
             log.exception("broker watch: could not create %s again", missing)
             return False
@@ -237,9 +242,10 @@ class BrokerWatch:
         try:
             # The broker keeps what was written to a topic it does not know, and deletes it only
             # with the topic: create it, delete it, create it again.
-            await ensure_topics(self._bootstrap, topic, self._reply_partitions, PROBE_TIMEOUT_S)
+            args = (self._reply_partitions, PROBE_TIMEOUT_S, self._layout)
+            await ensure_topics(self._bootstrap, topic, *args)
             await delete_topics(self._bootstrap, topic)
-            await ensure_topics(self._bootstrap, topic, self._reply_partitions, PROBE_TIMEOUT_S)
+            await ensure_topics(self._bootstrap, topic, *args)
             consumer = self._reply_consumer()
             if consumer is not None and (assigned := consumer.assignment()):
                 await consumer.seek_to_beginning(*assigned)

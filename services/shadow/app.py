@@ -43,14 +43,24 @@ class ShadowApp:
         topics = settings.topics
         name = f"shadow-{os.getpid()}"
         self.name = name
-        self.broker = make_broker(settings.kafka_bootstrap, name, settings.idempotent_producer)
+        self.broker = make_broker(
+            settings.kafka_bootstrap,
+            name,
+            settings.idempotent_producer,
+            settings.max_message_bytes,
+        )
         self.fences = fences.for_process(settings.run_dir, settings.embedded_broker, name)
-        self.publisher = BrokerPublisher(self.broker, self.fences)
+        self.publisher = BrokerPublisher(self.broker, self.fences, settings.max_message_bytes)
         self.client = LiteLLMClient(max_connections=settings.shadow_concurrency)
         self.service = ShadowService(self.config, topics, self.publisher, self.client)
         self.dead_letters = 0
         self.config_watch = ConfigWatch(
-            settings.kafka_bootstrap, topics.config, f"{name}-config", self.config, self._apply
+            settings.kafka_bootstrap,
+            topics.config,
+            f"{name}-config",
+            self.config,
+            self._apply,
+            settings.topic_layout,
         )
         self.consumer = ConcurrentConsumer(
             bootstrap=settings.kafka_bootstrap,
@@ -63,6 +73,7 @@ class ShadowApp:
             drain_timeout_s=settings.drain_timeout_s,
             session_timeout_ms=settings.kafka_session_timeout_ms,
             on_poison=self.poisoned,
+            max_message_bytes=settings.max_message_bytes,
         )
         self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
         self._phase = "starting"
@@ -99,6 +110,7 @@ class ShadowApp:
             self.settings.kafka_bootstrap,
             [topics.shadow, topics.shadow_comparisons, topics.events, topics.dead_letter],
             self.settings.partitions,
+            layout=self.settings.topic_layout,
         )
         if self.fences is not None:
             await self.fences.start()

@@ -59,11 +59,20 @@ class WorkerApp:
         self.config = config
         topics = settings.topics
         name = f"worker-{settings.tier}-{os.getpid()}"
-        self.broker = make_broker(settings.kafka_bootstrap, name, settings.idempotent_producer)
+        self.broker = make_broker(
+            settings.kafka_bootstrap,
+            name,
+            settings.idempotent_producer,
+            settings.max_message_bytes,
+        )
         self.fences = fences.for_process(settings.run_dir, settings.embedded_broker, name)
-        publisher = BrokerPublisher(self.broker, self.fences)
+        publisher = BrokerPublisher(self.broker, self.fences, settings.max_message_bytes)
         self.chunks = ProducerPublisher(
-            settings.kafka_bootstrap, f"{name}-chunks", self.fences, settings.idempotent_producer
+            settings.kafka_bootstrap,
+            f"{name}-chunks",
+            self.fences,
+            settings.idempotent_producer,
+            settings.max_message_bytes,
         )
         concurrency = settings.concurrency or tier.concurrency
         self.client = LiteLLMClient(max_connections=concurrency)
@@ -73,6 +82,9 @@ class WorkerApp:
             name,
             outcome_ttl_s=settings.outcome_ttl_s,
             outcome_url=settings.outcome_redis_url,
+            password=(
+                settings.redis_password.get_secret_value() if settings.redis_password else None
+            ),
         )
         self.sent = SentCheck(settings.kafka_bootstrap, f"{name}-sent")
         self.cancels = Cancels(settings.kafka_bootstrap, topics.cancel, f"{name}-cancels")
@@ -90,12 +102,15 @@ class WorkerApp:
         )
         self.config_watch = ConfigWatch(
             settings.kafka_bootstrap, topics.config, f"{name}-config", config,
-            self.service.apply_config,
+            self.service.apply_config, settings.topic_layout
         )  # fmt: skip
         self.handler = RecordHandler(self.service, publisher, topics, name)
         wait = (
             settings.fetch_wait_interactive_ms if tier.interactive else settings.fetch_wait_batch_ms
         )
+        # the longest a handler call may take: the group keeps a member whose fetch loop is kept
+        # from polling this long (services/common/consumer.py group_timeouts)
+        self.longest_call_s = max(tier.request_timeout_s, tier.timeout_s)
         self.consumer = ConcurrentConsumer(
             bootstrap=settings.kafka_bootstrap,
             topics=[topics.tier(settings.tier)],
@@ -107,6 +122,8 @@ class WorkerApp:
             drain_timeout_s=settings.drain_timeout_s,
             session_timeout_ms=settings.kafka_session_timeout_ms,
             on_poison=self.handler.poisoned,
+            longest_call_s=self.longest_call_s,
+            max_message_bytes=settings.max_message_bytes,
         )
         self._http: tuple[HttpServer, asyncio.Task[None]] | None = None
         self._phase = "starting"
@@ -138,6 +155,7 @@ class WorkerApp:
                 topics.payloads,
             ],
             self.settings.partitions,
+            layout=self.settings.topic_layout,
         )
         # independent starts, each a few broker or Redis round trips: at once
         await asyncio.gather(
@@ -149,6 +167,19 @@ class WorkerApp:
             await self.fences.start()
         await self.broker.start()
         await self.chunks.start()
+        t = self.consumer.timeouts
+        log.info(
+            "tier %s: consumer group %s, session timeout %d ms (heartbeat %d ms), rebalance "
+            "timeout %d ms, max poll interval %d ms (drain %g s, tier's longest call %g s)",
+            self.settings.tier,
+            self.consumer_group,
+            t.session_ms,
+            t.heartbeat_ms,
+            t.rebalance_ms,
+            t.max_poll_interval_ms,
+            self.settings.drain_timeout_s,
+            self.longest_call_s,
+        )
         await self.consumer.start()
 
     async def wait_assigned(self, timeout_s: float = 60.0) -> None:

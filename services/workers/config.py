@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from services.common.settings import CommonSettings
+from services.common.settings import CommonSettings, refuse_password_in_url
 
 
 class WorkerSettings(CommonSettings):
@@ -53,3 +53,8 @@ class WorkerSettings(CommonSettings):
             "workers often share a host (`switchboard up` gives each its own port)."
         ),
     )
+
+    @field_validator("outcome_redis_url")
+    @classmethod
+    def _no_password_in_outcome_url(cls, url: str | None) -> str | None:
+        return refuse_password_in_url(url, "outcome_redis_url", "SWITCHBOARD_REDIS_PASSWORD")

@@ -279,6 +279,7 @@ class TierService:
             if not await self._reply_topic_gone(topic):
                 raise  # Kafka is away, or slow: the consumer retries
             self.orphaned += 1
+            telemetry.answer_dropped(self.tier)
             log.warning(
                 "request %s: answer dropped; the reply topic %s of the router that took the "
                 "request no longer exists (that router stopped, its caller with it)",

@@ -20,7 +20,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from schemas.topics import Topics
 from schemas.v1 import AttemptEvent
-from services.common.consumer import _BatchRebalance
+from services.common.consumer import _BatchRebalance, _Pauses
 from services.common.kafka import Outgoing
 from services.metrics.domain.columns import TABLE_SCHEMA
 from services.metrics.handlers import BatchHandler
@@ -234,19 +234,23 @@ async def test_partitions_whose_end_cannot_be_read_are_looked_up_from_the_commit
 
         def __init__(self) -> None:
             self.assigned_events: list[dict[TopicPartition, range]] = []
-            self.paused: set[TopicPartition] = set()
+            self.stopped: set[TopicPartition] = set()
+            self._pauses = _Pauses(self)  # type: ignore[arg-type]
             self._consumer = self
             self.assigned = asyncio.Event()
 
         def on_assign(self, unsettled: dict[TopicPartition, range]) -> None:
-            assert self.paused == {tp(0), tp(1)}, "records read before on_assign knew the ranges"
+            assert self.stopped == {tp(0), tp(1)}, "records read before on_assign knew the ranges"
             self.assigned_events.append(unsettled)
 
         def pause(self, *tps: TopicPartition) -> None:
-            self.paused.update(tps)
+            self.stopped.update(tps)
 
         def resume(self, *tps: TopicPartition) -> None:
-            self.paused.difference_update(tps)
+            self.stopped.difference_update(tps)
+
+        def paused(self) -> set[TopicPartition]:
+            return set(self.stopped)
 
         def assignment(self) -> set[TopicPartition]:
             return {tp(0), tp(1)}
@@ -263,7 +267,7 @@ async def test_partitions_whose_end_cannot_be_read_are_looked_up_from_the_commit
     assert owner.assigned_events == [
         {tp(0): range(7, _BatchRebalance.NO_END), tp(1): range(0, _BatchRebalance.NO_END)}
     ]
-    assert owner.assigned.is_set() and not owner.paused
+    assert owner.assigned.is_set() and not owner.stopped
 
 
 async def test_a_record_the_consumer_gives_up_on_is_dead_lettered_with_its_reason() -> None:

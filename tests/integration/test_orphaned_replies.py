@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaTimeoutError
+from prometheus_client import REGISTRY
 from pydantic import BaseModel
 
 from schemas.v1 import ChatRequest
@@ -53,8 +54,11 @@ async def test_an_answer_for_a_router_that_is_gone_is_dropped_and_counted(
     service = fast_stack.workers["fast"].service
     gone = fast_stack.topics.replies(f"gone-{uuid.uuid4().hex[:8]}")
     service.publisher = NoAutoCreate(service.publisher, {gone})
+    series = ("switchboard_answers_dropped_total", {"tier": "fast"})
+    before = REGISTRY.get_sample_value(*series) or 0.0
     await fast_stack.workers["fast"].handler(record(fast_stack, gone))
     assert service.orphaned == 1
+    assert REGISTRY.get_sample_value(*series) == before + 1
 
 
 async def test_an_answer_for_the_ingress_waits_for_kafka(fast_stack: Stack) -> None:

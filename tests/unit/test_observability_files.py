@@ -31,12 +31,15 @@ from services.metrics.domain.columns import TABLE_SCHEMA
 from tests.unit.test_compose import (
     COMPOSE_FILE,
     HEALTH_ADDRESS_FIELDS,
+    ONE_SHOT_COMMANDS,
     REQUIRED_STANDINS,
     ROOT,
     command_of,
     env_of,
-    interpolate,
+    load_compose,
     resolved_env,
+    secret_mounts,
+    secret_variable,
     settings_of,
 )
 
@@ -338,7 +341,11 @@ def test_every_switchboard_service_is_scraped_where_it_serves_metrics(
         )
         assert host not in scraped, f"{host} is scraped by {scraped[host]} and {job}"
         scraped[host] = how
-    app_services = {name for name, svc in services.items() if "build" in svc}
+    app_services = {
+        name
+        for name, svc in services.items()
+        if "build" in svc and command_of(svc)[0] not in ONE_SHOT_COMMANDS  # they serve nothing
+    }
     assert set(scraped) == app_services, f"not scraped: {sorted(app_services - set(scraped))}"
     for name in app_services:
         if command_of(services[name])[0] == "worker":
@@ -376,8 +383,10 @@ def test_grafana_is_pinned_published_and_needs_its_password(
     assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", svc["image"]), svc["image"]
     assert published_ports(svc) == [3000]
     env = env_of(svc)
-    with pytest.raises(KeyError, match="GRAFANA_ADMIN_PASSWORD"):
-        interpolate(env["GF_SECURITY_ADMIN_PASSWORD"], {})
+    # read from a secret file whose variable compose requires
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env
+    secret = secret_mounts(svc)[env["GF_SECURITY_ADMIN_PASSWORD__FILE"]]
+    assert secret_variable(load_compose(), secret) == "GRAFANA_ADMIN_PASSWORD"
     plugins = " ".join(
         v for k, v in env.items() if k in ("GF_PLUGINS_PREINSTALL_SYNC", "GF_PLUGINS_PREINSTALL")
     )
@@ -422,20 +431,20 @@ def test_the_clickhouse_data_source_logs_in_as_the_server_user(
     ), "Grafana reaches ClickHouse elsewhere than the metrics service writes"
     _, settings = settings_of(metrics, monkeypatch)
     assert data["defaultDatabase"] == settings.clickhouse_database  # type: ignore[attr-defined]
-    # Grafana fills these from its environment: no credential in the repo
-    variables = {"username": data["username"], "password": secure["password"]}
-    for key, value in variables.items():
-        assert re.fullmatch(r"\$\{?[A-Z_]+\}?", value), f"{key} is not an environment variable"
+    # Grafana fills the user from its environment and the password from a secret file (the one
+    # the server's password comes from): no credential in the repo
+    password_file = re.fullmatch(r"\$__file\{(/run/secrets/[\w.-]+)\}", secure["password"])
+    assert password_file, "password is not read from a secret file"
     grafana_svc = grafana(services)
+    server_svc = services["clickhouse"]
     for shell in (REQUIRED_STANDINS, {**REQUIRED_STANDINS, "CLICKHOUSE_USER": "someone"}):
         env = resolved_env(grafana_svc, shell)
-        server = resolved_env(services["clickhouse"], shell)
-
-        def filled(value: str, env: dict[str, str] = env) -> str:
-            return re.sub(r"\$\{?([A-Z_]+)\}?", lambda m: env[m.group(1)], value)
-
-        assert filled(variables["username"]) == server["CLICKHOUSE_USER"]
-        assert filled(variables["password"]) == server["CLICKHOUSE_PASSWORD"]
+        server = resolved_env(server_svc, shell)
+        name = re.fullmatch(r"\$\{?([A-Z_]+)\}?", data["username"])
+        assert name, "username is not an environment variable"
+        assert env[name.group(1)] == server["CLICKHOUSE_USER"]
+    server_secret = secret_mounts(server_svc)[resolved_env(server_svc)["CLICKHOUSE_PASSWORD_FILE"]]
+    assert secret_mounts(grafana_svc).get(password_file.group(1)) == server_secret
 
 
 def test_dashboards_use_provisioned_data_sources_and_every_one_is_used(

@@ -52,6 +52,7 @@ def test_the_brief_series_are_all_defined() -> None:
         "switchboard_tokens_total": ("tier", "model", "direction"),
         "switchboard_cost_usd_total": ("tier", "model"),
         "switchboard_dead_letters_total": ("service", "topic"),
+        "switchboard_answers_dropped_total": ("tier",),
         "switchboard_kafka_consumer_lag": ("group", "topic", "partition"),
         "switchboard_redis_errors_total": ("service", "operation"),
         "switchboard_clickhouse_errors_total": ("operation",),

@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from services.common.consumer import close_consumer
 from services.common.kafka import ensure_topics
+from services.common.topic_layout import TopicLayout
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,16 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 class Leadership:
     def __init__(
-        self, bootstrap: str, topic: str, group: str, client_id: str, session_timeout_ms: int
+        self,
+        bootstrap: str,
+        topic: str,
+        group: str,
+        client_id: str,
+        session_timeout_ms: int,
+        layout: TopicLayout | None = None,
     ) -> None:
         self._bootstrap, self._topic = bootstrap, topic
+        self._layout = layout
         self.leading = False
         self.joined = asyncio.Event()  # the first assignment came (leading or not)
         self._consumer = AIOKafkaConsumer(
@@ -51,7 +59,7 @@ class Leadership:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await ensure_topics(self._bootstrap, [self._topic], 1)
+        await ensure_topics(self._bootstrap, [self._topic], 1, layout=self._layout)
         await self._consumer.start()
         self._consumer.subscribe([self._topic], listener=_Listener(self))
         self._task = asyncio.create_task(self._poll(), name="leadership")

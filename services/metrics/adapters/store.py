@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -110,10 +111,26 @@ def _insert_settings(token: str) -> dict[str, Any]:
     }
 
 
-def _client(url: str) -> Any:
+def chdb_missing(url: str) -> str | None:
+    """Why ``url`` cannot be opened in this install, or None: chDB comes with the ``embedded``
+    extra, which the production image leaves out."""
+    if not url.startswith("chdb:") or importlib.util.find_spec("chdb") is not None:
+        return None
+    return (
+        "SWITCHBOARD_CLICKHOUSE_URL is unset (or chdb://), so events would go to the embedded "
+        "ClickHouse (chDB), and chDB is not installed: set SWITCHBOARD_CLICKHOUSE_URL to the "
+        "ClickHouse server (e.g. http://clickhouse:8123), or install the embedded stack with "
+        "pip install 'switchboard[embedded]'"
+    )
+
+
+def _client(url: str, credentials: Mapping[str, Any]) -> Any:
     if url.startswith("chdb:///"):
         Path(url.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
-    return clickhouse_connect.get_client(dsn=url)
+        return clickhouse_connect.get_client(dsn=url)
+    return clickhouse_connect.get_client(
+        dsn=url, username=credentials.get("username"), password=credentials.get("password", "")
+    )
 
 
 class StoreUnavailable(Transient):
@@ -121,12 +138,20 @@ class StoreUnavailable(Transient):
 
 
 class ClickHouseStore:
-    def __init__(self, url: str, database: str, payload_days: int = 7) -> None:
+    def __init__(
+        self,
+        url: str,
+        database: str,
+        payload_days: int = 7,
+        credentials: Mapping[str, str] | None = None,
+    ) -> None:
+        """``credentials``: ``username`` and ``password`` of a ClickHouse server, if any."""
         if not _IDENT.match(database):
             raise ValueError(f"clickhouse_database: {database!r} is not a plain identifier")
         self._payload_days = int(payload_days)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
         self._url = url
+        self._credentials = dict(credentials or {})
         self._db = database
         self._table = f"{database}.{EVENTS_TABLE}"
         self._client: Any = None
@@ -145,7 +170,7 @@ class ClickHouseStore:
 
     def _connect(self) -> Any:
         if self._client is None:
-            self._client = _client(self._url)
+            self._client = _client(self._url, self._credentials)
         return self._client
 
     def _migrate(self) -> None:

@@ -126,10 +126,11 @@ class RedisOutcomeStore:
         name: str,
         outcome_ttl_s: int = OUTCOME_TTL_S,
         outcome_url: str | None = None,
+        password: str | None = None,
     ) -> None:
-        self._redis = _client(url)  # leases and notes: must never be evicted
+        self._redis = _client(url, password)  # leases and notes: must never be evicted
         # outcomes: a cache, which a Redis of its own may evict (losing one costs a model call)
-        self._cache = _client(outcome_url) if outcome_url else self._redis
+        self._cache = _client(outcome_url, password) if outcome_url else self._redis
         self._outcome = f"{prefix}:outcome:"
         self._fingerprint = f"{prefix}:fingerprint:"
         self._ttl_s = outcome_ttl_s
@@ -284,9 +285,14 @@ class RedisOutcomeStore:
             await self._cache.aclose()
 
 
-def _client(url: str) -> Redis:
+def _client(url: str, password: str | None = None) -> Redis:
     pool = BlockingConnectionPool.from_url(
-        url, max_connections=64, timeout=2, socket_timeout=2, socket_connect_timeout=2
+        url,
+        max_connections=64,
+        timeout=2,
+        socket_timeout=2,
+        socket_connect_timeout=2,
+        password=password,  # never inside the URL (services/common/settings.py)
     )
     return Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
 
