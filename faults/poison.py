@@ -2,7 +2,7 @@
 message, then a good one behind them on the same partition.
 
 Topics: the ingress (router), a tier topic (worker), the events topic (metrics) and the router's
-reply topic. Kinds: invalid JSON, a schema version we do not speak, wrong field types, 10 MB, an
+reply topic. Kinds: invalid JSON, a schema version we do not speak, wrong field types, 9.9 MB, an
 unknown tier (where a message names one), and numbers past their bounds (a 10^15 ms deadline,
 2^63 tokens, an attempt past the UInt16 column) or a tool without its function. Passing means: each bad message is on the
 dead-letter topic exactly once with a reason; each one that named a request id got a
@@ -32,7 +32,8 @@ from services.common.kafka import MAX_MESSAGE_BYTES
 
 MODEL = "faults-quick"
 PROFILE = {"ttft_s": 0.02, "tokens_per_s": 2000.0, "output_tokens": 8, "jitter": 0.0}
-BIG = 10 * 1024 * 1024
+# near the largest record Kafka takes (SWITCHBOARD_MAX_MESSAGE_BYTES), over the router's body limit
+BIG = MAX_MESSAGE_BYTES - 64 * 1024
 WAIT_S = 120.0
 
 
@@ -104,13 +105,13 @@ def _j(value: dict[str, Any]) -> bytes:
 
 def poison_sets(topics: Topics, reply_topic: str) -> dict[str, list[tuple[str, bytes]]]:
     """Per topic, (kind, payload) of each bad message; the good one follows them."""
-    junk = b"{" + b"x" * BIG  # 10 MB that is not JSON
+    junk = b"{" + b"x" * BIG  # 9.9 MB that is not JSON
     return {
         topics.ingress: [
             ("invalid JSON", b"{not json"),
             ("schema version 2", _j(_chat("poison-version", schema_version=2))),
             ("wrong types", _j({"request_id": "poison-types", "messages": "hello"})),
-            ("10 MB", _j(_chat("poison-big", messages=[{"role": "user", "content": "x" * BIG}]))),
+            ("9.9 MB", _j(_chat("poison-big", messages=[{"role": "user", "content": "x" * BIG}]))),
             ("unknown tier", _j(_chat("poison-tier", model="no-such-tier"))),
             ("deadline 10^15 ms", _j(_chat("poison-deadline", metadata={"deadline_ms": 10**15}))),
             ("max_tokens 2^63", _j(_chat("poison-max-tokens", max_tokens=2**63))),
@@ -121,7 +122,7 @@ def poison_sets(topics: Topics, reply_topic: str) -> dict[str, list[tuple[str, b
             ("invalid JSON", b"{not json"),
             ("schema version 2", _j(_routed("t-version", topics.results, schema_version=2))),
             ("wrong types", _j(_routed("t-types", topics.results, attempt="first"))),
-            ("10 MB", junk),
+            ("9.9 MB", junk),
             ("unknown tier", _j(_routed("t-tier", topics.results, tier="no-such-tier"))),
             ("attempt 2^63", _j(_routed("t-attempt", topics.results, attempt=2**63))),
             (
@@ -142,7 +143,7 @@ def poison_sets(topics: Topics, reply_topic: str) -> dict[str, list[tuple[str, b
             ("invalid JSON", b"{not json"),
             ("schema version 2", _j(_event("e-version", schema_version=2))),
             ("wrong types", _j(_event("e-types", tokens_in="many"))),
-            ("10 MB", junk),
+            ("9.9 MB", junk),
             ("tokens 2^63", _j(_event("e-tokens", tokens_in=2**63))),
             ("attempt 2^16", _j(_event("e-attempt", attempt=2**16))),
             ("latency NaN", json.dumps(_event("e-nan", latency_ms=float("nan"))).encode()),
@@ -151,7 +152,7 @@ def poison_sets(topics: Topics, reply_topic: str) -> dict[str, list[tuple[str, b
             ("invalid JSON", b"{not json"),
             ("schema version 2", _j(_result("r-version", schema_version=2))),
             ("wrong types", _j(_result("r-types", attempts="one"))),
-            ("10 MB", junk),
+            ("9.9 MB", junk),
             ("attempts 2^63", _j(_result("r-attempts", attempts=2**63))),
         ],
     }
