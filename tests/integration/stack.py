@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import openai
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -47,8 +48,18 @@ StackOf = Callable[[str, list[str]], AbstractAsyncContextManager[Stack]]
 
 
 def openai_sdk(stack: Stack) -> openai.AsyncOpenAI:
-    """The official openai SDK on ``stack``'s front door (no retries: a test sees each answer)."""
-    return openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=API_KEY, max_retries=0)
+    """The official openai SDK on ``stack``'s front door (no retries: a test sees each answer).
+
+    The router runs in the test's own event loop: a connect completes only when that loop gets
+    to it, so the SDK's 5 s connect timeout (meant for a remote server) measures how long the
+    loop was busy, not the router. A CI run lost a test to it while another test held both cores.
+    """
+    return openai.AsyncOpenAI(
+        base_url=f"{stack.base_url}/v1",
+        api_key=API_KEY,
+        max_retries=0,
+        timeout=httpx.Timeout(600.0, connect=60.0),
+    )
 
 
 def common(bootstrap: str, redis_url: str, prefix: str, config: Path) -> dict[str, Any]:
