@@ -63,7 +63,24 @@ def requests(latency_at: dict[tuple[float, float], float], rate: int = 10) -> li
 def test_p99_passes_when_the_last_window_is_as_fast() -> None:
     verdict = p99_criterion(requests({(170, 180): 14.0}), windows(180))
     assert verdict.passed, verdict.detail
-    assert verdict.values["last_p99_ms"] == 14.0
+    # the last window's four 9-s slices: 10, 10, 14 (170-171), 14
+    assert verdict.values["last_slices_ms"] == [10.0, 10.0, 14.0, 14.0]
+    assert verdict.values["last_p99_ms"] == 12.0
+    assert verdict.values["last_window_p99_ms"] == 14.0
+
+
+def test_p99_is_not_decided_by_one_slow_slice_but_by_latency_that_stays_up() -> None:
+    # a 3-s stall at 40x in the last window: its whole-window p99 is the stall's
+    stall = p99_criterion(requests({(155, 158): 400.0}), windows(180))
+    assert stall.passed, stall.detail
+    assert stall.values["last_window_p99_ms"] == 400.0
+    assert "whole windows 400.0 vs 10.0 ms" in stall.detail
+    # the same stall in three of the four slices is latency that stays up
+    risen = p99_criterion(
+        requests({(145, 148): 400.0, (155, 158): 400.0, (165, 168): 400.0}), windows(180)
+    )
+    assert not risen.passed
+    assert risen.values["last_slices_ms"] == [400.0, 400.0, 400.0, 10.0]
 
 
 def test_p99_fails_when_the_last_window_is_slower_than_one_and_a_half_times() -> None:
