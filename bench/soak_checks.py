@@ -266,12 +266,11 @@ def p99_criterion(requests: Sequence[Request], w: Windows) -> Criterion:
     lifts most slices, and the median with them. The whole-window p99s are reported too.
     """
     first_slices, last_slices = slice_p99s(requests, w.first), slice_p99s(requests, w.last)
-    whole_first, n_first = window_p99(requests, w.first)
-    whole_last, n_last = window_p99(requests, w.last)
     if not first_slices or not last_slices:
         empty: dict[str, Any] = {"first_p99_ms": None, "last_p99_ms": None, "factor": P99_FACTOR}
-        which = _which(n_first, n_last)
+        which = _which(len(first_slices), len(last_slices))
         return Criterion("p99", False, f"no successful request in {which}", empty)
+    whole_first, whole_last = window_p99(requests, w.first)[0], window_p99(requests, w.last)[0]
     first, last = statistics.median(first_slices), statistics.median(last_slices)
     values: dict[str, Any] = {
         "first_p99_ms": _r(first),
